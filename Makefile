@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine; each creates .venv and installs what it needs once.
+#   make demo   the main job: MC-SGD vs the offline 8x8-digits task sequence (a few minutes on CPU)
+#   make test   the test suite
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_CONFIG ?= configs/naive/permuted_digits.yaml
+
+.PHONY: demo test install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/cl-lightning fit --config $(DEMO_CONFIG)
+
+test: install
+	$(BIN)/pytest -q

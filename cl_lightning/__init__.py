@@ -1,0 +1,1 @@
+"""cl_lightning: continual learning on PyTorch Lightning, built around MC-SGD."""

@@ -1,0 +1,102 @@
+"""``cl-lightning``: LightningCLI for task sequences.
+
+``cl-lightning fit --config configs/<method>/<benchmark>.yaml`` runs a whole task sequence in
+one ``fit``; ``cl-lightning test --config ... --ckpt_path ...`` evaluates a checkpoint on every
+task. Everything else (overrides, ``--print_config``, ``--help``) is LightningCLI's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.models.module import ContinualModule
+
+# Data are in-memory tensors served a whole batch at a time: worker processes would only add
+# inter-process copies, so Lightning's advice to add workers does not apply.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → ``{"a/b/c": scalar}`` as TensorBoard's HParams tab wants it."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{name}/")
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run folder and shows the whole config in TensorBoard's HParams
+    tab, method (callback) settings included, which Lightning does not log by itself."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(trainer.logger, TensorBoardLogger):
+            config = self.parser.dump(self.config, skip_none=False, format="json")
+            trainer.logger.log_hyperparams(
+                _flatten(json.loads(config)), metrics={"hp/average_accuracy": 0.0, "hp/forgetting": 0.0}
+            )
+
+
+class ContinualCLI(LightningCLI):
+    """LightningCLI with the task sequence wired in.
+
+    - ``trainer.max_epochs`` = ``data.num_tasks * data.epochs_per_task`` and validation runs
+      once per task (``check_val_every_n_epoch = data.epochs_per_task``): both are linked, not
+      typed twice, and cannot be set by hand.
+    - The accuracy matrix and a checkpoint with ``last.ckpt`` are always on (``accuracy_matrix``
+      and ``checkpoint`` sections), whatever ``trainer.callbacks`` a config lists.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(
+            ("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=lambda t, e: int(t) * int(e)
+        )
+        parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch", compute_fn=int)
+        parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{step}"})
+
+
+def cli_main(args: ArgsType = None) -> ContinualCLI:
+    """Build and run the CLI; ``args`` (a list or dict) lets tests and scripts call it in-process."""
+    return ContinualCLI(
+        ContinualModule,
+        ContinualDataModule,
+        args=args,
+        save_config_callback=LoggerSaveConfigCallback,
+        trainer_defaults={
+            "reload_dataloaders_every_n_epochs": 1,  # the datamodule picks the task at each epoch
+            "num_sanity_val_steps": 0,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": ".", "default_hp_metric": False},
+            },
+        },
+    )
+
+
+def main() -> None:
+    """Console entry point of ``cl-lightning``: problems with the user's data end with the
+    message that names the fix, not a traceback."""
+    try:
+        cli_main()
+    except (DatasetNotFoundError, DatasetCorruptError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

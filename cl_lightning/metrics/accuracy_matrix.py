@@ -1,0 +1,201 @@
+"""The accuracy matrix: collected after every task, logged, written to the run folder, printed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from cl_lightning.metrics.continual import summary
+from cl_lightning.models.module import accuracy_key
+
+#: Anchor colours of matplotlib's viridis, so the heatmap needs no plotting library.
+_VIRIDIS = torch.tensor(
+    [[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
+)
+
+
+def heatmap(matrix: Tensor, cell: int = 16) -> Tensor:
+    """RGB image (3, T*cell, T*cell) of a matrix of accuracies in %, NaN drawn grey."""
+    values = (matrix.float() / 100).clamp(0, 1).nan_to_num(0.0) * (len(_VIRIDIS) - 1)
+    low = values.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    frac = (values - low).unsqueeze(-1)
+    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
+    rgb[matrix.isnan()] = 0.5
+    return rgb.permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def format_table(matrix: Tensor, rows: int, title: str) -> str:
+    """The first ``rows`` rows of the matrix as a fixed-width table with their summaries."""
+    width = matrix.shape[1]
+    lines = [title, "after \\ on " + "".join(f"{f'T{i + 1}':>7}" for i in range(width))]
+    for t in range(rows):
+        cells = "".join("      ." if math.isnan(v) else f"{v:7.1f}" for v in matrix[t].tolist())
+        lines.append(f"task {t + 1:<6}" + cells)
+    if rows:
+        s = summary(matrix, rows - 1)
+        lines.append(
+            f"average accuracy {s['average_accuracy']:.2f} %  forgetting {s['forgetting']:.3f}  "
+            f"learning accuracy {s['learning_accuracy']:.2f} %  BWT {s['backward_transfer']:+.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: a failed write never destroys the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path} ({err}); the previous version of the file is kept") from err
+
+
+class AccuracyMatrix(Callback):
+    """Builds a[t][i] = accuracy on task i of the model kept after task t.
+
+    Row t is read after the evaluation that follows task t's last epoch, so for a method that
+    replaces the model at the task end (MC-SGD's w_bar_t) the row measures that model. After
+    each task it logs to the logger, with the task number as the step, ``cl/*`` summaries,
+    ``matrix/task_XX`` (accuracy of task XX after each task) and, on TensorBoard, the
+    ``cl/accuracy_matrix`` heatmap; it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
+    folder. The matrix is part of the checkpoint, so a resumed run continues it.
+
+    Args:
+        print_table: Print the matrix at the end of ``fit`` and the per-task accuracies at the
+            end of ``test``.
+    """
+
+    def __init__(self, print_table: bool = True) -> None:
+        self.print_table = print_table
+        self.matrix: Tensor | None = None
+        self.split = "test"
+
+    @property
+    def completed_tasks(self) -> int:
+        """Number of rows filled in so far."""
+        return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=1).sum())
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        self.matrix = torch.full((dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
+        self.split = dm.eval_split
+
+    def _check_restored(self, trainer: Trainer) -> None:
+        """A checkpoint's matrix (loaded after ``setup``) must match the configured sequence."""
+        num_tasks = trainer.datamodule.num_tasks
+        if self.matrix.shape[0] != num_tasks:
+            raise ValueError(
+                f"the checkpoint holds an accuracy matrix of {self.matrix.shape[0]} tasks but "
+                f"data.num_tasks is {num_tasks}: resume or test with the run's own config.yaml"
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_restored(trainer)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_restored(trainer)
+
+    # ------------------------------------------------------------------ fit
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if not dm.is_task_end(trainer.current_epoch):
+            return
+        task = dm.task_of_epoch(trainer.current_epoch)
+        metrics = trainer.callback_metrics
+        for i in range(dm.num_tasks):
+            key = accuracy_key("val", i)
+            if key in metrics:
+                self.matrix[task, i] = float(metrics[key])
+        self._publish(trainer, task)
+
+    @rank_zero_only
+    def _publish(self, trainer: Trainer, task: int) -> None:
+        scores = summary(self.matrix, task)
+        logger = trainer.logger
+        if logger is not None:
+            step = task + 1
+            metrics = {f"cl/{name}": value for name, value in scores.items()}
+            metrics |= {f"matrix/task_{i + 1:02d}": v for i, v in enumerate(self.matrix[task].tolist()) if not math.isnan(v)}
+            metrics |= {"hp/average_accuracy": scores["average_accuracy"], "hp/forgetting": scores["forgetting"]}
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("cl/accuracy_matrix", heatmap(self.matrix), global_step=step)
+        self.write(self.run_dir(trainer), task)
+
+    def write(self, folder: Path, task: int) -> None:
+        """Write rows 1..task+1 as ``accuracy_matrix.csv`` and ``accuracy_matrix.json``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = self.matrix[: task + 1].tolist()
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(self.matrix.shape[1])])
+        for t, row in enumerate(rows):
+            writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
+        _write_atomically(folder / "accuracy_matrix.csv", out.getvalue())
+        record = {
+            "split": self.split,
+            "tasks_completed": task + 1,
+            "num_tasks": self.matrix.shape[0],
+            "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
+            "per_task": [summary(self.matrix, t) for t in range(task + 1)],
+            **summary(self.matrix, task),
+        }
+        _write_atomically(folder / "accuracy_matrix.json", json.dumps(record, indent=1))
+
+    @staticmethod
+    def run_dir(trainer: Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = self.completed_tasks
+        if self.print_table and rows:
+            title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
+            print(format_table(self.matrix, rows, title))
+            print(f"written to {self.run_dir(trainer) / 'accuracy_matrix.csv'} (and .json); "
+                  f"TensorBoard: tensorboard --logdir {Path(trainer.log_dir or '.').parent}")
+
+    # ------------------------------------------------------------------ test
+    @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        num_tasks = trainer.datamodule.num_tasks
+        metrics = trainer.callback_metrics
+        accuracy = [float(metrics[accuracy_key("test", i)]) for i in range(num_tasks)]
+        record: dict[str, Any] = {
+            "checkpoint": trainer.ckpt_path,
+            "accuracy": accuracy,
+            "average_accuracy": sum(accuracy) / num_tasks,
+        }
+        folder = self.run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(folder / "test_accuracy.json", json.dumps(record, indent=1))
+        if self.print_table:
+            if self.completed_tasks:
+                print(format_table(self.matrix, self.completed_tasks,
+                                   f"Accuracy matrix stored in the checkpoint ({self.split} split)"))
+            print("Test accuracy (%) of this model on every task:")
+            print("  ".join(f"T{i + 1} {a:.1f}" for i, a in enumerate(accuracy)))
+            print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrix": self.matrix, "split": self.split}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.matrix = state_dict["matrix"]
+        self.split = state_dict["split"]

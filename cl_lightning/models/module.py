@@ -1,0 +1,140 @@
+"""The LightningModule shared by every method: a network, cross-entropy, per-task accuracy and
+the paper's per-task SGD. Continual-learning methods are callbacks and never branch in here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from cl_lightning.metrics.task_accuracy import TaskAccuracy
+
+#: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
+MASKED_LOGIT = -1e11
+
+
+def accuracy_key(stage: str, task: int) -> str:
+    """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
+    return f"{stage}/acc/task_{task + 1:02d}"
+
+
+class TaskLRFactor:
+    """Learning-rate factor of epoch e: max(floor, lr * decay^(t-1)) / lr for its task t.
+
+    A picklable callable so that ``LambdaLR`` can be checkpointed and resumed.
+    """
+
+    def __init__(self, lr: float, decay: float, floor: float, epochs_per_task: int) -> None:
+        self.lr, self.decay, self.floor, self.epochs_per_task = lr, decay, floor, epochs_per_task
+
+    def __call__(self, epoch: int) -> float:
+        task = epoch // self.epochs_per_task
+        return max(self.floor, self.lr * self.decay**task) / self.lr
+
+
+class ContinualModule(LightningModule):
+    """Network + loss + per-task evaluation for a task sequence.
+
+    Args:
+        net: The network, e.g. ``cl_lightning.models.nets.MLP`` or ``...nets.ResNet18``; it maps
+            images to logits over all classes.
+        lr: SGD learning rate of task 1.
+        momentum: SGD momentum. The momentum buffer is cleared at each task start, as the paper's
+            code re-created the optimizer for every task.
+        lr_decay: Per-task decay: task t trains with max(lr_floor, lr * lr_decay^(t-1)).
+        lr_floor: Lowest learning rate of the per-task decay.
+        weight_decay: SGD weight decay (the paper used none).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: PositiveFloat = 0.1,
+        momentum: NonNegativeFloat = 0.8,
+        lr_decay: PositiveFloat = 1.0,
+        lr_floor: NonNegativeFloat = 0.0005,
+        weight_decay: NonNegativeFloat = 0.0,
+    ) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        if isinstance(self.hparams.get("net"), nn.Module):
+            # Built in Python rather than from a config: the weights are in the state_dict and a
+            # module object in the hparams would not load with `weights_only=True`. (LightningCLI
+            # records the net's class_path/init_args here instead, which is what we keep.)
+            del self.hparams["net"]
+        self.net = net
+        self.class_mask: Tensor | None = None
+        self.val_accuracy: TaskAccuracy | None = None
+        self.test_accuracy: TaskAccuracy | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, stage: str) -> None:
+        """Take the task structure from the datamodule (it is derived from the run's seed)."""
+        dm = self.trainer.datamodule
+        mask = dm.class_mask
+        if mask is not None:
+            self.register_buffer("class_mask", mask, persistent=False)
+        self.val_accuracy = TaskAccuracy(dm.num_tasks)
+        self.test_accuracy = TaskAccuracy(dm.num_tasks)
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """Logits; on split benchmarks the classes of other tasks are masked out."""
+        logits = self.net(x)
+        if self.class_mask is not None and task is not None:
+            logits = logits.masked_fill(~self.class_mask[task], MASKED_LOGIT)
+        return logits
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, task = batch
+        loss = F.cross_entropy(self(x, task), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        dm = self.trainer.datamodule
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+        factor = TaskLRFactor(hp.lr, hp.lr_decay, hp.lr_floor, dm.epochs_per_task)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
+
+    def on_train_epoch_start(self) -> None:
+        # A fresh SGD per task, as the research code: clear the momentum buffers. (Lightning does
+        # not re-run this hook when resuming mid-epoch, so a restored buffer is kept then.)
+        if self.trainer.datamodule.is_task_start(self.current_epoch):
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, metric: TaskAccuracy, batch: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, y, task = batch
+        metric.update(self(x, task).argmax(dim=1), y, task)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(self.val_accuracy, batch)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(self.test_accuracy, batch)
+
+    def _log_task_accuracies(self, metric: TaskAccuracy, stage: str) -> None:
+        for task, acc in enumerate(metric.compute().tolist()):
+            if not math.isnan(acc):
+                self.log(accuracy_key(stage, task), acc)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_task_accuracies(self.val_accuracy, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_task_accuracies(self.test_accuracy, "test")

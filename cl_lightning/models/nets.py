@@ -1,0 +1,151 @@
+"""The networks of the MC-SGD paper (Mirzadeh et al., ICLR 2021), faithful to its research code.
+
+Both are plain :class:`torch.nn.Module` s that return logits. Task masking (split CIFAR-100)
+is not done here: the LightningModule or the method applies it to the logits, so one network
+class serves single-head and task-masked benchmarks alike.
+
+Constructor arguments are plain types because LightningCLI/jsonargparse builds the networks from
+YAML (``class_path: cl_lightning.models.nets.MLP``); the argument docs below become ``--help``.
+
+Parameter layout matters: MC-SGD moves along lines between flat parameter vectors
+(``torch.nn.utils.parameters_to_vector(net.parameters())``), so the order of the parameters is
+part of each network's contract and matches the research code's
+(``imirzadeh/CL-LinearModeConnectivity``, ``core/models.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MLP", "ResNet18"]
+
+
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network of the MNIST benchmarks (784-256-256-10 in the paper).
+
+    Each hidden layer is ``Linear -> ReLU -> Dropout(p)``, then a final ``Linear`` gives the
+    logits: the research code's order, so a flat parameter vector has the same layout
+    (W1, b1, W2, b2, W3, b3). Dropout matters only in training mode; MC-SGD's line search
+    runs the network in eval mode, where dropout is off.
+
+    Args:
+        input_size: Number of input features. Inputs of shape ``(N, C, H, W)`` are flattened,
+            so 784 fits 1x28x28 MNIST images.
+        hidden_sizes: Width of each hidden layer, e.g. ``[256, 256]``. An empty list gives a
+            linear (softmax-regression) model.
+        num_classes: Number of output logits.
+        dropout: Dropout probability after each hidden ReLU, in ``[0, 1)``. The paper uses
+            0.2 on rotated MNIST and 0.25 on permuted MNIST.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 784,
+        hidden_sizes: Sequence[int] = (256, 256),
+        num_classes: int = 10,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _require_positive(input_size=input_size, num_classes=num_classes)
+        hidden_sizes = list(hidden_sizes)
+        for i, size in enumerate(hidden_sizes):
+            _require_positive(**{f"hidden_sizes[{i}]": size})
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+        layers: list[nn.Module] = []
+        width = input_size
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` for inputs ``(N, input_size)`` or ``(N, C, H, W)``."""
+        return self.layers(x.flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block with the research code's BatchNorm settings.
+
+    Every BatchNorm has ``track_running_stats=False``: the research code normalises with the
+    statistics of the current batch in training *and* evaluation, so there are no running
+    buffers that a line search or a checkpoint could get out of sync. The projection shortcut's
+    BatchNorm has no affine parameters, as in the research code.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, affine=True, track_running_stats=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, affine=True, track_running_stats=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes, affine=False, track_running_stats=False),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """Reduced ResNet18 of GEM / A-GEM and MC-SGD's split CIFAR-100 experiments.
+
+    BasicBlocks ``[2, 2, 2, 2]`` with widths ``width * (1, 2, 4, 8)`` (20-40-80-160 for the
+    paper's ``width=20``, "3x fewer feature maps" than the standard ResNet18), bias-free 3x3
+    convolutions, a stride-1 3x3 stem, ``avg_pool2d(out, 4)`` and a linear classifier; with the
+    defaults it has 1,108,680 parameters.
+
+    BatchNorm uses batch statistics in both training and evaluation mode (no running
+    statistics), exactly like the research code: predictions therefore depend on the rest of the
+    batch, and test accuracy on the evaluation batch size. The research config's dropout is not
+    used by this network, so there is no dropout argument.
+
+    Args:
+        num_classes: Number of output logits (100 for split CIFAR-100, masked per task outside
+            the network).
+        width: Channels of the first stage; later stages have 2x, 4x and 8x as many.
+        in_channels: Channels of the input images (3 for CIFAR). Inputs must be 32x32 (more
+            precisely, the last stage's 4x4 map is what ``avg_pool2d(out, 4)`` reduces to 1x1).
+    """
+
+    def __init__(self, num_classes: int = 100, width: int = 20, in_channels: int = 3) -> None:
+        super().__init__()
+        _require_positive(num_classes=num_classes, width=width, in_channels=in_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, affine=True, track_running_stats=False)
+        stages = []
+        in_planes = width
+        for multiplier, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
+            planes = width * multiplier
+            stages.append(
+                nn.Sequential(
+                    _BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)
+                )
+            )
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of shape ``(N, num_classes)`` for images of shape ``(N, in_channels, 32, 32)``."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(torch.flatten(out, 1))

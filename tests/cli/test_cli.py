@@ -1,0 +1,91 @@
+"""The command line end to end, in-process, on tiny MNIST IDX files."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cl_lightning.cli import cli_main
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def tiny_run_args(config: str, data_root: Path, out: Path, tasks: int = 3) -> list[str]:
+    return [
+        "--config", str(CONFIGS / config),
+        "--data.root", str(data_root),
+        "--data.num_tasks", str(tasks),
+        "--data.batch_size", "32",
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def naive_run(mnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("naive")
+    cli_main(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, out)])
+    return out / "lightning_logs" / "version_0"
+
+
+def test_fit_writes_three_by_three_matrix(naive_run):
+    record = json.loads((naive_run / "accuracy_matrix.json").read_text())
+    assert record["num_tasks"] == 3 and record["tasks_completed"] == 3 and record["split"] == "test"
+    matrix = record["matrix"]
+    assert [sum(v is not None for v in row) for row in matrix] == [1, 2, 3]  # lower triangle
+    assert all(0 <= v <= 100 for row in matrix for v in row if v is not None)
+    assert matrix[0][0] > 50  # task 1 was learnt (fake data are learnable)
+    assert len((naive_run / "accuracy_matrix.csv").read_text().splitlines()) == 4
+    assert (naive_run / "config.yaml").exists() and (naive_run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_tensorboard_has_per_task_tags(naive_run):
+    events = EventAccumulator(str(naive_run), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/acc/task_01", "val/acc/task_03", "cl/average_accuracy", "cl/forgetting", "matrix/task_02",
+            "train/loss", "hp/average_accuracy"} <= scalars
+    assert [e.step for e in events.Scalars("cl/average_accuracy")] == [1, 2, 3]
+    assert "cl/accuracy_matrix" in events.Tags()["images"]
+
+
+def test_test_command_evaluates_checkpoint_on_all_tasks(naive_run, mnist_root, tmp_path, capsys):
+    cli_main(["test", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path),
+              "--ckpt_path", str(naive_run / "checkpoints" / "last.ckpt")])
+    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "test_accuracy.json").read_text())
+    fit_matrix = json.loads((naive_run / "accuracy_matrix.json").read_text())["matrix"]
+    # the checkpoint is the model kept after task 3: its test accuracies are row 3 of the matrix
+    assert result["accuracy"] == pytest.approx(fit_matrix[2], abs=1e-6)
+    assert "average accuracy" in capsys.readouterr().out
+
+
+def test_help_lists_data_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--data.num_tasks" in out and "--accuracy_matrix.print_table" in out
+
+
+def test_print_config_resolves_links(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_mnist.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "num_tasks: 20" in out and "class_path: cl_lightning.models.nets.MLP" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data.num_taks", "3"], "num_taks"),
+        (["--data.num_tasks", "-2"], "num_tasks"),
+        (["--data.benchmark", "shuffled"], "benchmark"),
+    ],
+)
+def test_bad_options_fail_with_readable_message(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_mnist.yaml"), *args])
+    assert exit_info.value.code != 0
+    assert expected in capsys.readouterr().err

@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from cl_lightning.metrics.continual import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    learning_accuracy,
+    summary,
+)
+from cl_lightning.metrics.task_accuracy import TaskAccuracy
+
+NAN = float("nan")
+# a[t][i]: accuracy on task i after training task t (hand-made, 3 tasks).
+MATRIX = torch.tensor([[90.0, NAN, NAN], [70.0, 80.0, NAN], [60.0, 75.0, 85.0]], dtype=torch.float64)
+
+
+def test_formulas_against_hand_computed_values():
+    assert average_accuracy(MATRIX, 2) == pytest.approx((60 + 75 + 85) / 3)
+    # task 1: best before the last task max(90, 70) = 90, now 60 -> 30; task 2: 80 -> 75 -> 5.
+    assert forgetting(MATRIX, 2) == pytest.approx((30 + 5) / 2 / 100)
+    assert learning_accuracy(MATRIX, 2) == pytest.approx((90 + 80 + 85) / 3)
+    assert backward_transfer(MATRIX, 2) == pytest.approx(((60 - 90) + (75 - 80)) / 2)
+
+
+def test_formulas_after_intermediate_tasks():
+    assert average_accuracy(MATRIX, 1) == pytest.approx(75.0)
+    assert forgetting(MATRIX, 1) == pytest.approx(0.20)
+    assert backward_transfer(MATRIX, 1) == pytest.approx(-20.0)
+    assert summary(MATRIX, 0) == {
+        "average_accuracy": 90.0, "forgetting": 0.0, "learning_accuracy": 90.0, "backward_transfer": 0.0,
+    }
+
+
+def test_forgetting_uses_best_earlier_accuracy_not_first():
+    m = torch.tensor([[50.0, NAN, NAN], [80.0, 70.0, NAN], [40.0, 70.0, 90.0]], dtype=torch.float64)
+    # task 1 peaked after task 2 (80), not when learnt (50)
+    assert forgetting(m, 2) == pytest.approx(((80 - 40) + 0) / 2 / 100)
+
+
+def test_forgetting_ignores_future_task_entries():
+    # accuracy measured before a task was trained (upper triangle) is not "learnt" accuracy
+    m = MATRIX.clone()
+    m[0, 1] = 99.0
+    assert forgetting(m, 2) == pytest.approx(forgetting(MATRIX, 2))
+
+
+def test_task_accuracy_metric_per_task_and_nan_for_unseen():
+    metric = TaskAccuracy(num_tasks=3)
+    metric.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0]), torch.tensor([0, 0, 1, 1]))
+    metric.update(torch.tensor([5]), torch.tensor([5]), torch.tensor([1]))
+    acc = metric.compute()
+    assert acc[0].item() == pytest.approx(100.0)
+    assert acc[1].item() == pytest.approx(100 / 3)
+    assert math.isnan(acc[2].item())
