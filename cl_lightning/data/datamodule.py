@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -113,7 +113,7 @@ class ContinualDataModule(LightningDataModule):
         class_order: Literal["label", "shuffled"] = "label",
         train_examples_per_task: PositiveInt | None = None,
         test_examples_per_task: PositiveInt | None = None,
-        val_fraction: ClosedUnitInterval = 0.0,
+        val_fraction: NonNegativeFloat = 0.0,
         batch_size: PositiveInt = 64,
         eval_batch_size: PositiveInt = 1024,
         shuffle: bool = True,
@@ -168,7 +168,7 @@ class ContinualDataModule(LightningDataModule):
         if self._pools is not None:  # idempotent: Lightning may call setup for several stages
             return
         seed = run_seed(self.seed)
-        self._seed = seed
+        self.resolved_seed = seed
         train = load_source(self.source, self.root, train=True, download=self.download)
         test = load_source(self.source, self.root, train=False, download=self.download)
         self.sets = {"train": train, "val": train, "test": test}
@@ -192,6 +192,9 @@ class ContinualDataModule(LightningDataModule):
         # One split of the base training set into train/val, shared by all tasks.
         order = torch.randperm(len(train.targets), generator=generator(seed, "val_split"))
         n_val = int(round(self.val_fraction * len(order)))
+        if self.val_fraction > 0 and not 0 < n_val < len(order):
+            raise ValueError(f"val_fraction {self.val_fraction} of {len(order)} training examples leaves "
+                             f"{n_val} for validation and {len(order) - n_val} for training; both need some")
         base = {"train": order[n_val:].sort().values, "val": order[:n_val].sort().values,
                 "test": torch.arange(len(test.targets))}
         limits = {"train": self.train_examples_per_task, "val": self.test_examples_per_task,
@@ -210,7 +213,7 @@ class ContinualDataModule(LightningDataModule):
             targets = self.sets[split].targets[candidates]
             candidates = candidates[torch.isin(targets, self.task_classes[task])]
         if limit is not None and limit < len(candidates):
-            pick = torch.randperm(len(candidates), generator=generator(self._seed, "subset", split, task))
+            pick = torch.randperm(len(candidates), generator=generator(self.resolved_seed, "subset", split, task))
             candidates = candidates[pick[:limit].sort().values]
         return candidates
 
@@ -248,7 +251,7 @@ class ContinualDataModule(LightningDataModule):
         # The epoch's order is derived from (seed, epoch), never from a stateful sampler, because
         # Lightning iterates the loader a different number of times in a resumed run.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        order = torch.randperm(size, generator=generator(self._seed, "shuffle", epoch)) if self.shuffle else None
+        order = torch.randperm(size, generator=generator(self.resolved_seed, "shuffle", epoch)) if self.shuffle else None
         return self._loader(self.task_dataset(tasks, "train", order), self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -40,9 +40,11 @@ def rotation_map(height: int, width: int, degrees: float) -> Tensor:
     The map is obtained by rotating an image whose pixel values are their own indices with
     torchvision's nearest-neighbour ``rotate``: nearest interpolation copies values without
     blending, so the rotated "index image" says exactly which source pixel lands where. Any
-    image rotated through the map equals ``rotate(image, degrees, NEAREST, fill=0)``.
+    image rotated through the map equals ``rotate(image, degrees, NEAREST, fill=0)``. The index
+    image is float32 (exact up to 2^24 pixels) because torchvision samples uint8 and float32
+    images on a float32 grid: a float64 grid would break nearest-neighbour ties differently.
     """
-    index_image = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width)
+    index_image = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, height, width)
     rotated = rotate(index_image, degrees, interpolation=InterpolationMode.NEAREST, fill=[0.0])
     return rotated.flatten().round().long() - 1  # background 0 becomes FILL (-1)
 

@@ -63,6 +63,27 @@ def _write_atomically(path: Path, text: str) -> None:
         raise OSError(f"could not write {path} ({err}); the previous version of the file is kept") from err
 
 
+def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str) -> None:
+    """Write rows 1..task+1 of ``matrix`` with their summaries as ``<stem>.csv`` and ``<stem>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = matrix[: task + 1].tolist()
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(matrix.shape[1])])
+    for t, row in enumerate(rows):
+        writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
+    _write_atomically(folder / f"{stem}.csv", out.getvalue())
+    record = {
+        "split": split,
+        "tasks_completed": task + 1,
+        "num_tasks": matrix.shape[0],
+        "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
+        "per_task": [summary(matrix, t) for t in range(task + 1)],
+        **summary(matrix, task),
+    }
+    _write_atomically(folder / f"{stem}.json", json.dumps(record, indent=1))
+
+
 class AccuracyMatrix(Callback):
     """Builds a[t][i] = accuracy on task i of the model kept after task t.
 
@@ -139,23 +160,7 @@ class AccuracyMatrix(Callback):
 
     def write(self, folder: Path, task: int) -> None:
         """Write rows 1..task+1 as ``accuracy_matrix.csv`` and ``accuracy_matrix.json``."""
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = self.matrix[: task + 1].tolist()
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(self.matrix.shape[1])])
-        for t, row in enumerate(rows):
-            writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
-        _write_atomically(folder / "accuracy_matrix.csv", out.getvalue())
-        record = {
-            "split": self.split,
-            "tasks_completed": task + 1,
-            "num_tasks": self.matrix.shape[0],
-            "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
-            "per_task": [summary(self.matrix, t) for t in range(task + 1)],
-            **summary(self.matrix, task),
-        }
-        _write_atomically(folder / "accuracy_matrix.json", json.dumps(record, indent=1))
+        write_matrix(folder, "accuracy_matrix", self.matrix, task, self.split)
 
     @staticmethod
     def run_dir(trainer: Trainer) -> Path:

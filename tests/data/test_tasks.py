@@ -65,16 +65,8 @@ def test_single_task_is_only_the_identity() -> None:
 
 # --------------------------------------------------------------------------- rotation maps
 
-# rotation_map builds its map from a float64 "index image", so torchvision builds a float64
-# sampling grid; real images (uint8 and float32) are rotated with a float32 grid, and the two
-# grids round nearest-neighbour ties differently for some angles/shapes.
-_ROTATION_BUG = pytest.mark.xfail(
-    reason="tasks.py rotation_map: float64 index image -> float64 sampling grid in torchvision's "
-    "rotate, while uint8/float32 images get a float32 grid; nearest-neighbour ties round "
-    "differently (28x28 @45deg: 2 pixels; 20x31 @90deg: ~105 pixels)",
-    strict=True,
-)
-_KNOWN_ROTATION_MISMATCHES = {((1, 28, 28), 45), ((1, 20, 31), 90)}
+# 45 degrees on 28x28 and 90 degrees on 20x31 hit nearest-neighbour ties: they catch a map
+# built on a different sampling grid than torchvision uses for real images.
 
 
 def _rotation_cases() -> list:
@@ -82,10 +74,7 @@ def _rotation_cases() -> list:
     for shape in [(1, 28, 28), (3, 32, 32), (1, 20, 31)]:
         for angle in (9, 45, 90, 171):
             for dtype in (torch.uint8, torch.float32):
-                marks = [_ROTATION_BUG] if (shape, angle) in _KNOWN_ROTATION_MISMATCHES else []
-                cases.append(
-                    pytest.param(shape, angle, dtype, marks=marks, id=f"{'x'.join(map(str, shape))}-{angle}-{dtype}")
-                )
+                cases.append(pytest.param(shape, angle, dtype, id=f"{'x'.join(map(str, shape))}-{angle}-{dtype}"))
     return cases
 
 

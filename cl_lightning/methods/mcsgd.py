@@ -1,0 +1,217 @@
+"""MC-SGD: Mode-Connectivity SGD (Mirzadeh et al., "Linear Mode Connectivity in Multitask and
+Continual Learning", ICLR 2021), as a callback.
+
+Notation of the paper: w_hat_t is the "continual" solution of plain SGD on task t; w_bar_t is
+the MC-SGD solution, the model that is kept and evaluated. After task t >= 2 (t is 1-based in
+the paper, 0-based in the code), MC-SGD looks for a w_bar_t such that the loss stays low
+along two line segments:
+
+- line A, from w_bar_{t-1} to w_bar_t, on the episodic memory of tasks 1..t (the previous
+  tasks' solution must stay connected);
+- line B, from w_hat_t to w_bar_t, on a fixed subset of task t's training data (the new
+  task's solution must stay connected).
+
+It starts at w_bar_{t-1} + alpha0 (w_hat_t - w_bar_{t-1}) and runs ``epochs`` of SGD (fresh
+optimizer, momentum, no decay) whose step i sums the line gradients of memory batch i (one
+task's memory) and subset batch i while both exist, then whichever remains. Dropout is off.
+The line gradient is :class:`~cl_lightning.methods.line_gradient.LineGradient`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
+
+from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.methods.line_gradient import LineGradient
+from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix, write_matrix
+from cl_lightning.metrics.continual import average_accuracy
+from cl_lightning.metrics.evaluate import task_accuracies
+from cl_lightning.models.module import eval_mode
+from cl_lightning.seeding import generator
+
+
+@torch.no_grad()
+def load_flat(net: nn.Module, vector: Tensor) -> None:
+    """Copy a flat parameter vector into ``net``'s parameters (copies, never shares storage)."""
+    offset = 0
+    for p in net.parameters():
+        p.copy_(vector[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+class MCSGD(TaskAwareCallback):
+    """Consolidates each task's solution with the previous ones along linear paths.
+
+    Args:
+        alpha0: Start of the consolidation on the segment w_bar_{t-1} -> w_hat_t (research
+            code: 0.1 rotated MNIST, 0.25 permuted MNIST, 0.01 split CIFAR-100).
+        num_segments: K; the line gradient is taken at the K+1 points j/K, j = 0..K.
+        lr: Learning rate of the consolidation SGD.
+        momentum: Momentum of the consolidation SGD (a fresh optimizer per task).
+        batch_size: Batch size over the current task's subset (line B).
+        epochs: Passes of the consolidation over memory and subset.
+        memory_per_task: Episodic memory examples drawn per task (research code: 10 on MNIST).
+        memory_per_class: Examples per class instead (research code: 1 on CIFAR-100); set
+            ``memory_per_task: null`` with it.
+        memory_replacement: Draw ``memory_per_task`` with replacement, as the research code did
+            on MNIST (duplicates possible).
+        subset_size: Examples of the current task's training data used by line B (research
+            code: 400 rotated MNIST, 2000 permuted MNIST, 500 CIFAR-100).
+        subset_replacement: Draw the subset with replacement (research code: MNIST yes, CIFAR no).
+        weighting: ``reference``: the research code's gradient, K+1-j times point j's gradient
+            divided by the batch size (``.grad`` was never zeroed); ``uniform``: the mean over
+            the points. They need different learning rates.
+        next_task_start: Where SGD on the next task starts: ``w_hat`` (w_hat_{t-1}, the research
+            code that produced the paper's numbers) or ``w_bar`` (w_bar_{t-1}, the authors'
+            later CL-Gym library). They are different algorithms.
+        backend: Line-gradient computation: ``auto``, ``vmap``, ``loop`` or ``affine`` (see
+            :class:`~cl_lightning.methods.line_gradient.LineGradient`).
+        evaluate_w_hat: Also evaluate w_hat_t on the tasks seen so far (a naive-SGD baseline for
+            free when ``next_task_start`` is ``w_hat``); written as ``w_hat_accuracy_matrix``.
+    """
+
+    def __init__(
+        self,
+        alpha0: NonNegativeFloat = 0.1,
+        num_segments: PositiveInt = 5,
+        lr: PositiveFloat = 0.01,
+        momentum: NonNegativeFloat = 0.8,
+        batch_size: PositiveInt = 64,
+        epochs: PositiveInt = 1,
+        memory_per_task: PositiveInt | None = 10,
+        memory_per_class: PositiveInt | None = None,
+        memory_replacement: bool = True,
+        subset_size: PositiveInt = 400,
+        subset_replacement: bool = True,
+        weighting: Literal["reference", "uniform"] = "reference",
+        next_task_start: Literal["w_hat", "w_bar"] = "w_hat",
+        backend: Literal["auto", "vmap", "loop", "affine"] = "auto",
+        evaluate_w_hat: bool = True,
+    ) -> None:
+        if not 0.0 <= alpha0 <= 1.0:
+            raise ValueError(f"alpha0 must be in [0, 1], got {alpha0}")
+        self.alpha0 = float(alpha0)
+        self.num_segments = int(num_segments)
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.batch_size = int(batch_size)
+        self.epochs = int(epochs)
+        self.memory = EpisodicMemory(memory_per_task, memory_per_class, memory_replacement)
+        self.subset_size = int(subset_size)
+        self.subset_replacement = subset_replacement
+        self.weighting = weighting
+        self.next_task_start = next_task_start
+        self.backend = backend
+        self.evaluate_w_hat = evaluate_w_hat
+        self.w_bar: Tensor | None = None
+        self.w_hat: Tensor | None = None
+        self.w_hat_matrix: Tensor | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        n = trainer.datamodule.num_tasks
+        self.w_hat_matrix = torch.full((n, n), float("nan"), dtype=torch.float64)
+        self.line = LineGradient(pl_module.net, self.num_segments, self.weighting, self.backend)
+
+    # ------------------------------------------------------------------ task events
+    def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
+        if task > 0 and self.next_task_start == "w_hat":
+            load_flat(pl_module.net, self.w_hat.to(pl_module.device))
+
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
+        dm: ContinualDataModule = trainer.datamodule
+        w_hat = parameters_to_vector(pl_module.net.parameters()).detach().clone()
+        self.memory.add_task(dm, task, dm.resolved_seed)
+        if task == 0:
+            w_bar, losses = w_hat.clone(), {}
+        else:
+            w_bar, losses = self.consolidate(dm, pl_module, task, self.w_bar.to(w_hat.device), w_hat)
+            # Every process computed the same consolidation from the same memory and subset;
+            # the broadcast only guards against floating-point drift between devices.
+            w_bar = trainer.strategy.broadcast(w_bar, src=0)
+        self.w_hat, self.w_bar = w_hat, w_bar
+        if self.evaluate_w_hat:
+            self.w_hat_matrix[task, : task + 1] = task_accuracies(pl_module, dm, list(range(task + 1)), dm.eval_split)
+        load_flat(pl_module.net, w_bar)
+        self._publish(trainer, task, losses, (w_hat - w_bar).norm().item())
+
+    # ------------------------------------------------------------------ consolidation
+    def consolidate(
+        self, dm: ContinualDataModule, pl_module: LightningModule, task: int, w_bar_prev: Tensor, w_hat: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """w_bar_t from w_bar_{t-1} and w_hat_t; returns it with the mean line losses."""
+        device, class_mask = w_hat.device, pl_module.class_mask
+        memory_batches = [self._line_batch(b, device, class_mask) for b in self._memory_batches(dm, task)]
+        subset_batches = [self._line_batch(b, device, class_mask) for b in self._subset_batches(dm, task)]
+        w = nn.Parameter(w_bar_prev + self.alpha0 * (w_hat - w_bar_prev))
+        optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
+        loss_sums = {"memory": torch.zeros((), device=device), "subset": torch.zeros((), device=device)}
+        with eval_mode(pl_module.net), torch.inference_mode(False), torch.enable_grad():
+            for _ in range(self.epochs):
+                for i in range(max(len(memory_batches), len(subset_batches))):
+                    grad = torch.zeros_like(w)
+                    for name, start, batches in (("memory", w_bar_prev, memory_batches), ("subset", w_hat, subset_batches)):
+                        if i < len(batches):
+                            g, point_losses = self.line(start, w.detach(), *batches[i])
+                            grad += g
+                            loss_sums[name] += point_losses.mean()
+                    w.grad = grad
+                    optimizer.step()
+        losses = {
+            f"line_loss_{name}": (total / (self.epochs * len(batches))).item()
+            for (name, total), batches in zip(loss_sums.items(), (memory_batches, subset_batches))
+        }
+        return w.detach().clone(), losses
+
+    def _memory_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
+        """One batch per task 1..t from the episodic memory, in a seeded order."""
+        order = torch.randperm(task + 1, generator=generator(dm.resolved_seed, "mcsgd_memory_order", task))
+        return [self.memory.batch(dm, int(t)) for t in order]
+
+    def _subset_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
+        """The fixed subset of task t's training data, in batches of ``batch_size``."""
+        dataset = dm.task_dataset(task, "train")
+        g = generator(dm.resolved_seed, "mcsgd_subset", task)
+        if self.subset_replacement:
+            index = torch.randint(len(dataset), (self.subset_size,), generator=g)
+        else:
+            index = torch.randperm(len(dataset), generator=g)[: self.subset_size]
+        return [dataset.__getitems__(chunk) for chunk in index.split(self.batch_size)]
+
+    @staticmethod
+    def _line_batch(batch: Batch, device: torch.device, class_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x, y, logit_mask)`` for :class:`LineGradient`; the mask keeps each example's task classes."""
+        x, y, task_ids = (v.to(device) for v in batch)
+        return x, y, (class_mask[task_ids] if class_mask is not None else None)
+
+    # ------------------------------------------------------------------ reporting
+    @rank_zero_only
+    def _publish(self, trainer: Trainer, task: int, losses: dict[str, float], distance: float) -> None:
+        metrics = {f"mcsgd/{name}": value for name, value in losses.items()}
+        metrics["mcsgd/distance_w_hat_w_bar"] = distance
+        if self.evaluate_w_hat:
+            row = self.w_hat_matrix[task, : task + 1].tolist()
+            metrics |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": v for i, v in enumerate(row)}
+            metrics["mcsgd/w_hat_average_accuracy"] = average_accuracy(self.w_hat_matrix, task)
+            write_matrix(AccuracyMatrix.run_dir(trainer), "w_hat_accuracy_matrix", self.w_hat_matrix, task,
+                         trainer.datamodule.eval_split)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=task + 1)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"w_bar": self.w_bar, "w_hat": self.w_hat, "w_hat_matrix": self.w_hat_matrix,
+                "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.w_bar, self.w_hat = state_dict["w_bar"], state_dict["w_hat"]
+        self.w_hat_matrix = state_dict["w_hat_matrix"]
+        self.memory.load_state_dict(state_dict["memory"])
