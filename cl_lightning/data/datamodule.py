@@ -157,6 +157,15 @@ class ContinualDataModule(LightningDataModule):
     def is_task_end(self, epoch: int) -> bool:
         return (epoch + 1) % self.epochs_per_task == 0
 
+    def trainer_settings(self) -> dict[str, int]:
+        """The Trainer arguments the task sequence needs (the CLI links the same values)."""
+        return {
+            "max_epochs": self.num_tasks * self.epochs_per_task,
+            "check_val_every_n_epoch": self.epochs_per_task,
+            "reload_dataloaders_every_n_epochs": 1,
+            "num_sanity_val_steps": 0,
+        }
+
     @property
     def current_task(self) -> int:
         """The task being trained, derived from the trainer's epoch (0 before fitting)."""
@@ -263,4 +272,8 @@ class ContinualDataModule(LightningDataModule):
 
     @staticmethod
     def _loader(dataset: TaskDataset, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch)
+        # An own generator: otherwise every iter() draws a seed from torch's global RNG, and
+        # Lightning calls iter() a different number of times in a resumed run (dropout masks
+        # would then differ from the uninterrupted run).
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch,
+                          generator=torch.Generator())

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.seeding import generator
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
 MASKED_LOGIT = -1e11
@@ -124,9 +125,13 @@ class ContinualModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
 
     def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        # Lightning checkpoints no RNG state: seeding the epoch's random draws (dropout) from
+        # (seed, epoch) makes a run resumed at an epoch boundary continue exactly.
+        torch.manual_seed(generator(dm.resolved_seed, "epoch", self.current_epoch).initial_seed())
         # A fresh SGD per task, as the research code: clear the momentum buffers. (Lightning does
         # not re-run this hook when resuming mid-epoch, so a restored buffer is kept then.)
-        if self.trainer.datamodule.is_task_start(self.current_epoch):
+        if dm.is_task_start(self.current_epoch):
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
 
