@@ -3,7 +3,7 @@
 #   make test   the test suite
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_CONFIG ?= configs/naive/permuted_digits.yaml
+DEMO_CONFIG ?= configs/mcsgd/permuted_digits.yaml
 
 .PHONY: demo test install
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fakedata import patch_cifar100_md5, write_cifar100, write_mnist
+
+# As the CLI's default `num_threads: 1`: the tests' batches are tiny, and with 2 threads on a
+# 2-core machine any concurrent process makes every torch op stall (see cl_lightning.cli).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import EpisodicMemory
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix, write_matrix
+from cl_lightning.metrics.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.metrics.evaluate import task_accuracies
 from cl_lightning.models.module import eval_mode
@@ -120,6 +120,7 @@ class MCSGD(TaskAwareCallback):
         n = trainer.datamodule.num_tasks
         self.w_hat_matrix = torch.full((n, n), float("nan"), dtype=torch.float64)
         self.line = LineGradient(pl_module.net, self.num_segments, self.weighting, self.backend)
+        self.folder = run_dir(trainer)
 
     # ------------------------------------------------------------------ task events
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
@@ -201,7 +202,7 @@ class MCSGD(TaskAwareCallback):
             row = self.w_hat_matrix[task, : task + 1].tolist()
             metrics |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": v for i, v in enumerate(row)}
             metrics["mcsgd/w_hat_average_accuracy"] = average_accuracy(self.w_hat_matrix, task)
-            write_matrix(AccuracyMatrix.run_dir(trainer), "w_hat_accuracy_matrix", self.w_hat_matrix, task,
+            write_matrix(self.folder, "w_hat_accuracy_matrix", self.w_hat_matrix, task,
                          trainer.datamodule.eval_split)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=task + 1)

@@ -63,6 +63,12 @@ def _write_atomically(path: Path, text: str) -> None:
         raise OSError(f"could not write {path} ({err}); the previous version of the file is kept") from err
 
 
+def run_dir(trainer: Trainer) -> Path:
+    """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
+    broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str) -> None:
     """Write rows 1..task+1 of ``matrix`` with their summaries as ``<stem>.csv`` and ``<stem>.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +119,7 @@ class AccuracyMatrix(Callback):
         dm = trainer.datamodule
         self.matrix = torch.full((dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
+        self.folder = run_dir(trainer)
 
     def _check_restored(self, trainer: Trainer) -> None:
         """A checkpoint's matrix (loaded after ``setup``) must match the configured sequence."""
@@ -156,15 +163,11 @@ class AccuracyMatrix(Callback):
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("cl/accuracy_matrix", heatmap(self.matrix), global_step=step)
-        self.write(self.run_dir(trainer), task)
+        self.write(self.folder, task)
 
     def write(self, folder: Path, task: int) -> None:
         """Write rows 1..task+1 as ``accuracy_matrix.csv`` and ``accuracy_matrix.json``."""
         write_matrix(folder, "accuracy_matrix", self.matrix, task, self.split)
-
-    @staticmethod
-    def run_dir(trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -172,8 +175,8 @@ class AccuracyMatrix(Callback):
         if self.print_table and rows:
             title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
             print(format_table(self.matrix, rows, title))
-            print(f"written to {self.run_dir(trainer) / 'accuracy_matrix.csv'} (and .json); "
-                  f"TensorBoard: tensorboard --logdir {Path(trainer.log_dir or '.').parent}")
+            print(f"written to {self.folder / 'accuracy_matrix.csv'} (and .json); "
+                  f"TensorBoard: tensorboard --logdir {self.folder.parent}")
 
     # ------------------------------------------------------------------ test
     @rank_zero_only
@@ -186,7 +189,7 @@ class AccuracyMatrix(Callback):
             "accuracy": accuracy,
             "average_accuracy": sum(accuracy) / num_tasks,
         }
-        folder = self.run_dir(trainer)
+        folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / "test_accuracy.json", json.dumps(record, indent=1))
         if self.print_table:

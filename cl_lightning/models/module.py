@@ -149,7 +149,8 @@ class ContinualModule(LightningModule):
     def _log_task_accuracies(self, metric: TaskAccuracy, stage: str) -> None:
         for task, acc in enumerate(metric.compute().tolist()):
             if not math.isnan(acc):
-                self.log(accuracy_key(stage, task), acc)
+                # The metric already combined all processes, so the mean over them is the value itself.
+                self.log(accuracy_key(stage, task), acc, sync_dist=True)
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -96,7 +96,7 @@ def test_consolidation_starts_at_alpha0_on_the_segment(tmp_path):
         torch.testing.assert_close(probe.w_bar[task], expected)
 
 
-def test_consolidation_lowers_the_line_losses():
+def test_consolidation_lowers_the_line_losses(tmp_path):
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, seed=0)
     dm.setup()
     torch.manual_seed(0)
@@ -104,7 +104,8 @@ def test_consolidation_lowers_the_line_losses():
     w_bar_prev = flat(module)
     w_hat = w_bar_prev + 0.5 * torch.randn_like(w_bar_prev)  # a far-away "solution" of task 2
     mcsgd = MCSGD(alpha0=0.5, lr=0.05, batch_size=32, subset_size=256, epochs=3)
-    mcsgd.setup(type("T", (), {"datamodule": dm})(), module, "fit")
+    trainer = type("TrainerStandIn", (), {"datamodule": dm, "log_dir": str(tmp_path), "default_root_dir": tmp_path})
+    mcsgd.setup(trainer, module, "fit")
     for task in (0, 1):
         mcsgd.memory.add_task(dm, task, dm.resolved_seed)
     start = w_bar_prev + 0.5 * (w_hat - w_bar_prev)

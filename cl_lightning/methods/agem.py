@@ -1,0 +1,170 @@
+"""A-GEM: Averaged Gradient Episodic Memory (Chaudhry, Ranzato, Rohrbach, Elhoseiny, "Efficient
+Lifelong Learning with A-GEM", ICLR 2019), as a callback.
+
+A few examples of every finished task are kept in an episodic memory. Before each optimizer step
+on a later task, a reference gradient g_ref is computed on a batch drawn from the memory; if the
+current gradient g would increase the memory loss (g . g_ref < 0), it is projected onto the
+half-space where it does not:
+
+    g <- g - (g . g_ref / g_ref . g_ref) g_ref
+
+The projection runs in ``on_before_optimizer_step``: once per optimizer step (also under
+gradient accumulation), after mixed precision unscaled the gradients and before gradient
+clipping. It is branch-free on the host (``torch.where`` on the dot product), so a training step
+never waits for the device.
+
+Multi-process (DDP) runs: the ``.grad`` the hook sees is already averaged over processes, the
+memory holds the same examples on every process (drawn from each task's whole training set with
+the run's seed) and the memory batch of a step is drawn from (seed, epoch, batch index), so every
+process computes the same g_ref and applies the same projection, and the weights stay in sync
+without any communication. The reference forward/backward bypasses the DDP wrapper, so it
+triggers no gradient all-reduce of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.seeding import generator
+
+
+def project_gradients(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
+    """A-GEM's projection of ``grads`` against ``reference``, in place; returns ``g . g_ref``
+    (before the projection, a 0-dim tensor on the gradients' device).
+
+    ``g`` is left unchanged where ``g . g_ref >= 0``; otherwise it becomes
+    ``g - (g . g_ref / g_ref . g_ref) g_ref``, whose dot product with ``g_ref`` is 0.
+    """
+    dot = sum((g.flatten() @ r.flatten() for g, r in zip(grads, reference)), torch.zeros((), device=grads[0].device))
+    ref_norm = sum((r.flatten() @ r.flatten() for r in reference), torch.zeros((), device=grads[0].device))
+    # dot < 0 implies ref_norm > 0; the clamp only keeps the unused branch finite.
+    scale = torch.where(dot < 0, dot / ref_norm.clamp_min(torch.finfo(ref_norm.dtype).tiny), torch.zeros_like(dot))
+    for g, r in zip(grads, reference):
+        g.addcmul_(r, -scale.to(g.dtype))
+    return dot
+
+
+class AGEM(TaskAwareCallback):
+    """Projects each training gradient so that it does not increase the loss on a memory batch.
+
+    The memory is filled at each task end with that task's examples
+    (:class:`~cl_lightning.methods.memory.EpisodicMemory`); from the second task on, every step's
+    reference gradient is the gradient of the mean cross-entropy over ``memory_batch_size``
+    examples drawn without replacement from the memory of all tasks seen so far (the whole
+    memory while it is smaller), each example with its own task's class mask on split
+    benchmarks. It is computed in the module's training mode, like the training loss (the
+    reference code also used training mode), in full precision.
+
+    Args:
+        memory_per_class: Memory examples per class of each task. With neither this nor
+            ``memory_per_task`` set: 1, A-GEM's "tiny memory" (1 example per class per task).
+        memory_per_task: Examples per task instead, uniform over the task (not with
+            ``memory_per_class``).
+        memory_replacement: Draw ``memory_per_task`` with replacement.
+        memory_batch_size: Examples of the memory batch of each step (A-GEM code: 64 on MNIST,
+            256 on CIFAR).
+    """
+
+    def __init__(
+        self,
+        memory_per_class: PositiveInt | None = None,
+        memory_per_task: PositiveInt | None = None,
+        memory_replacement: bool = False,
+        memory_batch_size: PositiveInt = 64,
+    ) -> None:
+        if memory_batch_size < 1:
+            raise ValueError(f"memory_batch_size must be a positive integer, got {memory_batch_size}")
+        if memory_per_class is None and memory_per_task is None:
+            memory_per_class = 1
+        self.memory = EpisodicMemory(per_task=memory_per_task, per_class=memory_per_class, replacement=memory_replacement)
+        self.memory_batch_size = int(memory_batch_size)
+        self.projected: Tensor | None = None  # steps of the current task whose gradient was projected
+        self.steps = 0  # steps of the current task with a reference gradient
+        self._batch_idx = 0
+        self._cache: tuple[list[int], Batch] | None = None
+
+    # ------------------------------------------------------------------ task events
+    def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
+        self.projected, self.steps = None, 0
+
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
+        dm: ContinualDataModule = trainer.datamodule
+        self._publish(trainer, task)
+        self.memory.add_task(dm, task, dm.resolved_seed)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    # ------------------------------------------------------------------ the projection
+    def memory_batch(self, dm: ContinualDataModule, device: torch.device, epoch: int, batch_idx: int) -> Batch:
+        """The memory batch of step ``batch_idx`` of ``epoch``, on ``device``.
+
+        The memory (a few hundred examples) is kept on the device; only the indices of the step
+        travel, drawn on the CPU from (seed, epoch, batch index): identical on every process and
+        after a resume, whatever happened before.
+        """
+        tasks = self.memory.tasks
+        if self._cache is None or self._cache[0] != tasks or self._cache[1][0].device != device:
+            self._cache = (tasks, tuple(v.to(device) for v in self.memory.batch(dm, tasks)))
+        x, y, task_ids = self._cache[1]
+        size = len(y)
+        if size <= self.memory_batch_size:
+            return x, y, task_ids
+        g = generator(dm.resolved_seed, "agem_memory_batch", epoch, batch_idx)
+        index = torch.randperm(size, generator=g)[: self.memory_batch_size].to(device, non_blocking=True)
+        return x[index], y[index], task_ids[index]
+
+    def reference_gradient(self, pl_module: LightningModule, params: list[Tensor], batch: Batch) -> list[Tensor]:
+        """Gradient of the mean cross-entropy on ``batch`` w.r.t. ``params``; ``.grad`` is not touched."""
+        x, y, task_ids = batch
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = F.cross_entropy(pl_module(x, task_ids), y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if not self.memory.tasks:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        batch = self.memory_batch(trainer.datamodule, pl_module.device, trainer.current_epoch, self._batch_idx)
+        reference = self.reference_gradient(pl_module, params, batch)
+        with torch.no_grad():
+            dot = project_gradients([p.grad for p in params], reference)
+        violated = (dot < 0).to(torch.long)
+        self.projected = violated if self.projected is None else self.projected.to(dot.device) + violated
+        self.steps += 1
+
+    # ------------------------------------------------------------------ reporting
+    @rank_zero_only
+    def _publish(self, trainer: Trainer, task: int) -> None:
+        if self.projected is None or trainer.logger is None:
+            return
+        metrics = {
+            "agem/projected_fraction": self.projected.item() / max(self.steps, 1),
+            "agem/memory_size": float(sum(len(i) for i in self.memory.indices.values())),
+        }
+        trainer.logger.log_metrics(metrics, step=task + 1)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        projected = None if self.projected is None else self.projected.detach().cpu().clone()
+        return {"memory": self.memory.state_dict(), "projected": projected, "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state_dict["memory"])
+        self.projected = state_dict["projected"]
+        self.steps = int(state_dict["steps"])
+        self._cache = None

@@ -1,0 +1,35 @@
+"""MC-SGD under a 2-process strategy on CPU: after every consolidation both processes must hold
+bitwise-identical weights and the same episodic memory."""
+
+import json
+
+import pytest
+from lightning.pytorch import Trainer, seed_everything
+
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.methods.mcsgd import MCSGD
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.models.module import ContinualModule
+from cl_lightning.models.nets import MLP
+from ddp_probes import RankAgreement
+
+
+@pytest.mark.slow
+def test_processes_agree_after_each_consolidation(tmp_path):
+    seed_everything(0)
+    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, batch_size=16, seed=0)
+    module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1)
+    mcsgd = MCSGD(alpha0=0.25, lr=0.005, batch_size=16, subset_size=64)
+    out = tmp_path / "agreement.jsonl"
+    trainer = Trainer(
+        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
+        callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), AccuracyMatrix(print_table=False)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, dm)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert r == {"task": r["task"], "kept": True, "w_hat": True, "memory": True, "world_size": 2,
+                     "kept_is_w_bar": True}
