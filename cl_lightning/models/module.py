@@ -87,7 +87,9 @@ class ContinualModule(LightningModule):
             # records the net's class_path/init_args here instead, which is what we keep.)
             del self.hparams["net"]
         self.net = net
-        self.class_mask: Tensor | None = None
+        # Split benchmarks: (T, num_classes) mask of each task's classes, set in `setup` from the
+        # datamodule (it depends on the seed). A non-persistent buffer follows the module's device.
+        self.register_buffer("class_mask", None, persistent=False)
         self.val_accuracy: TaskAccuracy | None = None
         self.test_accuracy: TaskAccuracy | None = None
 
@@ -95,9 +97,7 @@ class ContinualModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Take the task structure from the datamodule (it is derived from the run's seed)."""
         dm = self.trainer.datamodule
-        mask = dm.class_mask
-        if mask is not None:
-            self.register_buffer("class_mask", mask, persistent=False)
+        self.class_mask = dm.class_mask
         self.val_accuracy = TaskAccuracy(dm.num_tasks)
         self.test_accuracy = TaskAccuracy(dm.num_tasks)
 

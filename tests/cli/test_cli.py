@@ -89,3 +89,16 @@ def test_bad_options_fail_with_readable_message(args, expected, capsys):
         cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_mnist.yaml"), *args])
     assert exit_info.value.code != 0
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["naive", "mcsgd"])
+def test_split_cifar100_runs_end_to_end(method, cifar_root, tmp_path):
+    """Task-masked logits, ResNet with batch statistics, per-class memory (MC-SGD) on real pickles."""
+    cli_main(["fit", *tiny_run_args(f"{method}/split_cifar100.yaml", cifar_root, tmp_path),
+              "--model.net.init_args.width", "4", "--data.eval_batch_size", "50"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    record = json.loads((run / "accuracy_matrix.json").read_text())
+    assert record["tasks_completed"] == 3
+    assert all(0 <= v <= 100 for row in record["matrix"] for v in row if v is not None)
+    if method == "mcsgd":
+        assert (run / "w_hat_accuracy_matrix.json").exists()
