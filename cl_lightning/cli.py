@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback

@@ -5,34 +5,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.nn.utils import parameters_to_vector
+from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.agem import AGEM, project_gradients
-from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 
 NUM_TASKS = 5
-
-
-def fit_digits(tmp_path, method=None, num_tasks=NUM_TASKS, callbacks=(), ckpt_path=None):
-    """Permuted 8x8 digits, MLP 64-[100,100]-10, the same seed and settings with or without ``method``."""
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16, seed=0)
-    module = ContinualModule(MLP(64, [100, 100], 10), lr=0.02)
-    matrix = AccuracyMatrix(print_table=False)
-    trainer = Trainer(
-        **dm.trainer_settings(), callbacks=[*([method] if method else []), matrix, *callbacks], logger=False,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), deterministic=True,
-    )
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return matrix.matrix, module
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +151,9 @@ AGEM_ARGS = {"memory_per_class": 1, "memory_batch_size": 64}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    naive, _ = fit_digits(tmp_path_factory.mktemp("naive"))
+    naive, _ = fit_permuted_digits(tmp_path_factory.mktemp("naive"), lr=0.02)
     agem = AGEM(**AGEM_ARGS)
-    with_agem, _ = fit_digits(tmp_path_factory.mktemp("agem"), agem)
+    with_agem, _ = fit_permuted_digits(tmp_path_factory.mktemp("agem"), [agem], lr=0.02)
     return naive, with_agem, agem
 
 
@@ -192,20 +173,7 @@ def test_memory_holds_one_example_per_class_of_every_task(runs):
 
 
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
-    straight, straight_module = fit_digits(tmp_path / "a", AGEM(**AGEM_ARGS), num_tasks=3)
-
-    class Crash(TaskAwareCallback):
-        def on_task_start(self, trainer, pl_module, task):
-            if task == 2:
-                raise RuntimeError("simulated crash")
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_digits(tmp_path / "b", AGEM(**AGEM_ARGS), num_tasks=3, callbacks=[checkpoint, Crash()])
-    resumed_agem = AGEM(**AGEM_ARGS)
-    resumed, resumed_module = fit_digits(tmp_path / "b", resumed_agem, num_tasks=3,
-                                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "c")],
-                                         ckpt_path=tmp_path / "b" / "last.ckpt")
+    straight, resumed = straight_and_resumed(tmp_path, lambda: [AGEM(**AGEM_ARGS)], num_tasks=3, lr=0.02)
+    assert_same_run(straight, resumed)
+    [resumed_agem] = resumed[0]
     assert resumed_agem.memory.tasks == [0, 1, 2]
-    assert torch.equal(parameters_to_vector(resumed_module.parameters()), parameters_to_vector(straight_module.parameters()))
-    assert torch.equal(resumed.nan_to_num(-1), straight.nan_to_num(-1))

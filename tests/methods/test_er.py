@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.er import ER
 from cl_lightning.methods.reservoir import ReservoirBuffer
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
@@ -192,26 +191,12 @@ def test_er_state_round_trip_includes_both_generators():
 
 
 # ---------------------------------------------------------------------------- training
-def fit_digits(tmp_path, er: ER | None, num_tasks=5, dropout=0.0, callbacks=(), ckpt_path=None, hidden=(100, 100)):
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16, seed=0)
-    module = ContinualModule(MLP(64, list(hidden), 10, dropout=dropout), lr=0.1, lr_decay=0.8)
-    matrix = AccuracyMatrix(print_table=False)
-    trainer = Trainer(
-        **dm.trainer_settings(), callbacks=[*([er] if er else []), *callbacks, matrix], logger=False,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), deterministic=True,
-    )
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return matrix.matrix, module
-
-
 @pytest.fixture(scope="module")
 def forgetting_runs(tmp_path_factory):
     """Naive SGD and ER on 5 permuted-digits tasks, MLP 64-100-100-10, same seed and settings."""
     er = ER(memory_size=50, memory_batch_size=16)
-    naive, _ = fit_digits(tmp_path_factory.mktemp("naive"), None)
-    replay, _ = fit_digits(tmp_path_factory.mktemp("er"), er)
+    naive, _ = fit_permuted_digits(tmp_path_factory.mktemp("naive"), lr_decay=0.8)
+    replay, _ = fit_permuted_digits(tmp_path_factory.mktemp("er"), [er], lr_decay=0.8)
     return naive, replay, er
 
 
@@ -281,27 +266,14 @@ def test_step_follows_the_sum_of_current_and_memory_losses(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
-    settings = {"num_tasks": 3, "dropout": 0.25, "hidden": (32,)}
-    straight_er = ER(memory_size=30, memory_batch_size=8)
-    straight, straight_module = fit_digits(tmp_path / "a", straight_er, **settings)
-
-    class Crash(TaskAwareCallback):
-        def on_task_start(self, trainer, pl_module, task):
-            if task == 2:
-                raise RuntimeError("simulated crash")
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_digits(tmp_path / "b", ER(memory_size=30, memory_batch_size=8), callbacks=[checkpoint, Crash()], **settings)
-    resumed_er = ER(memory_size=30, memory_batch_size=8)
-    resumed, resumed_module = fit_digits(tmp_path / "b", resumed_er, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
-                                         ckpt_path=tmp_path / "b" / "last.ckpt", **settings)
+    straight, resumed = straight_and_resumed(tmp_path, lambda: [ER(memory_size=30, memory_batch_size=8)],
+                                             num_tasks=3, dropout=0.25, hidden=(32,), lr_decay=0.8)
+    assert_same_run(straight, resumed)
+    [straight_er], [resumed_er] = straight[0], resumed[0]
     assert resumed_er.buffer.seen == straight_er.buffer.seen
     for a, b in zip(resumed_er.buffer.examples(), straight_er.buffer.examples()):
         assert torch.equal(a, b)
     assert torch.equal(resumed_er.sampler.get_state(), straight_er.sampler.get_state())
-    assert torch.equal(parameters_to_vector(resumed_module.parameters()), parameters_to_vector(straight_module.parameters()))
-    assert torch.equal(resumed.nan_to_num(-1), straight.nan_to_num(-1))
 
 
 class RankAgreement(TaskAwareCallback):

@@ -2,34 +2,16 @@
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.ewc import EWC
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 
 NUM_TASKS = 5
-
-
-def fit_digits(tmp_path, method=None, num_tasks=NUM_TASKS, callbacks=(), ckpt_path=None):
-    """Permuted 8x8 digits, MLP 64-[100,100]-10, the same seed and settings with or without ``method``."""
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16, seed=0)
-    module = ContinualModule(MLP(64, [100, 100], 10), lr=0.1)
-    matrix = AccuracyMatrix(print_table=False)
-    trainer = Trainer(
-        **dm.trainer_settings(), callbacks=[*([method] if method else []), matrix, *callbacks], logger=False,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), deterministic=True,
-    )
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return matrix.matrix, module
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +169,9 @@ LAM = 10.0  # lam*max(F) stays well inside SGD's stability limit here (100 diver
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    naive, _ = fit_digits(tmp_path_factory.mktemp("naive"))
+    naive, _ = fit_permuted_digits(tmp_path_factory.mktemp("naive"))
     ewc = EWC(lam=LAM, fisher_samples=512)
-    with_ewc, module = fit_digits(tmp_path_factory.mktemp("ewc"), ewc)
+    with_ewc, module = fit_permuted_digits(tmp_path_factory.mktemp("ewc"), [ewc])
     return naive, with_ewc, ewc, module
 
 
@@ -210,23 +192,9 @@ def test_every_task_is_accumulated_once(runs):
 
 
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
-    straight_ewc = EWC(lam=LAM, fisher_samples=128)
-    straight, straight_module = fit_digits(tmp_path / "a", straight_ewc, num_tasks=3)
-
-    class Crash(TaskAwareCallback):
-        def on_task_start(self, trainer, pl_module, task):
-            if task == 2:
-                raise RuntimeError("simulated crash")
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_digits(tmp_path / "b", EWC(lam=LAM, fisher_samples=128), num_tasks=3, callbacks=[checkpoint, Crash()])
-    resumed_ewc = EWC(lam=LAM, fisher_samples=128)
-    resumed, resumed_module = fit_digits(tmp_path / "b", resumed_ewc, num_tasks=3,
-                                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "c")],
-                                         ckpt_path=tmp_path / "b" / "last.ckpt")
+    straight, resumed = straight_and_resumed(tmp_path, lambda: [EWC(lam=LAM, fisher_samples=128)], num_tasks=3)
+    assert_same_run(straight, resumed)
+    [straight_ewc], [resumed_ewc] = straight[0], resumed[0]
     assert resumed_ewc.tasks == [0, 1, 2]
     assert torch.equal(resumed_ewc.fisher_sum.cpu(), straight_ewc.fisher_sum.cpu())
     assert torch.equal(resumed_ewc.fisher_anchor.cpu(), straight_ewc.fisher_anchor.cpu())
-    assert torch.equal(parameters_to_vector(resumed_module.parameters()), parameters_to_vector(straight_module.parameters()))
-    assert torch.equal(resumed.nan_to_num(-1), straight.nan_to_num(-1))

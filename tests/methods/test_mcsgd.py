@@ -5,15 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.cli import cli_main
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.evaluate import task_accuracies
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
@@ -42,32 +40,28 @@ class Probe(TaskAwareCallback):
         self.accuracy[task] = task_accuracies(pl_module, trainer.datamodule, list(range(task + 1)), "test")
 
 
-def fit_digits(tmp_path, num_tasks=3, callbacks=(), ckpt_path=None, **mcsgd_args):
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16, seed=0)
-    module = ContinualModule(MLP(64, [64, 64], 10, dropout=0.25), lr=0.1, lr_decay=0.8)
-    mcsgd = MCSGD(**{"alpha0": 0.25, "lr": 0.005, "batch_size": 16, "subset_size": 64, **mcsgd_args})
-    matrix = AccuracyMatrix(print_table=False)
+MCSGD_ARGS = {"alpha0": 0.25, "lr": 0.005, "batch_size": 16, "subset_size": 64}
+RUN_ARGS = {"num_tasks": 3, "hidden": (64, 64), "dropout": 0.25, "lr_decay": 0.8}
+
+
+def fit_mcsgd(tmp_path, **mcsgd_args):
+    """3 permuted-digits tasks with MC-SGD and a probe behind it: (mcsgd, probe, matrix, module)."""
+    mcsgd = MCSGD(**{**MCSGD_ARGS, **mcsgd_args})
     probe = Probe(mcsgd)
-    trainer = Trainer(
-        **dm.trainer_settings(), callbacks=[mcsgd, probe, matrix, *callbacks], logger=False,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), deterministic=True,
-    )
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    matrix, module = fit_permuted_digits(tmp_path, [mcsgd, probe], **RUN_ARGS)
     return mcsgd, probe, matrix, module
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    return fit_digits(tmp_path_factory.mktemp("mcsgd"))
+    return fit_mcsgd(tmp_path_factory.mktemp("mcsgd"))
 
 
 def test_matrix_row_t_is_accuracy_of_w_bar_t(digits_run):
     mcsgd, probe, matrix, _ = digits_run
     for task in range(3):
         assert torch.equal(probe.kept[task], probe.w_bar[task])  # the model evaluated after task t is w_bar_t
-        assert matrix.matrix[task, : task + 1].tolist() == pytest.approx(probe.accuracy[task].tolist(), abs=1e-4)  # logged as float32
+        assert matrix[task, : task + 1].tolist() == pytest.approx(probe.accuracy[task].tolist(), abs=1e-4)  # logged as float32
     assert not torch.equal(probe.w_bar[2], probe.w_hat[2])  # consolidation moved the weights
 
 
@@ -83,14 +77,14 @@ def test_next_task_starts_from_w_hat_by_default(digits_run):
 
 
 def test_next_task_can_start_from_w_bar(tmp_path):
-    _, probe, _, _ = fit_digits(tmp_path, next_task_start="w_bar")
+    _, probe, _, _ = fit_mcsgd(tmp_path, next_task_start="w_bar")
     for task in (1, 2):
         assert torch.equal(probe.start[task], probe.w_bar[task - 1])
 
 
 def test_consolidation_starts_at_alpha0_on_the_segment(tmp_path):
     # with a vanishing learning rate w_bar_t stays at its starting point
-    _, probe, _, _ = fit_digits(tmp_path, lr=1e-30, alpha0=0.3)
+    _, probe, _, _ = fit_mcsgd(tmp_path, lr=1e-30, alpha0=0.3)
     for task in (1, 2):
         expected = probe.w_bar[task - 1] + 0.3 * (probe.w_hat[task] - probe.w_bar[task - 1])
         torch.testing.assert_close(probe.w_bar[task], expected)
@@ -123,23 +117,12 @@ def test_consolidation_lowers_the_line_losses(tmp_path):
 
 
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
-    straight, straight_probe, straight_matrix, _ = fit_digits(tmp_path / "a")
-
-    class Crash(TaskAwareCallback):
-        def on_task_start(self, trainer, pl_module, task):
-            if task == 2:
-                raise RuntimeError("simulated crash")
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_digits(tmp_path / "b", callbacks=[checkpoint, Crash()])
-    resumed, resumed_probe, resumed_matrix, _ = fit_digits(
-        tmp_path / "b", callbacks=[ModelCheckpoint(dirpath=tmp_path / "c")], ckpt_path=tmp_path / "b" / "last.ckpt"
-    )
-    assert torch.equal(resumed.w_bar, straight.w_bar) and torch.equal(resumed.w_hat, straight.w_hat)
-    assert torch.equal(resumed_matrix.matrix.nan_to_num(-1), straight_matrix.matrix.nan_to_num(-1))
-    assert resumed.memory.tasks == [0, 1, 2]
-    assert all(torch.equal(resumed.memory.indices[t], straight.memory.indices[t]) for t in range(3))
+    straight, resumed = straight_and_resumed(tmp_path, lambda: [MCSGD(**MCSGD_ARGS)], **RUN_ARGS)
+    assert_same_run(straight, resumed)
+    [straight_mcsgd], [resumed_mcsgd] = straight[0], resumed[0]
+    assert torch.equal(resumed_mcsgd.w_bar, straight_mcsgd.w_bar) and torch.equal(resumed_mcsgd.w_hat, straight_mcsgd.w_hat)
+    assert resumed_mcsgd.memory.tasks == [0, 1, 2]
+    assert all(torch.equal(resumed_mcsgd.memory.indices[t], straight_mcsgd.memory.indices[t]) for t in range(3))
 
 
 @pytest.fixture(scope="module")

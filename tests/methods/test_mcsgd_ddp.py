@@ -4,6 +4,7 @@ bitwise-identical weights and the same episodic memory."""
 import json
 
 import pytest
+from ddp_probes import RankAgreement
 from lightning.pytorch import Trainer, seed_everything
 
 from cl_lightning.data.datamodule import ContinualDataModule
@@ -11,7 +12,6 @@ from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
-from ddp_probes import RankAgreement
 
 
 @pytest.mark.slow

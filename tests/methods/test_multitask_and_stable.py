@@ -6,14 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback
+from sequence_runs import fit_permuted_digits
 
 from cl_lightning.cli import cli_main
-from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import average_accuracy, forgetting
-from cl_lightning.models.module import ContinualModule, TaskLRFactor
-from cl_lightning.models.nets import MLP
+from cl_lightning.models.module import TaskLRFactor
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 BENCHMARKS = ["permuted_mnist", "rotated_mnist", "split_cifar100", "permuted_fashion_mnist",
@@ -86,16 +84,10 @@ class TaskProbe(Callback):
         self.examples[epoch] = self.examples.get(epoch, 0) + len(batch[2])
 
 
-def fit_digits(tmp_path, joint: bool, num_tasks: int = 4):
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16,
-                             joint=joint, seed=0)
-    module = ContinualModule(MLP(64, [100, 100], 10), lr=0.1, lr_decay=0.8)
-    probe, matrix = TaskProbe(), AccuracyMatrix(print_table=False)
-    trainer = Trainer(**dm.trainer_settings(), callbacks=[probe, matrix], logger=False, default_root_dir=tmp_path,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(module, dm)
-    return probe, matrix.matrix, len(dm.task_dataset(0))
+def fit_digits(tmp_path, joint: bool):
+    probe = TaskProbe()
+    matrix, _ = fit_permuted_digits(tmp_path, [probe], num_tasks=4, lr_decay=0.8, joint=joint)
+    return probe, matrix
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +96,11 @@ def runs(tmp_path_factory):
 
 
 def test_multitask_trains_on_the_union_of_tasks_seen(runs):
-    probe, _, per_task = runs[True]
+    probe, _ = runs[True]
+    per_task = 1438  # training examples of one digits task
     assert probe.tasks == {t: set(range(t + 1)) for t in range(4)}
     assert probe.examples == {t: (t + 1) * per_task for t in range(4)}
-    naive_probe, _, _ = runs[False]
+    naive_probe, _ = runs[False]
     assert naive_probe.tasks == {t: {t} for t in range(4)}
 
 

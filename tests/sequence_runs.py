@@ -1,0 +1,85 @@
+"""Seeded small task sequences on the offline digits, shared by the method tests.
+
+Every method test compares a method with naive SGD on *the same* seeded run, and checks that a
+run interrupted at a task boundary and resumed from its checkpoint ends exactly where the
+uninterrupted run ends; both patterns live here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.models.module import ContinualModule
+from cl_lightning.models.nets import MLP
+
+
+def fit_permuted_digits(
+    tmp_path: Path,
+    callbacks: list[Callback] = (),
+    *,
+    num_tasks: int = 5,
+    hidden: tuple[int, ...] = (100, 100),
+    dropout: float = 0.0,
+    lr: float = 0.1,
+    lr_decay: float = 1.0,
+    joint: bool = False,
+    ckpt_path: Path | None = None,
+) -> tuple[Tensor, ContinualModule]:
+    """Seed 0, permuted 8x8 digits, MLP 64-hidden-10, batch 16: returns (accuracy matrix, module)."""
+    seed_everything(0)
+    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16,
+                             joint=joint, seed=0)
+    module = ContinualModule(MLP(64, list(hidden), 10, dropout=dropout), lr=lr, lr_decay=lr_decay)
+    matrix = AccuracyMatrix(print_table=False)
+    trainer = Trainer(
+        **dm.trainer_settings(), callbacks=[*callbacks, matrix], logger=False, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return matrix.matrix, module
+
+
+class CrashAtTaskStart(TaskAwareCallback):
+    """Simulates a crash when ``task`` starts, after the previous task's checkpoint was written."""
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+
+    def on_task_start(self, trainer, pl_module, task):
+        if task == self.task:
+            raise RuntimeError("simulated crash")
+
+
+def straight_and_resumed(tmp_path: Path, make_method, crash_task: int = 2, **fit_args):
+    """Run a method uninterrupted, and crashed at ``crash_task`` then resumed from ``last.ckpt``.
+
+    ``make_method()`` returns a fresh list of the method's callbacks. Returns, for each run, the
+    method callbacks, the accuracy matrix and the module, to compare state by state.
+    """
+    straight_method = make_method()
+    straight = fit_permuted_digits(tmp_path / "straight", straight_method, **fit_args)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "crashed", save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_permuted_digits(tmp_path / "crashed", [*make_method(), checkpoint, CrashAtTaskStart(crash_task)], **fit_args)
+    resumed_method = make_method()
+    resumed = fit_permuted_digits(tmp_path / "resumed", [*resumed_method, ModelCheckpoint(dirpath=tmp_path / "resumed")],
+                                  ckpt_path=tmp_path / "crashed" / "last.ckpt", **fit_args)
+    return (straight_method, *straight), (resumed_method, *resumed)
+
+
+def assert_same_run(straight: tuple, resumed: tuple) -> None:
+    """Same accuracy matrix and bitwise-identical weights."""
+    (_, straight_matrix, straight_module), (_, resumed_matrix, resumed_module) = straight, resumed
+    assert torch.equal(resumed_matrix.nan_to_num(-1), straight_matrix.nan_to_num(-1))
+    for a, b in zip(resumed_module.parameters(), straight_module.parameters()):
+        assert torch.equal(a, b)
