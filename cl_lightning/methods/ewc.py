@@ -38,7 +38,7 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.models.module import MASKED_LOGIT, eval_mode
+from cl_lightning.models.module import eval_mode, mask_logits
 from cl_lightning.seeding import generator
 
 FisherKind = Literal["empirical", "true"]
@@ -47,10 +47,6 @@ FisherKind = Literal["empirical", "true"]
 def _outside_inference(t: Tensor) -> Tensor:
     """A tensor usable by autograd even if it was made under ``torch.inference_mode``."""
     return t.clone() if t.is_inference() else t
-
-
-def _masked(logits: Tensor, mask: Tensor | None) -> Tensor:
-    return logits if mask is None else logits.masked_fill(~mask, MASKED_LOGIT)
 
 
 class EWC(TaskAwareCallback):
@@ -239,7 +235,7 @@ class EWC(TaskAwareCallback):
                 if self.fisher == "true":
                     # Gumbel-max sampling from the predictive distribution; the noise comes from
                     # a CPU generator, so the labels do not depend on the device.
-                    logits = _masked(net(x), mask)
+                    logits = mask_logits(net(x), mask)
                     uniform = torch.rand(logits.shape, generator=labels, dtype=torch.float64).to(device)
                     y = (logits.double() - torch.log(-torch.log(uniform))).argmax(dim=1)
                 compute = self._squared_grads_vmap if self.backend == "vmap" else self._squared_grads_loop
@@ -259,7 +255,7 @@ class EWC(TaskAwareCallback):
 
         def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor, mi: Tensor | None) -> Tensor:
             logits = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
-            return F.cross_entropy(_masked(logits, mi), yi.unsqueeze(0))
+            return F.cross_entropy(mask_logits(logits, mi), yi.unsqueeze(0))
 
         with torch.enable_grad():
             if mask is None:
@@ -278,7 +274,7 @@ class EWC(TaskAwareCallback):
         with torch.enable_grad():
             for i in range(len(x)):
                 logits = functional_call(net, (leaves, buffers), (x[i : i + 1],))
-                loss = F.cross_entropy(_masked(logits, None if mask is None else mask[i : i + 1]), y[i : i + 1])
+                loss = F.cross_entropy(mask_logits(logits, None if mask is None else mask[i : i + 1]), y[i : i + 1])
                 for (name, _), g in zip(leaves.items(), torch.autograd.grad(loss, list(leaves.values()))):
                     total[name] += g.square()
         return total

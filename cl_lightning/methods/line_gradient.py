@@ -25,16 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from cl_lightning.models.module import mask_logits
 from cl_lightning.models.nets import MLP
 
-__all__ = ["LOGIT_MASK_VALUE", "LineGradient"]
+__all__ = ["LineGradient"]
 
 Weighting = Literal["reference", "uniform"]
 Backend = Literal["auto", "vmap", "loop", "affine"]
 
-LOGIT_MASK_VALUE = -1e11
-"""Value given to masked-out logits. The research code filled ``-10e10``; any value this far
-below the real logits gives them zero softmax probability and so zero gradient."""
 
 
 class LineGradient:
@@ -140,7 +138,7 @@ class LineGradient:
             x: Input batch.
             y: Integer class targets, shape ``(N,)``.
             logit_mask: Optional bool mask of shape ``(num_classes,)`` or ``(N, num_classes)``;
-                logits where it is False are set to ``LOGIT_MASK_VALUE`` before the
+                logits where it is False are set to ``MASKED_LOGIT`` before the
                 cross-entropy (split CIFAR task masking), so they get no gradient.
 
         Returns:
@@ -299,6 +297,4 @@ def _outside_inference(t: Tensor) -> Tensor:
 
 
 def _masked_cross_entropy(logits: Tensor, y: Tensor, logit_mask: Tensor | None) -> Tensor:
-    if logit_mask is not None:
-        logits = logits.masked_fill(~logit_mask, LOGIT_MASK_VALUE)
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(mask_logits(logits, logit_mask), y)

@@ -35,6 +35,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Give the classes outside each example's task (``mask`` False) the logit ``MASKED_LOGIT``:
+    zero probability and zero gradient. ``mask`` broadcasts against ``logits``; None: no mask."""
+    return logits if mask is None else logits.masked_fill(~mask, MASKED_LOGIT)
+
+
 def accuracy_key(stage: str, task: int) -> str:
     """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
     return f"{stage}/acc/task_{task + 1:02d}"
@@ -103,10 +109,8 @@ class ContinualModule(LightningModule):
 
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
         """Logits; on split benchmarks the classes of other tasks are masked out."""
-        logits = self.net(x)
-        if self.class_mask is not None and task is not None:
-            logits = logits.masked_fill(~self.class_mask[task], MASKED_LOGIT)
-        return logits
+        mask = self.class_mask[task] if self.class_mask is not None and task is not None else None
+        return mask_logits(self.net(x), mask)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
