@@ -102,3 +102,18 @@ def test_split_cifar100_runs_end_to_end(method, cifar_root, tmp_path):
     assert all(0 <= v <= 100 for row in record["matrix"] for v in row if v is not None)
     if method == "mcsgd":
         assert (run / "w_hat_accuracy_matrix.json").exists()
+
+
+def test_num_threads_sets_torch_threads_and_refuses_zero(capsys, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_digits.yaml"), "--num_threads", "0"])
+        assert "num_threads" in capsys.readouterr().err
+        cli_main(["test", "--config", str(CONFIGS / "naive/permuted_digits.yaml"), "--num_threads", "2",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

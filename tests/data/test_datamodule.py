@@ -443,3 +443,9 @@ def test_task_dataset_sets_up_lazily(mnist_root: Path) -> None:
     dm = ContinualDataModule(source="mnist", root=str(mnist_root), benchmark="permuted", num_tasks=2, seed=0)
     x, y, t = dm.task_dataset(1, "test")[3]  # __getitem__ also works, one item
     assert x.shape == (1, 28, 28) and y.dim() == 0 and int(t) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.99999, 1.0])
+def test_val_fraction_that_leaves_a_split_empty_is_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match="val_fraction"):
+        _dm(source="digits", benchmark="permuted", num_tasks=2, val_fraction=fraction)
