@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -126,9 +125,8 @@ class AGEM(TaskAwareCallback):
 
     def reference_gradient(self, pl_module: LightningModule, params: list[Tensor], batch: Batch) -> list[Tensor]:
         """Gradient of the mean cross-entropy on ``batch`` w.r.t. ``params``; ``.grad`` is not touched."""
-        x, y, task_ids = batch
         with torch.inference_mode(False), torch.enable_grad():
-            loss = F.cross_entropy(pl_module(x, task_ids), y)
+            loss = pl_module.loss(batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -90,10 +89,10 @@ class ER(TaskAwareCallback):
         """Add the gradient of the memory batch's loss to the current batch's gradient."""
         if len(self.buffer) == 0:
             return
-        x, y, task = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sampler)
+        batch = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sampler)
         with torch.inference_mode(False), torch.enable_grad():
             with trainer.precision_plugin.forward_context():
-                loss = F.cross_entropy(pl_module(x, task), y)
+                loss = pl_module.loss(batch)
             pl_module.log("er/memory_loss", loss.detach())
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.

@@ -113,9 +113,14 @@ class ContinualModule(LightningModule):
         return mask_logits(self.net(x), mask)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Mean cross-entropy of a ``(x, y, task)`` batch: the training objective, also used by
+        methods that take gradients on other batches (A-GEM's reference gradient, ER's replay)."""
         x, y, task = batch
-        loss = F.cross_entropy(self(x, task), y)
+        return F.cross_entropy(self(x, task), y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
         self.log("train/loss", loss)
         return loss
 
