@@ -13,6 +13,8 @@ import pytest
 import torch
 from fakedata import patch_cifar100_md5, write_cifar100, write_mnist
 
+from cl_lightning.data.datamodule import ContinualDataModule
+
 # As the CLI's default `num_threads: 1`: the tests' batches are tiny, and with 2 threads on a
 # 2-core machine any concurrent process makes every torch op stall (see cl_lightning.cli).
 torch.set_num_threads(1)
@@ -52,3 +54,11 @@ def cifar_root(_cifar_files: tuple[Path, dict[str, str]], monkeypatch: pytest.Mo
     root, md5 = _cifar_files
     patch_cifar100_md5(monkeypatch, md5)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits() -> ContinualDataModule:
+    """Three permuted 8x8-digits tasks, seed 0, set up (offline). Shared: do not modify it."""
+    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, seed=0)
+    dm.setup()
+    return dm

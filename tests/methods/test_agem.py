@@ -16,13 +16,6 @@ from cl_lightning.models.nets import MLP
 NUM_TASKS = 5
 
 
-@pytest.fixture(scope="module")
-def digits():
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, seed=0)
-    dm.setup()
-    return dm
-
-
 def flat(tensors):
     return torch.cat([t.flatten() for t in tensors])
 

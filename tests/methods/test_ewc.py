@@ -15,13 +15,6 @@ NUM_TASKS = 5
 
 
 @pytest.fixture(scope="module")
-def digits():
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, seed=0)
-    dm.setup()
-    return dm
-
-
-@pytest.fixture(scope="module")
 def module(digits):
     torch.manual_seed(0)
     m = ContinualModule(MLP(64, [32], 10, dropout=0.5))

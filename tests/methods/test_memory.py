@@ -5,13 +5,6 @@ from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.memory import EpisodicMemory
 
 
-@pytest.fixture(scope="module")
-def digits():
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, seed=0)
-    dm.setup()
-    return dm
-
-
 def test_per_task_memory_is_seeded_and_task_transformed(digits):
     a, b, c = EpisodicMemory(per_task=10, replacement=True), EpisodicMemory(per_task=10, replacement=True), EpisodicMemory(per_task=10)
     for t in range(3):
