@@ -23,6 +23,7 @@ from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
+from cl_lightning.progress import TaskProgressBar
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
 # inter-process copies, so Lightning's advice to add workers does not apply.
@@ -59,8 +60,9 @@ class ContinualCLI(LightningCLI):
     - ``trainer.max_epochs`` = ``data.num_tasks * data.epochs_per_task`` and validation runs
       once per task (``check_val_every_n_epoch = data.epochs_per_task``): both are linked, not
       typed twice, and cannot be set by hand.
-    - The accuracy matrix and a checkpoint with ``last.ckpt`` are always on (``accuracy_matrix``
-      and ``checkpoint`` sections), whatever ``trainer.callbacks`` a config lists.
+    - The accuracy matrix, a checkpoint with ``last.ckpt`` and the task progress bar are always
+      on (``accuracy_matrix``, ``checkpoint`` and ``progress_bar`` sections), whatever
+      ``trainer.callbacks`` a config lists.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -70,6 +72,7 @@ class ContinualCLI(LightningCLI):
         parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch", compute_fn=int)
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{step}"})
         parser.add_argument(
             "--num_threads", type=Optional[PositiveInt], default=1,
@@ -87,10 +90,13 @@ class ContinualCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
-        # `--trainer.enable_checkpointing false` switches the always-on checkpoint off rather
-        # than making Lightning refuse a ModelCheckpoint it was told not to use.
+        # `--trainer.enable_checkpointing false` / `enable_progress_bar false` switch the
+        # always-on checkpoint / progress bar off rather than making Lightning refuse a callback
+        # it was told not to use.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, TaskProgressBar)]
         return super()._instantiate_trainer(config, callbacks)
 
 

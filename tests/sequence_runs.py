@@ -60,17 +60,34 @@ class CrashAtTaskStart(TaskAwareCallback):
             raise RuntimeError("simulated crash")
 
 
-def straight_and_resumed(tmp_path: Path, make_method, crash_task: int = 2, **fit_args):
-    """Run a method uninterrupted, and crashed at ``crash_task`` then resumed from ``last.ckpt``.
+class CrashAtStep(Callback):
+    """Simulates a crash before training step ``step`` (0-based global step), mid-task."""
 
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def straight_and_resumed(tmp_path: Path, make_method, crash_task: int = 2, crash_step: int | None = None, **fit_args):
+    """Run a method uninterrupted, and crashed then resumed from ``last.ckpt``.
+
+    The crash comes at the start of ``crash_task`` (after its predecessor's checkpoint), or, with
+    ``crash_step``, in the middle of a task right after a checkpoint written at that step.
     ``make_method()`` returns a fresh list of the method's callbacks. Returns, for each run, the
     method callbacks, the accuracy matrix and the module, to compare state by state.
     """
     straight_method = make_method()
     straight = fit_permuted_digits(tmp_path / "straight", straight_method, **fit_args)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "crashed", save_last=True)
+    if crash_step is None:
+        checkpoint, crash = ModelCheckpoint(dirpath=tmp_path / "crashed", save_last=True), CrashAtTaskStart(crash_task)
+    else:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "crashed", save_last=True, every_n_train_steps=crash_step)
+        crash = CrashAtStep(crash_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_permuted_digits(tmp_path / "crashed", [*make_method(), checkpoint, CrashAtTaskStart(crash_task)], **fit_args)
+        fit_permuted_digits(tmp_path / "crashed", [*make_method(), checkpoint, crash], **fit_args)
     resumed_method = make_method()
     resumed = fit_permuted_digits(tmp_path / "resumed", [*resumed_method, ModelCheckpoint(dirpath=tmp_path / "resumed")],
                                   ckpt_path=tmp_path / "crashed" / "last.ckpt", **fit_args)

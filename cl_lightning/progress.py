@@ -1,0 +1,66 @@
+"""A progress display that speaks in tasks and stays out of the way of training speed."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+
+from cl_lightning.models.module import accuracy_key
+
+
+class TaskProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar labelled "Task k/T" instead of "Epoch e", with one line per task.
+
+    - The bar is redrawn every ``refresh_rate`` steps: Lightning redraws on each step it is
+      told to, and at batch size 10 a redraw every step costs a tenth of the step.
+    - When the output is not a terminal (a log file, a batch job), animated bars would write
+      thousands of carriage-return updates into the log: the bars are off there, and only the
+      line per task is printed.
+    - After each task's evaluation one line reports the task, its steps and wall time, and the
+      average accuracy over the tasks seen so far.
+
+    Args:
+        refresh_rate: Redraw the bars every this many batches.
+        interactive: Draw bars (True) or print lines only (False); None: bars when stderr is a
+            terminal.
+    """
+
+    def __init__(self, refresh_rate: int = 10, interactive: bool | None = None) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._task_started = 0.0
+        self._first_step = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not self.interactive:
+            self.disable()
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        dm = trainer.datamodule
+        epoch = trainer.current_epoch
+        if dm.is_task_start(epoch):
+            self._task_started, self._first_step = time.perf_counter(), trainer.global_step
+        label = f"Task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks}"
+        if dm.epochs_per_task > 1:
+            label += f" epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task}"
+        self.train_progress_bar.set_description(label)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        dm = trainer.datamodule
+        if trainer.sanity_checking or not dm.is_task_end(trainer.current_epoch):
+            return
+        task = dm.task_of_epoch(trainer.current_epoch)
+        seen = [trainer.callback_metrics.get(accuracy_key("val", t)) for t in range(task + 1)]
+        accuracies = [float(a) for a in seen if a is not None and not math.isnan(float(a))]
+        average = f", average accuracy {sum(accuracies) / len(accuracies):.2f} %" if accuracies else ""
+        seconds = time.perf_counter() - self._task_started
+        steps = trainer.global_step - self._first_step
+        rank_zero_info(f"task {task + 1}/{dm.num_tasks}: {steps} steps in {seconds:.1f} s (with evaluation){average}")
