@@ -210,6 +210,7 @@ def write_report(root: Path, out: Path | None = None, draw: bool = True) -> tupl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``cl-lightning report``; ``argv`` are the arguments after ``report`` (default: ``sys.argv[2:]``)."""
     parser = argparse.ArgumentParser(
         prog="cl-lightning report",
         description="Turn a folder of runs into the paper's table (mean ± std over seeds) and plots. Runs are found "
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the PNG figures (average accuracy per benchmark, task accuracy per method, "
                         "heatmap per run)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
     try:
         report, files = write_report(args.folder, args.out, args.plots)
     except (FileNotFoundError, NotADirectoryError) as err:
