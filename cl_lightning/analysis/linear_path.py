@@ -216,7 +216,8 @@ def run(argv: Sequence[str]) -> list[Path]:
     (out / f"{stem}.csv").write_text(to_csv(results))
     series = [(f"{r.label}, task {task + 1}" if len(r.tasks) > 1 or len(results) == 1 else r.label,
                r.loss[:, k].numpy(), r.accuracy[:, k].numpy()) for r in results for k, task in enumerate(r.tasks)]
-    title = f"linear path ({args.split} split)" + (f", tasks {', '.join(str(t + 1) for t in tasks)}" if len(tasks) < 5 else "")
+    shown = "" if len(tasks) > 4 else f", task{'s' * (len(tasks) > 1)} {', '.join(str(t + 1) for t in tasks)}"
+    title = f"linear path, {args.split} split{shown}"
     plots.linear_path(np.asarray(results[0].alphas), series, title, out / f"{stem}.png")
     print(describe(results))
     return [out / f"{stem}.csv", out / f"{stem}.png"]
