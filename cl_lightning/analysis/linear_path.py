@@ -126,7 +126,7 @@ def build(parser: ArgumentParser, argv: list[str]) -> tuple:
     the module and the set-up datamodule."""
     argv = list(argv)
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+        if (arg == "--config" and i + 1 < len(argv)) or arg.startswith("--config="):
             value_at = i + 1 if arg == "--config" else i
             path = Path(argv[value_at].removeprefix("--config="))
             try:
