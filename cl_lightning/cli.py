@@ -7,6 +7,7 @@ task. Everything else (overrides, ``--print_config``, ``--help``) is LightningCL
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import warnings
@@ -118,11 +119,30 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
     )
 
 
+#: Commands beside LightningCLI's fit/validate/test/predict: name -> (module with ``main(argv)``, what it does).
+ANALYSIS_COMMANDS = {
+    "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
+    "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std over seeds) and plots from a folder of runs"),
+    "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
+}
+
+
 def main() -> None:
-    """Console entry point of ``cl-lightning``: problems with the user's data end with the
-    message that names the fix, not a traceback."""
+    """Console entry point of ``cl-lightning``: the analysis commands go to their modules, the rest
+    to LightningCLI; problems with the user's data end with the message that names the fix, not a
+    traceback."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
-        cli_main()
+        if command in ANALYSIS_COMMANDS:
+            importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(sys.argv[2:])
+            return
+        try:
+            cli_main()
+        finally:
+            if command in ("-h", "--help"):
+                print("\nanalysis commands (each with --help):")
+                for name, (_, summary) in ANALYSIS_COMMANDS.items():
+                    print(f"  {name:<8} {summary}")
     except (DatasetNotFoundError, DatasetCorruptError) as err:
         sys.exit(f"error: {err}")
 

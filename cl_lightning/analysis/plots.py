@@ -1,0 +1,90 @@
+"""PNG figures of the report and of the linear-path analysis.
+
+Drawn on ``matplotlib.figure.Figure`` directly (the Agg canvas), never through ``pyplot``: no
+display is needed and no global figure state is left behind in a process that draws hundreds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def average_accuracy_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, int]], title: str, path: Path) -> Path:
+    """A_t after each task t, one line per method (mean over seeds), shaded ± std.
+
+    ``curves[method] = (mean, std, seeds)``; std is NaN where fewer than two seeds exist.
+    """
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for method, (mean, std, seeds) in curves.items():
+        tasks = np.arange(1, len(mean) + 1)
+        (line,) = ax.plot(tasks, mean, marker="o", markersize=3, label=f"{method} ({seeds} seed{'s' * (seeds != 1)})")
+        ax.fill_between(tasks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="after task t", ylabel="average accuracy A_t (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def matrix_heatmap(matrix: np.ndarray, title: str, path: Path) -> Path:
+    """The accuracy matrix a[t][i] (row: after task t, column: task i); entries not evaluated are blank."""
+    size = len(matrix)
+    fig = Figure(figsize=(3.2 + 0.38 * size, 2.6 + 0.34 * size))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ticks = np.arange(size)
+    ax.set_xticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
+    ax.set(xlabel="evaluated on task i", ylabel="after training task t")
+    ax.set_title(title, fontsize=9)
+    if size <= 20:
+        for t, i in zip(*np.nonzero(~np.isnan(matrix))):
+            ax.text(i, t, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=6,
+                    color="black" if matrix[t, i] > 60 else "white")
+    return _save(fig, path)
+
+
+def task_accuracy_evolution(matrix: np.ndarray, title: str, path: Path) -> Path:
+    """Accuracy of each task i after every later task t (column i of the matrix from row i on)."""
+    size = len(matrix)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    cmap = colormaps["viridis"]
+    for i in range(size):
+        tasks = np.arange(i + 1, size + 1)
+        ax.plot(tasks, matrix[i:, i], marker="o", markersize=2.5, color=cmap(i / max(size - 1, 1)), label=f"task {i + 1}")
+    ax.set(xlabel="after task t", ylabel="accuracy on task i (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if size > 10 else 1, loc="lower left")
+    return _save(fig, path)
+
+
+def linear_path(alphas: np.ndarray, series: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, path: Path) -> Path:
+    """Loss (left) and accuracy (right) along a path, one line per ``(label, loss, accuracy)``."""
+    fig = Figure(figsize=(10, 3.8))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for label, loss, accuracy in series:
+        loss_ax.plot(alphas, loss, label=label)
+        acc_ax.plot(alphas, accuracy, label=label)
+    loss_ax.set(xlabel="α (0: start, 1: end)", ylabel="test loss", title="loss")
+    acc_ax.set(xlabel="α (0: start, 1: end)", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

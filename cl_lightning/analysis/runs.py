@@ -1,0 +1,162 @@
+"""The runs of a grid below a folder, each with its accuracy matrix and its state.
+
+A run folder is ``<root>/<benchmark>/<method>/seed_<n>/``: the layout ``cl-lightning grid``
+writes (Lightning's TensorBoardLogger with ``name=<benchmark>/<method>`` and
+``version=seed_<n>``). Method, benchmark and seed are read from that layout, so a run is
+identified without parsing its config, and folders outside the layout (``version_0``) are
+reported as ignored rather than guessed at.
+
+A run is
+
+- ``finished``: its ``accuracy_matrix.json`` has all T rows;
+- ``incomplete``: it has fewer rows (still running, or interrupted: resume it or rerun it);
+- ``failed``: ``cl-lightning grid`` left a ``FAILED`` marker, or there is no readable matrix;
+- ``missing``: its (benchmark, method, seed) belongs to the grid that the runs found span
+  (the union of their methods x benchmarks x seeds) but has no folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MATRIX_FILE = "accuracy_matrix.json"
+#: Written by ``cl-lightning grid`` into the folder of a run whose process failed.
+FAILED_MARKER = "FAILED"
+#: Written by ``cl-lightning grid``: the run's console output.
+LOG_FILE = "run.log"
+SEED_FOLDER = re.compile(r"seed_(\d+)")
+
+Status = Literal["finished", "incomplete", "failed", "missing"]
+
+
+class MatrixFileError(ValueError):
+    """An ``accuracy_matrix.json`` that cannot be read as an accuracy matrix."""
+
+
+@dataclass
+class Run:
+    """One cell of the grid: where it is, what state it is in, and its matrix when it has one."""
+
+    benchmark: str
+    method: str
+    seed: int
+    status: Status
+    folder: Path
+    matrix: Tensor | None = None
+    problem: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.benchmark}/{self.method}/seed_{self.seed}"
+
+    @property
+    def tasks_completed(self) -> int:
+        return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=1).sum())
+
+
+def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
+    """Where the run of (benchmark, method, seed) lives below ``root``."""
+    return Path(root) / benchmark / method / f"seed_{seed}"
+
+
+def read_matrix(path: Path) -> Tensor:
+    """The (T, T) accuracy matrix of an ``accuracy_matrix.json`` (rows not reached are NaN)."""
+    fix = "rerun the run, or move its folder out of the report's folder"
+    try:
+        record = json.loads(Path(path).read_text())
+        num_tasks, rows = int(record["num_tasks"]), record["matrix"]
+        matrix = torch.full((num_tasks, num_tasks), float("nan"), dtype=torch.float64)
+        if not isinstance(rows, list) or len(rows) > num_tasks:
+            raise ValueError(f"'matrix' must be a list of at most num_tasks={num_tasks} rows")
+        for t, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != num_tasks:
+                raise ValueError(f"row {t + 1} must be a list of num_tasks={num_tasks} values")
+            matrix[t] = torch.tensor([math.nan if v is None else float(v) for v in row], dtype=torch.float64)
+            if math.isnan(matrix[t, t]):
+                raise ValueError(f"row {t + 1} has no accuracy on task {t + 1}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise MatrixFileError(f"cannot read the accuracy matrix {path}: {err}; {fix}") from err
+    return matrix
+
+
+def inspect_run(folder: Path, benchmark: str, method: str, seed: int) -> Run:
+    """The state of the run in ``folder``, with its matrix when one is readable."""
+    run = Run(benchmark, method, seed, "failed", folder)
+    marker = folder / FAILED_MARKER
+    if marker.exists():
+        first_line = (marker.read_text().splitlines() or ["(empty marker)"])[0]
+        run.problem = f"{first_line} (log: {folder / LOG_FILE}); fix the cause and rerun `cl-lightning grid`"
+        return run
+    if not (folder / MATRIX_FILE).exists():
+        run.problem = f"no {MATRIX_FILE}: the run stopped (or is still) before the end of its first task"
+        return run
+    try:
+        run.matrix = read_matrix(folder / MATRIX_FILE)
+    except MatrixFileError as err:
+        run.problem = str(err)
+        return run
+    done, total = run.tasks_completed, run.matrix.shape[0]
+    if done < total:
+        run.status = "incomplete"
+        run.problem = f"{done} of {total} tasks done: still running, or interrupted (rerun `cl-lightning grid` to redo it)"
+    else:
+        run.status = "finished"
+    return run
+
+
+def _visible(folder: Path, root: Path) -> bool:
+    """Hidden folders (``cl-lightning grid`` keeps previous attempts as ``.seed_<n>.attempt<k>``) are skipped."""
+    return not any(part.startswith(".") for part in folder.relative_to(root).parts)
+
+
+def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
+    """All runs of the grid spanned by the run folders below ``root``, missing ones included, in a
+    stable order; plus the folders holding an accuracy matrix outside the layout (ignored)."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder: pass the folder holding <benchmark>/<method>/seed_<n>/ run folders")
+    seed_folders = [root] if SEED_FOLDER.fullmatch(root.name) else []
+    seed_folders += [p for p in root.rglob("seed_*") if p.is_dir() and SEED_FOLDER.fullmatch(p.name) and _visible(p, root)]
+    found = {}
+    for folder in seed_folders:
+        key = (folder.parent.parent.name, folder.parent.name, int(SEED_FOLDER.fullmatch(folder.name).group(1)))
+        found[key] = inspect_run(folder, *key)
+    ignored = sorted(
+        p.parent for p in root.rglob(MATRIX_FILE)
+        if _visible(p.parent, root) and p.parent not in seed_folders and not SEED_FOLDER.fullmatch(p.parent.name)
+    )
+    benchmarks = {k[0] for k in found}
+    methods = {k[1] for k in found}
+    seeds = {k[2] for k in found}
+    runs = []
+    for benchmark in sorted(benchmarks, key=benchmark_order):
+        for method in sorted(methods, key=method_order):
+            for seed in sorted(seeds):
+                key = (benchmark, method, seed)
+                if key not in found:
+                    folder = run_folder(root, *key)
+                    found[key] = Run(*key, "missing", folder, problem="no run folder")
+                runs.append(found[key])
+    return runs, ignored
+
+
+#: The paper's Table 1 order of rows and columns; other names follow alphabetically.
+METHOD_ORDER = ("naive", "ewc", "agem", "er", "stable_sgd", "mcsgd", "multitask")
+BENCHMARK_ORDER = ("permuted_mnist", "rotated_mnist", "split_cifar100", "permuted_fashion_mnist", "rotated_fashion_mnist",
+                   "permuted_digits")
+
+
+def method_order(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def benchmark_order(benchmark: str) -> tuple[int, str]:
+    return (BENCHMARK_ORDER.index(benchmark) if benchmark in BENCHMARK_ORDER else len(BENCHMARK_ORDER), benchmark)

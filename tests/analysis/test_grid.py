@@ -1,0 +1,82 @@
+"""``cl-lightning grid``: a real 2-run grid on the offline digits, a failure, and what a rerun does."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cl_lightning.analysis.report import write_report
+from cl_lightning.grid import fit_command, main, set_aside
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false"]
+
+
+def test_fit_command_names_the_run_folder():
+    command = fit_command(Path("configs/mcsgd/rotated_mnist.yaml"), Path("runs"), "rotated_mnist", "mcsgd", 3, ["--x", "1"])
+    assert command[:5] == ["fit", "--config", "configs/mcsgd/rotated_mnist.yaml", "--seed_everything", "3"]
+    text = " ".join(command)
+    assert ("--trainer.logger.init_args.save_dir runs --trainer.logger.init_args.name rotated_mnist/mcsgd "
+            "--trainer.logger.init_args.version seed_3") in text
+    assert command[-2:] == ["--x", "1"]  # user overrides last: they win
+
+
+@pytest.mark.slow
+def test_grid_runs_names_folders_goes_on_after_a_failure_and_skips_finished_runs(tmp_path, capsys):
+    configs, root = tmp_path / "configs", tmp_path / "runs"
+    (configs / "naive").mkdir(parents=True)
+    shutil.copy(CONFIGS / "naive" / "permuted_digits.yaml", configs / "naive")
+    # a method whose data cannot be found: its run fails, the grid goes on
+    (configs / "broken").mkdir()
+    (configs / "broken" / "permuted_digits.yaml").write_text(
+        f"model:\n  net: {{class_path: cl_lightning.models.nets.MLP}}\ndata: {{source: mnist, root: {tmp_path / 'nowhere'}}}\n")
+    grid = ["--methods", "naive", "broken", "--benchmarks", "permuted_digits", "--seeds", "1",
+            "--root", str(root), "--configs", str(configs), *TINY]
+
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed"):
+        main(grid)
+    naive, broken = root / "permuted_digits" / "naive" / "seed_1", root / "permuted_digits" / "broken" / "seed_1"
+    record = json.loads((naive / "accuracy_matrix.json").read_text())
+    assert record["tasks_completed"] == record["num_tasks"] == 2
+    assert "seed_everything: 1" in (naive / "config.yaml").read_text()
+    assert (naive / "checkpoints" / "last.ckpt").exists() and (naive / "run.log").exists()
+    assert "MNIST" in (broken / "FAILED").read_text()  # the data error that made it fail, named
+    out = capsys.readouterr().out
+    assert "naive/seed_1: done in" in out and "broken/seed_1: FAILED (exit code 1)" in out
+
+    # the same command again skips the finished run and would rerun the failed one (a dry run: no third process)
+    before = (naive / "accuracy_matrix.json").stat().st_mtime_ns
+    main([*grid[: grid.index("--")], "--dry_run"])
+    out = capsys.readouterr().out
+    assert "naive/seed_1: finished already, skipped" in out and "broken/seed_1: cl-lightning fit --config" in out
+    assert (naive / "accuracy_matrix.json").stat().st_mtime_ns == before
+    report, _ = write_report(root, draw=False)
+    assert [(r.method, r.status) for r in report.runs] == [("naive", "finished"), ("broken", "failed")]
+
+
+def test_a_failed_run_is_set_aside_hidden_from_the_report(tmp_path):
+    broken = tmp_path / "permuted_digits" / "naive" / "seed_0"
+    broken.mkdir(parents=True)
+    (broken / "FAILED").write_text("exit code 1: boom\n")
+    (tmp_path / "permuted_digits" / "naive" / ".seed_0.attempt1").mkdir()
+    assert set_aside(broken) == broken.parent / ".seed_0.attempt2"
+    assert not broken.exists() and (broken.parent / ".seed_0.attempt2" / "FAILED").exists()
+    broken.mkdir()  # the new attempt, not started yet: failed (no matrix); the attempts are not runs
+    report, _ = write_report(tmp_path, draw=False)
+    assert [r.name for r in report.runs] == ["permuted_digits/naive/seed_0"]
+
+
+def test_missing_config_is_named_with_what_exists(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--methods", "mcsgd", "--benchmarks", "permuted_mnsit", "--seeds", "0", "--configs", str(CONFIGS)])
+    message = str(exit_info.value.code)
+    assert "mcsgd/permuted_mnsit.yaml" in message and "mcsgd/permuted_mnist.yaml" in message
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
+    main(["--methods", "naive", "mcsgd", "--benchmarks", "rotated_mnist", "--seeds", "0", "1", "--root", str(tmp_path),
+          "--configs", str(CONFIGS), "--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[3].startswith("[4/4] rotated_mnist/mcsgd/seed_1: cl-lightning fit --config")
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,132 @@
+"""``cl-lightning report`` on a folder of synthetic accuracy matrices with hand-computed results."""
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_lightning.analysis.report import main, write_report
+from cl_lightning.analysis.runs import FAILED_MARKER, MatrixFileError, read_matrix
+from cl_lightning.metrics.accuracy_matrix import write_matrix
+
+nan = math.nan
+
+
+def put_run(root: Path, name: str, rows: list[list[float]], num_tasks: int = 2) -> Path:
+    """A run folder whose accuracy matrix is written by the real writer; ``rows`` may be fewer than T."""
+    folder = root / name
+    matrix = torch.full((num_tasks, num_tasks), nan, dtype=torch.float64)
+    matrix[: len(rows)] = torch.tensor(rows, dtype=torch.float64)
+    write_matrix(folder, "accuracy_matrix", matrix, len(rows) - 1, "test")
+    return folder
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    """2 benchmarks x 2 methods x 3 seeds with holes of every kind (see each line)."""
+    # naive / permuted_digits: A = 70, 80, 60 (mean 70, sample std 10); F = .30, .24, .30 (mean .28, std .034641)
+    put_run(tmp_path, "permuted_digits/naive/seed_0", [[90, nan], [60, 80]])
+    put_run(tmp_path, "permuted_digits/naive/seed_1", [[94, nan], [70, 90]])
+    put_run(tmp_path, "permuted_digits/naive/seed_2", [[80, nan], [50, 70]])
+    # mcsgd / permuted_digits: A = 86.5, 89 (std 2.5/sqrt 2 = 1.7678); F = .05, .04 (std .0070711); seed 2 missing
+    put_run(tmp_path, "permuted_digits/mcsgd/seed_0", [[90, nan], [85, 88]])
+    put_run(tmp_path, "permuted_digits/mcsgd/seed_1", [[92, nan], [88, 90]])
+    # naive / rotated_digits: seed 0 finished (A 62.5, F .5); seed 1 failed; seed 2 interrupted after task 1
+    put_run(tmp_path, "rotated_digits/naive/seed_0", [[100, nan], [50, 75]])
+    failed = tmp_path / "rotated_digits/naive/seed_1"
+    failed.mkdir(parents=True)
+    (failed / FAILED_MARKER).write_text("exit code 1: RuntimeError: boom\n")
+    put_run(tmp_path, "rotated_digits/naive/seed_2", [[97, nan]])
+    # mcsgd / rotated_digits: seed 0 has a damaged matrix file, seeds 1 and 2 are missing
+    damaged = tmp_path / "rotated_digits/mcsgd/seed_0"
+    damaged.mkdir(parents=True)
+    (damaged / "accuracy_matrix.json").write_text('{"num_tasks": 2, "matrix": [[90')
+    # a run outside the layout: ignored, and said so
+    put_run(tmp_path, "lightning_logs/version_0", [[50, nan], [50, 50]])
+    return tmp_path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_cells_are_mean_and_sample_std_over_seeds(grid):
+    write_report(grid, draw=False)
+    markdown = (grid / "report.md").read_text()
+    assert "| method | permuted_digits | rotated_digits |" in markdown
+    assert "| naive | 70.00 ± 10.00 / 0.280 ± 0.035 | 62.50 / 0.500 (1/3 seeds) |" in markdown
+    assert "| mcsgd | 87.75 ± 1.77 / 0.045 ± 0.007 (2/3 seeds) | — |" in markdown
+    cells = {(r["benchmark"], r["method"]): r for r in read_csv(grid / "report.csv")}
+    naive = cells["permuted_digits", "naive"]
+    assert (naive["seeds_finished"], naive["seeds_expected"], naive["num_tasks"]) == ("3", "3", "2")
+    assert float(naive["average_accuracy_mean"]) == pytest.approx(70)
+    assert float(naive["average_accuracy_std"]) == pytest.approx(10)
+    assert float(naive["forgetting_mean"]) == pytest.approx(0.28)
+    assert float(naive["forgetting_std"]) == pytest.approx(math.sqrt(0.0012), rel=1e-5)
+    # learning accuracy (mean diagonal) 85, 92, 75 -> 84; BWT a[2][1] - a[1][1]: -30, -24, -30 -> -28
+    assert float(naive["learning_accuracy_mean"]) == pytest.approx(84)
+    assert float(naive["backward_transfer_mean"]) == pytest.approx(-28)
+    mcsgd = cells["permuted_digits", "mcsgd"]
+    assert float(mcsgd["average_accuracy_std"]) == pytest.approx(2.5 / math.sqrt(2), rel=1e-5)
+    one_seed = cells["rotated_digits", "naive"]
+    assert one_seed["seeds_finished"] == "1" and one_seed["average_accuracy_std"] == ""
+    assert cells["rotated_digits", "mcsgd"]["seeds_finished"] == "0"
+
+
+def test_missing_failed_incomplete_and_unreadable_runs_are_listed_not_dropped(grid, capsys):
+    main([str(grid), "--no-plots"])
+    printed = capsys.readouterr().out
+    markdown = (grid / "report.md").read_text()
+    expected = {
+        "permuted_digits/mcsgd/seed_2": "missing",
+        "rotated_digits/naive/seed_1": "failed",
+        "rotated_digits/naive/seed_2": "incomplete",
+        "rotated_digits/mcsgd/seed_0": "failed",
+        "rotated_digits/mcsgd/seed_1": "missing",
+        "rotated_digits/mcsgd/seed_2": "missing",
+    }
+    for text in (printed, markdown):
+        for name, status in expected.items():
+            assert f"- {name} **{status}**" in text
+        assert "exit code 1: RuntimeError: boom" in text and "1 of 2 tasks done" in text
+        assert "cannot read the accuracy matrix" in text
+        assert f"{grid / 'lightning_logs' / 'version_0'} ignored" in text
+    assert "6 of 12 runs finished (2 methods x 2 benchmarks x 3 seeds)" in markdown
+    runs = {f"{r['benchmark']}/{r['method']}/seed_{r['seed']}": r for r in read_csv(grid / "report_runs.csv")}
+    assert len(runs) == 12
+    assert {name: runs[name]["status"] for name in expected} == expected
+    assert runs["rotated_digits/naive/seed_2"]["tasks_completed"] == "1"
+    assert float(runs["rotated_digits/naive/seed_2"]["average_accuracy"]) == pytest.approx(97)
+
+
+def test_plots_are_written_and_linked(grid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    _, files = write_report(grid, out)
+    pngs = sorted(p.name for p in (out / "plots").iterdir())
+    # 2 average-accuracy figures, 3 cells with finished runs, 7 runs with a readable matrix
+    assert len(pngs) == 2 + 3 + 7
+    assert {"average_accuracy_permuted_digits.png", "task_accuracy_permuted_digits_mcsgd.png",
+            "heatmap_rotated_digits_naive_seed_2.png"} <= set(pngs)
+    assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    markdown = (out / "report.md").read_text()
+    assert "![average_accuracy_permuted_digits](plots/average_accuracy_permuted_digits.png)" in markdown
+    assert "- [heatmap_rotated_digits_naive_seed_2](plots/heatmap_rotated_digits_naive_seed_2.png)" in markdown
+    assert not (grid / "report.md").exists()
+
+
+def test_folder_without_runs_is_an_error_that_says_what_to_do(tmp_path, capsys):
+    put_run(tmp_path, "lightning_logs/version_0", [[50, nan], [50, 50]])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    message = str(exit_info.value.code)
+    assert "no run folders <benchmark>/<method>/seed_<n>/" in message and "version_0" in message
+
+
+def test_damaged_matrix_file_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "accuracy_matrix.json"
+    path.write_text('{"num_tasks": 2, "matrix": [[90, null, 3]]}')
+    with pytest.raises(MatrixFileError, match=r"accuracy_matrix.json: row 1 must be a list of num_tasks=2 values; rerun"):
+        read_matrix(path)
