@@ -9,6 +9,7 @@ from ddp_probes import EvalAgreement, RankAgreement
 from lightning.pytorch import Trainer, seed_everything
 
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
@@ -26,7 +27,8 @@ def test_processes_agree_after_each_consolidation_and_metrics_are_exact(tmp_path
     out, evaluations = tmp_path / "agreement.jsonl", tmp_path / "evaluations.jsonl"
     trainer = Trainer(
         **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
-        callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), EvalAgreement(str(evaluations)), AccuracyMatrix(print_table=False)],
+        callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), EvalAgreement(str(evaluations)), AccuracyMatrix(print_table=False),
+                   FiniteGuard(check_every_n_batches=7)],  # its checks are collectives: they must not hang
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path,
     )
