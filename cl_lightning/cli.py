@@ -20,8 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
+from cl_lightning.checkpoints import check_checkpoint
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
+from cl_lightning.errors import UserError
+from cl_lightning.guards import FiniteGuard
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.progress import TaskProgressBar
@@ -61,9 +64,10 @@ class ContinualCLI(LightningCLI):
     - ``trainer.max_epochs`` = ``data.num_tasks * data.epochs_per_task`` and validation runs
       once per task (``check_val_every_n_epoch = data.epochs_per_task``): both are linked, not
       typed twice, and cannot be set by hand.
-    - The accuracy matrix, a checkpoint with ``last.ckpt`` and the task progress bar are always
-      on (``accuracy_matrix``, ``checkpoint`` and ``progress_bar`` sections), whatever
-      ``trainer.callbacks`` a config lists.
+    - The accuracy matrix, a checkpoint with ``last.ckpt``, the task progress bar and the guard
+      that stops a diverged run are always on (``accuracy_matrix``, ``checkpoint``,
+      ``progress_bar`` and ``finite_guard`` sections), whatever ``trainer.callbacks`` a config lists.
+    - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -74,6 +78,7 @@ class ContinualCLI(LightningCLI):
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
+        parser.add_lightning_class_args(FiniteGuard, "finite_guard")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{step}"})
         parser.add_argument(
             "--num_threads", type=Optional[PositiveInt], default=1,
@@ -84,6 +89,15 @@ class ContinualCLI(LightningCLI):
             "slower with 2 threads). Raise it for big models on many idle cores; null keeps "
             "torch's default.",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here: check the file and that it
+        # belongs to this config first, so a bad one fails with a clear message and writes nothing.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint(ckpt_path, self.config[subcommand].as_dict(), subcommand)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         threads = self.config[self.subcommand].num_threads
@@ -127,24 +141,37 @@ ANALYSIS_COMMANDS = {
 }
 
 
-def main() -> None:
+def main(args: ArgsType = None) -> None:
     """Console entry point of ``cl-lightning``: the analysis commands go to their modules, the rest
-    to LightningCLI; problems with the user's data end with the message that names the fix, not a
-    traceback."""
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    to LightningCLI. Problems with the user's input (data, settings, checkpoint, a diverged run, a
+    failed write) end with the message that names the fix, not a traceback
+    (:mod:`cl_lightning.errors`); argument errors are reported by LightningCLI itself."""
+    argv = sys.argv[1:] if args is None else list(args)
+    command = argv[0] if argv else ""
     try:
         if command in ANALYSIS_COMMANDS:
-            importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(sys.argv[2:])
+            importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(argv[1:])
             return
         try:
-            cli_main()
+            cli_main(args)
         finally:
             if command in ("-h", "--help"):
                 print("\nanalysis commands (each with --help):")
                 for name, (_, summary) in ANALYSIS_COMMANDS.items():
                     print(f"  {name:<8} {summary}")
-    except (DatasetNotFoundError, DatasetCorruptError) as err:
-        sys.exit(f"error: {err}")
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        sys.exit(f"error: {cause}")
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """``err`` or the :class:`UserError` it was raised from. jsonargparse wraps what a class's
+    constructor raises (a callback refusing its settings) into its own ``ValueError``."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__
+    return err
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ can unpickle them by module name.
 import json
 
 import torch
+from lightning.pytorch import Callback
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
+from cl_lightning.metrics.evaluate import task_accuracies
+from cl_lightning.models.module import accuracy_key
 
 
 class RankAgreement(TaskAwareCallback):
@@ -35,3 +38,22 @@ class RankAgreement(TaskAwareCallback):
             record["kept_is_w_bar"] = bool(torch.equal(local["kept"], self.mcsgd.w_bar))
             with open(self.out, "a") as f:
                 f.write(json.dumps({"task": task, **record}) + "\n")
+
+
+class EvalAgreement(Callback):
+    """After each task's evaluation, compares the logged per-task accuracies (reduced over the
+    processes) with a one-process evaluation of the same weights on the whole evaluation set."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module):
+        dm = trainer.datamodule
+        tasks = list(range(dm.current_task + 1))
+        single = task_accuracies(pl_module, dm, tasks, dm.eval_split)
+        # logged values are float32 tensors
+        logged = [float(trainer.callback_metrics[accuracy_key("val", t)]) for t in tasks]
+        if trainer.is_global_zero:
+            with open(self.out, "a") as f:
+                f.write(json.dumps({"single": single.float().tolist(), "logged": logged,
+                                    "sizes": [len(dm.task_dataset(t, dm.eval_split)) for t in tasks]}) + "\n")

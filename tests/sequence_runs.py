@@ -50,13 +50,18 @@ def fit_permuted_digits(
 
 
 class CrashAtTaskStart(TaskAwareCallback):
-    """Simulates a crash when ``task`` starts, after the previous task's checkpoint was written."""
+    """Simulates a crash when ``task`` starts, after the previous task's checkpoint was written.
 
-    def __init__(self, task: int) -> None:
+    With ``only_fresh``, only a run started from scratch crashes, not one resumed from a
+    checkpoint: a CLI run saves its callbacks in ``config.yaml``, which the resume reuses.
+    """
+
+    def __init__(self, task: int, only_fresh: bool = False) -> None:
         self.task = task
+        self.only_fresh = only_fresh
 
     def on_task_start(self, trainer, pl_module, task):
-        if task == self.task:
+        if task == self.task and not (self.only_fresh and trainer.ckpt_path is not None):
             raise RuntimeError("simulated crash")
 
 

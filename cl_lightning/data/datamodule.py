@@ -19,11 +19,13 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from cl_lightning.data.sources import ImageSet, load_source
-from cl_lightning.data.tasks import apply_pixel_maps, permutation_maps, rotation_maps, split_classes
+from cl_lightning.data.sources import NUM_CLASSES, ImageSet, load_source
+from cl_lightning.data.tasks import apply_pixel_maps, check_split, permutation_maps, rotation_maps, split_classes
+from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator, run_seed
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -176,9 +178,11 @@ class ContinualDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if num_tasks < 1 or epochs_per_task < 1 or batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("num_tasks, epochs_per_task and batch sizes must be positive integers")
+            raise ConfigError("num_tasks, epochs_per_task and batch sizes must be positive integers")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if benchmark == "split" and source in NUM_CLASSES:  # early: before any file is read
+            check_split(num_tasks, classes_per_task, NUM_CLASSES[source])
         self.save_hyperparameters()
         self.source = source
         self.benchmark = benchmark
@@ -256,8 +260,8 @@ class ContinualDataModule(LightningDataModule):
         order = torch.randperm(len(train.targets), generator=generator(seed, "val_split"))
         n_val = int(round(self.val_fraction * len(order)))
         if self.val_fraction > 0 and not 0 < n_val < len(order):
-            raise ValueError(f"val_fraction {self.val_fraction} of {len(order)} training examples leaves "
-                             f"{n_val} for validation and {len(order) - n_val} for training; both need some")
+            raise ConfigError(f"val_fraction {self.val_fraction} of {len(order)} training examples leaves "
+                              f"{n_val} for validation and {len(order) - n_val} for training; both need some")
         base = {"train": order[n_val:].sort().values, "val": order[:n_val].sort().values,
                 "test": torch.arange(len(test.targets))}
         limits = {"train": self.train_examples_per_task, "val": self.test_examples_per_task,
@@ -268,7 +272,28 @@ class ContinualDataModule(LightningDataModule):
         }
         for t, pool in enumerate(self._pools["train"]):
             if len(pool) == 0:
-                raise ValueError(f"task {t + 1} has no training examples; check the data settings")
+                raise ConfigError(f"task {t + 1} has no training examples; check the data settings")
+        self._check_subset_sizes(base)
+
+    def _check_subset_sizes(self, base: dict[str, Tensor]) -> None:
+        """Refuse ``*_examples_per_task`` larger than a task: a run silently trained or evaluated on
+        fewer examples than its config says would be reported as something it is not (and on split
+        benchmarks the tasks would differ in size)."""
+        checks = [("train", "train_examples_per_task", "training", self.train_examples_per_task),
+                  ("test", "test_examples_per_task", "test", self.test_examples_per_task)]
+        if self.val_fraction > 0:
+            checks.append(("val", "test_examples_per_task", "validation", self.test_examples_per_task))
+        for split, option, label, limit in checks:
+            if limit is None:
+                continue
+            for t in range(self.num_tasks):
+                available = len(self._task_pool(split, base[split], t, None))
+                if limit > available:
+                    raise ConfigError(
+                        f"data.{option} is {limit} but task {t + 1} has only {available} {label} examples "
+                        f"({self.source}, {self.benchmark}); set it to at most {available}, or to null to "
+                        "use all of them."
+                    )
 
     def _task_pool(self, split: str, candidates: Tensor, task: int, limit: int | None) -> Tensor:
         """Base indices of ``task``'s examples in ``split``: its classes, then a seeded subset."""
@@ -331,10 +356,29 @@ class ContinualDataModule(LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         seen = self.num_tasks if self.eval_future_tasks else self.current_task + 1
-        return [self._loader(self.task_dataset(t, self.eval_split), self.eval_batch_size) for t in range(seen)]
+        return [self._eval_loader(self.task_dataset(t, self.eval_split)) for t in range(seen)]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.task_dataset(t, "test"), self.eval_batch_size) for t in range(self.num_tasks)]
+        return [self._eval_loader(self.task_dataset(t, "test")) for t in range(self.num_tasks)]
+
+    def _eval_loader(self, dataset: TaskDataset) -> DataLoader:
+        """An evaluation loader that, in a multi-process run, gives each process its own share of the
+        examples with none repeated.
+
+        Lightning's default ``DistributedSampler`` pads every share to the same length with
+        duplicates, so a set whose size is not a multiple of the number of processes would count
+        some examples twice and the reduced accuracy would differ from a one-process evaluation.
+        The shares may then differ by one example (and by one batch), which is safe here:
+        evaluation runs no collective per batch, and ``TaskAccuracy`` sums correct/total counts
+        over processes once per epoch.
+        """
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        sampler = None
+        if shards is not None and shards["num_replicas"] > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=shards["num_replicas"], rank=shards["rank"],
+                                                   shuffle=False)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
+                          collate_fn=_whole_batch, generator=torch.Generator())
 
     @staticmethod
     def _loader(dataset: TaskDataset, batch_size: int) -> DataLoader:

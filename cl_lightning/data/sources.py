@@ -40,6 +40,8 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from cl_lightning.errors import ConfigError, UserError
+
 __all__ = [
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
@@ -47,10 +49,13 @@ __all__ = [
     "DatasetCorruptError",
     "DatasetNotFoundError",
     "ImageSet",
+    "NUM_CLASSES",
     "load_source",
 ]
 
 SOURCES = ("mnist", "fashion_mnist", "cifar100", "digits")
+#: Number of classes of each source, known before any file is read (to check settings early).
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar100": 100, "digits": 10}
 
 #: Seed of the fixed digits train/test split. It is a constant, deliberately independent of the
 #: experiment seed: like MNIST's official split, the digits test set must be the same for every
@@ -83,11 +88,11 @@ _READ_ERRORS = (
 )
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset's files are not on disk (and download was off, or failed)."""
 
 
-class DatasetCorruptError(RuntimeError):
+class DatasetCorruptError(UserError, RuntimeError):
     """The dataset's files are on disk but cannot be read (truncated, bad gzip, bad checksum)."""
 
 
@@ -128,7 +133,7 @@ def load_source(name: str, root: str | Path, train: bool, download: bool = False
         DatasetCorruptError: a file is present but damaged.
     """
     if name not in SOURCES:
-        raise ValueError(f"unknown data source {name!r}; choose one of: {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown data source {name!r}; choose one of: {', '.join(SOURCES)}")
     if name == "digits":
         return _load_digits(train)
     root = Path(root).expanduser().absolute()
@@ -162,7 +167,7 @@ def _load_idx(name: str, root: Path, train: bool, download: bool) -> ImageSet:
         raise DatasetCorruptError(_idx_corrupt_message(name, split_files, err)) from err
     images = dataset.data.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28); a view, no copy
     targets = dataset.targets.to(torch.int64)
-    return _checked(ImageSet(images, targets, 255, 10), name, split_files)
+    return _checked(ImageSet(images, targets, 255, NUM_CLASSES[name]), name, split_files)
 
 
 def _gunzip_if_missing(target: Path) -> None:
@@ -286,7 +291,7 @@ def _load_cifar100(root: Path, train: bool, download: bool) -> ImageSet:
     # torchvision keeps (N, 32, 32, 3) HWC numpy; the models want NCHW.
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     targets = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    return _checked(ImageSet(images, targets, 255, 100), "cifar100", split_files)
+    return _checked(ImageSet(images, targets, 255, NUM_CLASSES["cifar100"]), "cifar100", split_files)
 
 
 def _cifar_not_found_message(
@@ -322,7 +327,7 @@ def _load_digits(train: bool) -> ImageSet:
     targets = torch.from_numpy(bunch.target.astype(np.int64))
     test = torch.from_numpy(_digits_test_mask(bunch.target))
     keep = ~test if train else test
-    return ImageSet(images[keep].contiguous(), targets[keep].contiguous(), 16, 10)
+    return ImageSet(images[keep].contiguous(), targets[keep].contiguous(), 16, NUM_CLASSES["digits"])
 
 
 def _digits_test_mask(labels: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import InterpolationMode, rotate
 
+from cl_lightning.errors import ConfigError
+
 #: Index value in a pixel map meaning "this output pixel is background (0)".
 FILL = -1
 
@@ -67,6 +69,17 @@ def apply_pixel_maps(images: Tensor, maps: Tensor) -> Tensor:
     return flat.gather(2, index).view(n, c, h, w)
 
 
+def check_split(num_tasks: int, classes_per_task: int, num_classes: int) -> None:
+    """Refuse a split benchmark that needs more classes than the dataset has."""
+    needed = num_tasks * classes_per_task
+    if needed > num_classes:
+        raise ConfigError(
+            f"split benchmark: {num_tasks} tasks x {classes_per_task} classes per task needs "
+            f"{needed} classes but the dataset has {num_classes}; lower `data.num_tasks` or "
+            f"`data.classes_per_task`."
+        )
+
+
 def split_classes(
     num_tasks: int, classes_per_task: int, num_classes: int, generator: torch.Generator | None
 ) -> Tensor:
@@ -75,12 +88,7 @@ def split_classes(
     In label order (0-4, 5-9, ...) as the paper, or in a seeded random order when a
     ``generator`` is given.
     """
+    check_split(num_tasks, classes_per_task, num_classes)
     needed = num_tasks * classes_per_task
-    if needed > num_classes:
-        raise ValueError(
-            f"split benchmark: {num_tasks} tasks x {classes_per_task} classes per task needs "
-            f"{needed} classes but the dataset has {num_classes}; lower `data.num_tasks` or "
-            f"`data.classes_per_task`."
-        )
     order = torch.randperm(num_classes, generator=generator) if generator is not None else torch.arange(num_classes)
     return order[:needed].view(num_tasks, classes_per_task)

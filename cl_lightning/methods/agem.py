@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
 from cl_lightning.seeding import generator
@@ -82,7 +83,7 @@ class AGEM(TaskAwareCallback):
         memory_batch_size: PositiveInt = 64,
     ) -> None:
         if memory_batch_size < 1:
-            raise ValueError(f"memory_batch_size must be a positive integer, got {memory_batch_size}")
+            raise ConfigError(f"memory_batch_size must be a positive integer, got {memory_batch_size}")
         if memory_per_class is None and memory_per_task is None:
             memory_per_class = 1
         self.memory = EpisodicMemory(per_task=memory_per_task, per_class=memory_per_class, replacement=memory_replacement)

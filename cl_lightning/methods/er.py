@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from cl_lightning.data.datamodule import Batch
+from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.reservoir import ReservoirBuffer
 from cl_lightning.seeding import generator
@@ -67,10 +68,10 @@ class ER(TaskAwareCallback):
 
     def __init__(self, memory_size: PositiveInt = 200, memory_batch_size: PositiveInt = 64) -> None:
         if memory_size is None or memory_size < 1:
-            raise ValueError(f"ER needs a memory: memory_size must be at least 1, got {memory_size!r}")
+            raise ConfigError(f"ER needs a memory: memory_size must be at least 1, got {memory_size!r}")
         if memory_batch_size is None or memory_batch_size < 1:
-            raise ValueError(f"ER replays at least one example per step: memory_batch_size must be at least 1, "
-                             f"got {memory_batch_size!r}")
+            raise ConfigError(f"ER replays at least one example per step: memory_batch_size must be at least 1, "
+                              f"got {memory_batch_size!r}")
         self.memory_size = int(memory_size)
         self.memory_batch_size = int(memory_batch_size)
         self.buffer: ReservoirBuffer | None = None

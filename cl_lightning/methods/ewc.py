@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.models.module import eval_mode, mask_logits
 from cl_lightning.seeding import generator
@@ -90,17 +91,17 @@ class EWC(TaskAwareCallback):
         backend: Literal["vmap", "loop"] = "vmap",
     ) -> None:
         if not lam >= 0:
-            raise ValueError(f"lam must be non-negative, got {lam}")
+            raise ConfigError(f"lam must be non-negative, got {lam}")
         if fisher not in ("empirical", "true"):
-            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+            raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if fisher_samples is not None and fisher_samples < 1:
-            raise ValueError(f"fisher_samples must be a positive integer or null (all), got {fisher_samples}")
+            raise ConfigError(f"fisher_samples must be a positive integer or null (all), got {fisher_samples}")
         if fisher_batch_size < 1:
-            raise ValueError(f"fisher_batch_size must be a positive integer, got {fisher_batch_size}")
+            raise ConfigError(f"fisher_batch_size must be a positive integer, got {fisher_batch_size}")
         if fisher_normalization not in ("none", "min_max"):
-            raise ValueError(f"fisher_normalization must be 'none' or 'min_max', got {fisher_normalization!r}")
+            raise ConfigError(f"fisher_normalization must be 'none' or 'min_max', got {fisher_normalization!r}")
         if backend not in ("vmap", "loop"):
-            raise ValueError(f"backend must be 'vmap' or 'loop', got {backend!r}")
+            raise ConfigError(f"backend must be 'vmap' or 'loop', got {backend!r}")
         self.lam = float(lam)
         self.fisher = fisher
         self.fisher_samples = fisher_samples

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from cl_lightning.errors import ConfigError
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.nets import MLP
 
@@ -93,13 +94,13 @@ class LineGradient:
         backend: Backend = "auto",
     ) -> None:
         if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-            raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
+            raise ConfigError(f"num_segments must be a positive integer, got {num_segments!r}")
         if weighting not in get_args(Weighting):
-            raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
+            raise ConfigError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
         if backend not in get_args(Backend):
-            raise ValueError(f"backend must be one of {get_args(Backend)}, got {backend!r}")
+            raise ConfigError(f"backend must be one of {get_args(Backend)}, got {backend!r}")
         if backend == "affine" and not _is_plain_mlp(net):
-            raise ValueError(
+            raise ConfigError(
                 f"backend 'affine' needs a cl_lightning.models.nets.MLP, got {type(net).__name__}"
             )
         self.net = net

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import EpisodicMemory
@@ -109,7 +110,7 @@ class MCSGD(TaskAwareCallback):
         save_solutions: bool = False,
     ) -> None:
         if not 0.0 <= alpha0 <= 1.0:
-            raise ValueError(f"alpha0 must be in [0, 1], got {alpha0}")
+            raise ConfigError(f"alpha0 must be in [0, 1], got {alpha0}")
         self.alpha0 = float(alpha0)
         self.num_segments = int(num_segments)
         self.lr = float(lr)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
 
@@ -33,11 +34,12 @@ class EpisodicMemory:
 
     def __init__(self, per_task: int | None = None, per_class: int | None = None, replacement: bool = False) -> None:
         if (per_task is None) == (per_class is None):
-            raise ValueError("episodic memory: give exactly one of `per_task` or `per_class`")
+            raise ConfigError("the episodic memory needs a size: set exactly one of `memory_per_task` or `memory_per_class` "
+                              f"(got {per_task!r} and {per_class!r}); a method that rehearses cannot run without a memory")
         size = per_task if per_task is not None else per_class
         if size < 1:
-            raise ValueError(f"episodic memory size must be at least 1, got {size}; a method that "
-                             f"rehearses needs a memory")
+            raise ConfigError(f"episodic memory size must be at least 1, got {size}; a method that "
+                              f"rehearses needs a memory")
         self.per_task = per_task
         self.per_class = per_class
         self.replacement = replacement
@@ -59,7 +61,8 @@ class EpisodicMemory:
                 chosen = torch.randint(n, (self.per_task,), generator=g)
             else:
                 if self.per_task > n:
-                    raise ValueError(f"memory of {self.per_task} examples per task, but task {task + 1} has {n}")
+                    raise ConfigError(f"memory of {self.per_task} examples per task, but task {task + 1} has {n}; lower "
+                                      "`memory_per_task` or set `memory_replacement: true`")
                 chosen = torch.randperm(n, generator=g)[: self.per_task]
         else:
             targets = dataset.base.targets[dataset.base_index]
@@ -67,8 +70,8 @@ class EpisodicMemory:
             for cls in targets.unique():
                 members = (targets == cls).nonzero().flatten()
                 if self.per_class > len(members):
-                    raise ValueError(f"memory of {self.per_class} per class, but class {cls.item()} of "
-                                     f"task {task + 1} has {len(members)} examples")
+                    raise ConfigError(f"memory of {self.per_class} per class, but class {cls.item()} of "
+                                      f"task {task + 1} has {len(members)} examples")
                 chosen_per_class.append(members[torch.randperm(len(members), generator=g)[: self.per_class]])
             chosen = torch.cat(chosen_per_class)
         self.indices[task] = chosen

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cl_lightning.data.datamodule import Batch
+from cl_lightning.errors import ConfigError
 
 
 def _to_device(index: Tensor, device: torch.device) -> Tensor:
@@ -50,7 +51,7 @@ class ReservoirBuffer:
 
     def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"a reservoir needs a capacity of at least 1 example, got {capacity!r}")
+            raise ConfigError(f"a reservoir needs a capacity of at least 1 example, got {capacity!r}")
         self.capacity = capacity
         self.generator = generator if generator is not None else torch.Generator()
         self.seen = 0  # examples of the stream offered so far (a host-side int: no device sync)

@@ -17,6 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from cl_lightning.errors import CheckpointError, ResultsWriteError
 from cl_lightning.metrics.continual import summary
 from cl_lightning.models.module import accuracy_key
 
@@ -52,15 +53,27 @@ def format_table(matrix: Tensor, rows: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a failed write never destroys the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
+def _write_atomically(files: dict[Path, str]) -> None:
+    """Write every file to a temporary file first, then rename them all into place: a failed
+    write (disk full, no permission) leaves every previous file as it was, and the set of files
+    (``.csv`` and ``.json`` of one matrix) is never left half updated, except by a failed rename."""
+    written: list[Path] = []
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        for path, text in files.items():
+            tmp = path.with_name(path.name + ".tmp")
+            written.append(tmp)
+            tmp.write_text(text)
+        for path in files:
+            os.replace(path.with_name(path.name + ".tmp"), path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path} ({err}); the previous version of the file is kept") from err
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        names = ", ".join(str(p) for p in files)
+        raise ResultsWriteError(
+            f"could not write {names} ({err}); the previous version of the results is kept. Free disk space "
+            "(or fix the folder's permissions), then resume from the run's last checkpoint: cl-lightning fit "
+            "--config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt"
+        ) from err
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -78,7 +91,6 @@ def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str)
     writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(matrix.shape[1])])
     for t, row in enumerate(rows):
         writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
-    _write_atomically(folder / f"{stem}.csv", out.getvalue())
     record = {
         "split": split,
         "tasks_completed": task + 1,
@@ -87,7 +99,7 @@ def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str)
         "per_task": [summary(matrix, t) for t in range(task + 1)],
         **summary(matrix, task),
     }
-    _write_atomically(folder / f"{stem}.json", json.dumps(record, indent=1))
+    _write_atomically({folder / f"{stem}.csv": out.getvalue(), folder / f"{stem}.json": json.dumps(record, indent=1)})
 
 
 class AccuracyMatrix(Callback):
@@ -125,7 +137,7 @@ class AccuracyMatrix(Callback):
         """A checkpoint's matrix (loaded after ``setup``) must match the configured sequence."""
         num_tasks = trainer.datamodule.num_tasks
         if self.matrix.shape[0] != num_tasks:
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint holds an accuracy matrix of {self.matrix.shape[0]} tasks but "
                 f"data.num_tasks is {num_tasks}: resume or test with the run's own config.yaml"
             )
@@ -191,7 +203,7 @@ class AccuracyMatrix(Callback):
         }
         folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / "test_accuracy.json", json.dumps(record, indent=1))
+        _write_atomically({folder / "test_accuracy.json": json.dumps(record, indent=1)})
         if self.print_table:
             if self.completed_tasks:
                 print(format_table(self.matrix, self.completed_tasks,

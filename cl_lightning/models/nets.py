@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_lightning.errors import ConfigError
+
 __all__ = ["MLP", "ResNet18"]
 
 
 def _require_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 class MLP(nn.Module):
@@ -61,7 +63,7 @@ class MLP(nn.Module):
         for i, size in enumerate(hidden_sizes):
             _require_positive(**{f"hidden_sizes[{i}]": size})
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
 
         layers: list[nn.Module] = []
         width = input_size

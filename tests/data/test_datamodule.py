@@ -182,10 +182,10 @@ def test_split_cifar100_shuffled_order_is_seeded(cifar_root: Path) -> None:
 
 
 def test_split_cifar100_too_many_tasks(cifar_root: Path) -> None:
-    dm = ContinualDataModule(source="cifar100", root=str(cifar_root), benchmark="split",
-                             num_tasks=21, classes_per_task=5, seed=0)
+    # refused when the datamodule is built, before any file is read
     with pytest.raises(ValueError, match=r"21 tasks x 5 classes per task needs 105 classes but the dataset has 100"):
-        dm.setup()
+        ContinualDataModule(source="cifar100", root=str(cifar_root), benchmark="split", num_tasks=21, classes_per_task=5,
+                            seed=0)
 
 
 # --------------------------------------------------------------------------- subsets
@@ -209,10 +209,15 @@ def test_examples_per_task_subsets(mnist_root: Path) -> None:
     assert len(a.train_dataloader().dataset) == 50
 
 
-def test_examples_per_task_larger_than_the_pool_keeps_everything(cifar_root: Path) -> None:
-    dm = _dm(cifar_root, source="cifar100", benchmark="split", num_tasks=4, train_examples_per_task=60,
-             test_examples_per_task=1000)
-    assert [len(dm.task_dataset(t, "train")) for t in range(4)] == [60] * 4  # 100 per task available
+def test_examples_per_task_larger_than_the_pool_is_refused(cifar_root: Path) -> None:
+    """Not clamped: the run would otherwise be reported with more examples per task than it used."""
+    with pytest.raises(ValueError, match=r"data.test_examples_per_task is 1000 but task 1 has only 25 test examples.*"
+                                         r"at most 25, or to null"):
+        _dm(cifar_root, source="cifar100", benchmark="split", num_tasks=4, train_examples_per_task=60,
+            test_examples_per_task=1000)
+    dm = _dm(cifar_root, source="cifar100", benchmark="split", num_tasks=4, train_examples_per_task=100,
+             test_examples_per_task=25)  # exactly all of them is fine
+    assert [len(dm.task_dataset(t, "train")) for t in range(4)] == [100] * 4
     assert [len(dm.task_dataset(t, "test")) for t in range(4)] == [25] * 4
 
 

@@ -1,13 +1,15 @@
 """MC-SGD under a 2-process strategy on CPU: after every consolidation both processes must hold
-bitwise-identical weights and the same episodic memory."""
+bitwise-identical weights and the same episodic memory, and the logged accuracies must be those
+of a one-process evaluation of the same weights."""
 
 import json
 
 import pytest
-from ddp_probes import RankAgreement
+from ddp_probes import EvalAgreement, RankAgreement
 from lightning.pytorch import Trainer, seed_everything
 
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
@@ -15,15 +17,18 @@ from cl_lightning.models.nets import MLP
 
 
 @pytest.mark.slow
-def test_processes_agree_after_each_consolidation(tmp_path):
+def test_processes_agree_after_each_consolidation_and_metrics_are_exact(tmp_path):
     seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, batch_size=16, seed=0)
+    # 359 test examples per task in batches of 100: shares of 180 and 179 examples, so a padded
+    # DistributedSampler would count one example twice.
+    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, batch_size=16, eval_batch_size=100, seed=0)
     module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1)
     mcsgd = MCSGD(alpha0=0.25, lr=0.005, batch_size=16, subset_size=64)
-    out = tmp_path / "agreement.jsonl"
+    out, evaluations = tmp_path / "agreement.jsonl", tmp_path / "evaluations.jsonl"
     trainer = Trainer(
         **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
-        callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), AccuracyMatrix(print_table=False)],
+        callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), EvalAgreement(str(evaluations)), AccuracyMatrix(print_table=False),
+                   FiniteGuard(check_every_n_batches=7)],  # its checks are collectives: they must not hang
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path,
     )
@@ -33,3 +38,8 @@ def test_processes_agree_after_each_consolidation(tmp_path):
     for r in records:
         assert r == {"task": r["task"], "kept": True, "w_hat": True, "memory": True, "world_size": 2,
                      "kept_is_w_bar": True}
+    checks = [json.loads(line) for line in evaluations.read_text().splitlines()]
+    assert [len(c["logged"]) for c in checks] == [1, 2, 3]
+    for c in checks:
+        assert all(size % 200 != 0 for size in c["sizes"])
+        assert c["logged"] == c["single"]

@@ -1,0 +1,127 @@
+"""Check a checkpoint given with ``--ckpt_path`` against the run's config, before anything runs.
+
+Without these checks a damaged checkpoint fails deep inside ``torch.load`` with a zip-reader
+error, and a checkpoint of a *different* run resumes silently wrong: LightningCLI re-reads the
+model settings from the checkpoint (overriding the config's, Lightning PR #21455), ignores the
+checkpoint's data settings, and Lightning only warns when the checkpoint holds a callback the
+run lacks (a method whose memory or w_bar would then be dropped) and says nothing when the run
+has a method the checkpoint lacks (the method then starts mid-sequence from nothing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from cl_lightning.errors import CheckpointError
+from cl_lightning.methods import METHODS
+
+#: ``ckpt_path`` values that Lightning resolves itself (no file to check).
+SPECIAL_PATHS = ("last", "best", "hpc", "registry")
+#: Data settings that may differ on resume without changing the run.
+FREE_DATA_SETTINGS = ("root", "download", "eval_batch_size", "eval_future_tasks")
+METHOD_NAMES = tuple(m.__qualname__ for m in METHODS)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning training checkpoint, or raise :class:`CheckpointError` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found.{_alternatives(path)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError, ... for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f"{type(err).__name__}: {first.split('. ')[0][:120]}" if first else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({reason}): it is truncated (the run may have been killed "
+            f"while writing it) or not a checkpoint.{_alternatives(path)}"
+        ) from err
+    if not isinstance(checkpoint, dict) or not {"state_dict", "loops", "callbacks"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a training checkpoint written by cl-lightning fit (it lacks the "
+                              f"weights, loop or callback states).{_alternatives(path)}")
+    return checkpoint
+
+
+def check_checkpoint(path: str, config: dict[str, Any], subcommand: str) -> None:
+    """Check ``--ckpt_path`` against the subcommand's parsed ``config`` (as a dict).
+
+    Raises :class:`CheckpointError` for an unreadable file and, when resuming ``fit``, for a
+    checkpoint whose data settings or method callbacks differ from the config's; warns when the
+    config's model settings differ (LightningCLI replaces them with the checkpoint's).
+    """
+    if str(path) in SPECIAL_PATHS and not Path(path).is_file():
+        return
+    checkpoint = load_checkpoint(path)
+    _warn_model_overridden(checkpoint.get("hyper_parameters", {}), config.get("model") or {})
+    if subcommand != "fit":
+        return
+    fix = _resume_hint(Path(path))
+    data_diff = _differences(checkpoint.get("datamodule_hyper_parameters", {}), _init_args(config.get("data")),
+                             ignore=FREE_DATA_SETTINGS)
+    if data_diff:
+        raise CheckpointError(f"checkpoint {path} was written by a run with other data settings ({data_diff}): resuming "
+                              f"would continue a different task sequence. {fix}")
+    saved = sorted(k for k in checkpoint["callbacks"] if k in METHOD_NAMES)
+    configured = sorted(name for name in map(_class_name, _callbacks(config)) if name in METHOD_NAMES)
+    if saved != configured:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with method callbacks {saved or 'none (naive SGD)'} but this config "
+            f"has {configured or 'none (naive SGD)'}: the method's state (memory, anchors, ...) would be lost or "
+            f"missing. {fix}"
+        )
+
+
+def _warn_model_overridden(saved: dict[str, Any], model: dict[str, Any]) -> None:
+    diff = _differences(saved, _init_args(model))
+    if diff:
+        rank_zero_warn(f"--ckpt_path: the checkpoint's model settings replace the config's ({diff}); the run uses "
+                       "the checkpoint's, as the weights require.")
+
+
+def _differences(saved: dict[str, Any], configured: dict[str, Any], ignore: tuple[str, ...] = (), prefix: str = "") -> str:
+    """``key: checkpoint value, config value`` for every setting present in both that differs
+    (nested settings by their dotted name)."""
+    found = []
+    for key in saved:
+        if key.startswith("_") or key in ignore or key not in configured or saved[key] == configured[key]:
+            continue
+        if isinstance(saved[key], dict) and isinstance(configured[key], dict):
+            found.append(_differences(saved[key], configured[key], prefix=f"{prefix}{key}."))
+        else:
+            found.append(f"{prefix}{key}: checkpoint {saved[key]!r}, config {configured[key]!r}")
+    return "; ".join(found)
+
+
+def _init_args(section: Any) -> dict[str, Any]:
+    """The constructor arguments of a config section (subclass mode nests them in ``init_args``)."""
+    if not isinstance(section, dict):
+        return {}
+    return section.get("init_args", section) if "class_path" in section else section
+
+
+def _callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def _class_name(callback: Any) -> str:
+    return str(callback.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(callback, dict) else ""
+
+
+def _resume_hint(path: Path) -> str:
+    config = path.parent.parent / "config.yaml"
+    if config.is_file():
+        return f"Resume with the run's own config: cl-lightning fit --config {config} --ckpt_path {path}"
+    return "Resume with the config.yaml saved in the checkpoint's run folder."
+
+
+def _alternatives(path: Path) -> str:
+    folder = path.parent
+    others = sorted((p for p in folder.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not others:
+        return ""
+    return f" Checkpoints in {folder}, oldest first: {', '.join(p.name for p in others)}."

@@ -1,0 +1,31 @@
+"""Errors caused by the user's input or environment rather than by a bug.
+
+``cl-lightning`` prints any :class:`UserError` as one ``error: ...`` line and exits with status 1,
+without a traceback: the message itself says what is wrong and how to fix it. Every other
+exception keeps its traceback, because it points at a bug. Each class also derives from the
+built-in exception a caller would expect (``ValueError`` for a bad setting, ``OSError`` for a
+failed write), so code written against the built-ins keeps working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work (impossible sizes, an empty memory, too many tasks, ...)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, or that belongs to a different run than the config."""
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss or the weights stopped being finite (NaN or infinite)."""
+
+
+class ResultsWriteError(UserError, OSError):
+    """A result file (accuracy matrix, test accuracies) could not be written; the previous
+    version of the file is still on disk."""
