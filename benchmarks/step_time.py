@@ -59,15 +59,18 @@ class EpochTimer(Callback):
 
 
 def setting_args(net: str, batch: int, steps: int, root: str, workdir: str) -> list[str]:
-    """The real naive config of the net's benchmark, shortened to 2 tasks of ``steps`` steps.
+    """The real naive config of the net's benchmark, shortened to 2 tasks of ``steps`` steps
+    (fewer if a task has fewer examples).
 
     The ResNet runs the split protocol (task-masked logits); without CIFAR-100 on disk it takes
     5-class tasks of Fashion-MNIST (1 channel, 28x28: fewer FLOPs than CIFAR, same work on both sides).
     """
     source, channels, pixels = image_source(root, color=net == "resnet")
+    task = ContinualDataModule(source=source, root=root, benchmark="split" if net == "resnet" else "permuted",
+                               num_tasks=2, classes_per_task=5).task_dataset(1, "train")
     config = CONFIGS / ("split_cifar100.yaml" if net == "resnet" else "permuted_fashion_mnist.yaml")
     args = ["fit", "--config", str(config), "--data.source", source, "--data.root", root, "--data.num_tasks", "2",
-            "--data.batch_size", str(batch), "--data.train_examples_per_task", str(steps * batch),
+            "--data.batch_size", str(batch), "--data.train_examples_per_task", str(min(steps * batch, len(task))),
             "--data.test_examples_per_task", "100", "--trainer.default_root_dir", workdir,
             "--trainer.logger.init_args.save_dir", workdir,
             "--trainer.callbacks+=step_time.EpochTimer"]
