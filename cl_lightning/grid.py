@@ -24,6 +24,9 @@ from pathlib import Path
 from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, inspect_run, run_folder
 from cl_lightning.metrics.continual import average_accuracy
 
+#: Last line of ``run.log``: the run's wall time, process start-up included.
+WALL_TIME_PREFIX = "wall time of the whole command: "
+
 
 def fit_command(config: Path, root: Path, benchmark: str, method: str, seed: int, overrides: Sequence[str]) -> list[str]:
     """The ``cl-lightning fit`` arguments of one run (after ``python -m cl_lightning``)."""
@@ -54,7 +57,8 @@ def run_one(command: list[str], folder: Path) -> tuple[bool, str]:
         log.write("$ cl-lightning " + " ".join(command[3:]) + "\n\n")
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.monotonic() - start
+        seconds = time.monotonic() - start
+        log.write(f"\n{WALL_TIME_PREFIX}{seconds:.1f} s (exit code {code})\n")
     run = inspect_run(folder, "", "", 0)
     if code == 0 and run.status == "finished":
         return True, f"done in {seconds:.0f} s, average accuracy {average_accuracy(run.matrix, run.matrix.shape[0] - 1):.2f} %"

@@ -19,17 +19,16 @@ from torch import Tensor
 
 from cl_lightning.errors import ConfigError, TrainingDivergedError
 
-#: "No non-finite loss seen yet" in the device-side record of the first bad batch.
+#: "No non-finite loss" as the position of the first bad batch.
 _NONE = torch.iinfo(torch.int64).max
 
 
 class FiniteGuard(Callback):
     """Stops training at the first non-finite training loss or non-finite weights.
 
-    Each batch records, on the device and without waiting for it, whether its loss is finite
-    and, for the first one that is not, the batch's position; the host only keeps the
-    (epoch, batch, global step) of each batch since the last check. The record is read (one
-    host-device synchronisation) every ``check_every_n_batches`` batches and before anything is
+    Each batch only keeps a reference to its (detached) loss and its (epoch, batch, global step):
+    no device work and no waiting per step. The kept losses are read at once (one host-device
+    synchronisation) every ``check_every_n_batches`` batches and before anything is
     made from the weights: before each validation during ``fit``, before every checkpoint, at each
     epoch end. The weights are checked there too, which catches a divergence that no training loss
     shows, e.g. a method's end-of-task update (MC-SGD's consolidation). On a failure it raises
@@ -55,8 +54,7 @@ class FiniteGuard(Callback):
 
     def _reset(self) -> None:
         self._batches: list[tuple[int, int, int]] = []  # (epoch, batch_idx, global_step) since the last check
-        self._first: Tensor | None = None  # position in _batches of the first non-finite loss, or _NONE
-        self._value: Tensor | None = None  # that loss
+        self._losses: list[Tensor] = []  # their training losses, detached, where they were computed
 
     # ------------------------------------------------------------------ recording
     def on_train_batch_end(
@@ -65,15 +63,8 @@ class FiniteGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):  # the step was skipped (training_step returned None)
             return
-        loss = loss.detach()
-        if self._first is None:
-            self._first = torch.full((), _NONE, dtype=torch.int64, device=loss.device)
-            self._value = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        position = len(self._batches)
+        self._losses.append(loss.detach())
         self._batches.append((trainer.current_epoch, batch_idx, trainer.global_step))
-        take = ~torch.isfinite(loss) & (self._first == _NONE)
-        self._first = torch.where(take, position, self._first)
-        self._value = torch.where(take, loss, self._value)
         if len(self._batches) >= self.check_every_n_batches:
             self.check(trainer, pl_module, weights=False)
 
@@ -94,7 +85,10 @@ class FiniteGuard(Callback):
         """Raise :class:`TrainingDivergedError` if a recorded loss (or, with ``weights``, a weight)
         is not finite; otherwise start a new record. Every process must call it at the same point."""
         device = pl_module.device
-        first = self._first if self._first is not None else torch.full((), _NONE, dtype=torch.int64, device=device)
+        first = torch.full((), _NONE, dtype=torch.int64, device=device)
+        if self._losses:
+            bad = ~torch.isfinite(torch.stack(self._losses).to(device))
+            first = torch.where(bad.any(), bad.to(torch.int64).argmax(), first)  # argmax: the first True
         first_everywhere = trainer.strategy.reduce(first.clone(), reduce_op="min")
         bad_weights = torch.zeros((), dtype=torch.int64, device=device)
         if weights:
@@ -111,7 +105,7 @@ class FiniteGuard(Callback):
     def _loss_message(self, trainer: Trainer, position: int, local: bool) -> str:
         epoch, batch_idx, step = self._batches[position]
         task = trainer.datamodule.task_of_epoch(epoch) + 1
-        value = f" ({float(self._value)})" if local else ""
+        value = f" ({float(self._losses[position])})" if local else ""
         return (
             f"the training loss is not finite{value} at task {task}, epoch {epoch}, batch {batch_idx} "
             f"(global step {step}). Training stopped; {self._kept(trainer)} Usual fixes: a lower learning rate "
