@@ -35,7 +35,6 @@ def fit_command(config: Path, root: Path, benchmark: str, method: str, seed: int
         "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.name", f"{benchmark}/{method}",
         "--trainer.logger.init_args.version", f"seed_{seed}",
-        "--trainer.enable_progress_bar", "false",  # the output is a log file, not a terminal
         *overrides,
     ]
 

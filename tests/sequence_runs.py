@@ -33,11 +33,12 @@ def fit_permuted_digits(
     lr_decay: float = 1.0,
     joint: bool = False,
     ckpt_path: Path | None = None,
+    seed: int = 0,
 ) -> tuple[Tensor, ContinualModule]:
-    """Seed 0, permuted 8x8 digits, MLP 64-hidden-10, batch 16: returns (accuracy matrix, module)."""
-    seed_everything(0)
+    """Seed 0 (or ``seed``), permuted 8x8 digits, MLP 64-hidden-10, batch 16: returns (accuracy matrix, module)."""
+    seed_everything(seed)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16,
-                             joint=joint, seed=0)
+                             joint=joint, seed=seed)
     module = ContinualModule(MLP(64, list(hidden), 10, dropout=dropout), lr=lr, lr_decay=lr_decay)
     matrix = AccuracyMatrix(print_table=False)
     trainer = Trainer(

@@ -350,6 +350,20 @@ class ContinualDataModule(LightningDataModule):
                            rank=trainer.global_rank if trainer is not None else 0,
                            world_size=trainer.world_size if trainer is not None else 1)
 
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, int]:
+        """The seed every task was derived from: a resumed run must derive the same tasks."""
+        return {"seed": self.resolved_seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Lightning restores this after `setup`, so both seeds are known here.
+        if state["seed"] != self.resolved_seed:
+            raise ConfigError(
+                f"the checkpoint was written by a run with seed {state['seed']} but this run has seed "
+                f"{self.resolved_seed}: its permutations, subsets and memories would differ from the "
+                f"checkpoint's. Resume with --seed_everything {state['seed']} (the run's config.yaml has it)."
+            )
+
     def _batches_processed(self) -> int:
         """Training batches of the current epoch the loop has finished (saved for mid-epoch resume)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

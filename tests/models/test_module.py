@@ -27,3 +27,13 @@ def test_resume_in_the_middle_of_a_task_gives_the_same_run(tmp_path: Path, metho
     straight, resumed = straight_and_resumed(tmp_path, make_method, crash_step=130, num_tasks=3, dropout=0.2)
     assert_same_run(straight, resumed)
     assert torch.isfinite(straight[1].tril()).all()
+
+
+def test_resume_with_another_seed_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cl_lightning.errors import ConfigError
+
+    fit_permuted_digits(tmp_path / "run", [ModelCheckpoint(dirpath=tmp_path / "run", save_last=True)], num_tasks=2)
+    with pytest.raises(ConfigError, match="seed 0 but this run has seed 1.*--seed_everything 0"):
+        fit_permuted_digits(tmp_path / "other", num_tasks=2, seed=1, ckpt_path=tmp_path / "run" / "last.ckpt")
