@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cl_lightning.data.sources import NUM_CLASSES, ImageSet, load_source
-from cl_lightning.data.tasks import apply_pixel_maps, check_split, permutation_maps, rotation_maps, split_classes
+from cl_lightning.data.tasks import apply_pixel_map, apply_pixel_maps, check_split, permutation_maps, rotation_maps, split_classes
 from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator, run_seed
 
@@ -69,7 +69,9 @@ class TaskDataset(Dataset):
         """
         images = self.base.images[self.base_index]
         if self.pixel_maps is not None:
-            images = apply_pixel_maps(images, self.pixel_maps[self.task])
+            for task in self.task.unique().tolist():  # one map per task: no per-pixel index
+                rows = (self.task == task).nonzero().squeeze(1)
+                images[rows] = apply_pixel_map(images[rows], self.pixel_maps[task])
         base = ImageSet(images.to(device), self.base.targets[self.base_index].to(device),
                         self.base.max_value, self.base.num_classes)
         index = torch.arange(len(self), device=device)

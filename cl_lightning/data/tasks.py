@@ -2,9 +2,10 @@
 
 Permuted and rotated tasks only move pixels: task t's image is a *gather* of the base image's
 pixels through a fixed index map (a permutation, or the nearest-neighbour source pixel of a
-rotation, with -1 where the rotated image is filled with 0). Keeping the map instead of
-materialising T transformed copies of the dataset costs one indexing op per batch, needs no PIL
-and no per-task preparation time, and works on any device.
+rotation, with -1 where the rotated image is filled with 0). Keeping the maps instead of T
+transformed copies of the dataset needs no PIL and works on any device: the task being trained is
+gathered once into its own tensor (:func:`apply_pixel_map`), evaluation and memory batches are
+gathered as they are drawn, whatever mix of tasks they hold (:func:`apply_pixel_maps`).
 
 Split tasks select classes; nothing is transformed, the task id selects the logits.
 """
@@ -54,6 +55,19 @@ def rotation_map(height: int, width: int, degrees: float) -> Tensor:
 def rotation_maps(num_tasks: int, height: int, width: int, degrees_per_task: float) -> Tensor:
     """Pixel maps of the rotated benchmark: task t is rotated by (t-1) * ``degrees_per_task``."""
     return torch.stack([rotation_map(height, width, t * degrees_per_task) for t in range(num_tasks)])
+
+
+def apply_pixel_map(images: Tensor, pixel_map: Tensor) -> Tensor:
+    """Gather the pixels of every image (N, C, H, W) through one map (H*W,): a whole task at once.
+
+    Same result as :func:`apply_pixel_maps` with the map repeated, without building an (N, H*W)
+    index (8 bytes per pixel: 376 MB for a 60k-image MNIST task).
+    """
+    n, c, h, w = images.shape
+    flat = images.reshape(n, c, h * w)
+    flat = torch.cat([flat, flat.new_zeros(n, c, 1)], dim=2)  # index h*w is the fill value 0
+    index = torch.where(pixel_map < 0, h * w, pixel_map)
+    return flat.index_select(2, index).view(n, c, h, w)
 
 
 def apply_pixel_maps(images: Tensor, maps: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from torchvision.transforms.functional import InterpolationMode, rotate
 
 from cl_lightning.data.tasks import (
     FILL,
+    apply_pixel_map,
     apply_pixel_maps,
     identity_map,
     permutation_maps,
@@ -156,6 +157,13 @@ def test_apply_pixel_maps_batch_mixing_tasks() -> None:
     assert torch.equal(out[1], images[1])  # identity row unchanged
     assert torch.all(out[3].reshape(c, n)[:, ::4] == 0)  # FILL gives 0
     assert not torch.equal(out[0], out[2])
+
+
+def test_one_map_for_a_whole_task_equals_the_per_image_maps() -> None:
+    images = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8)
+    for pixel_map in (rotation_map(5, 6, 33.0), permutation_maps(2, 30, torch.Generator().manual_seed(1))[1]):
+        expected = apply_pixel_maps(images, pixel_map.expand(7, 30))
+        assert torch.equal(apply_pixel_map(images, pixel_map), expected)
 
 
 def test_apply_pixel_maps_keeps_uint8_and_does_not_modify_input() -> None:
