@@ -69,9 +69,13 @@ class TaskDataset(Dataset):
         """
         images = self.base.images[self.base_index]
         if self.pixel_maps is not None:
-            for task in self.task.unique().tolist():  # one map per task: no per-pixel index
-                rows = (self.task == task).nonzero().squeeze(1)
-                images[rows] = apply_pixel_map(images[rows], self.pixel_maps[task])
+            tasks = self.task.unique().tolist()
+            if len(tasks) == 1:  # the usual case: one map for the whole dataset, no per-pixel index
+                images = apply_pixel_map(images, self.pixel_maps[tasks[0]])
+            else:  # the multitask union: each task's rows through its own map
+                for task in tasks:
+                    rows = (self.task == task).nonzero().squeeze(1)
+                    images[rows] = apply_pixel_map(images[rows], self.pixel_maps[task])
         base = ImageSet(images.to(device), self.base.targets[self.base_index].to(device),
                         self.base.max_value, self.base.num_classes)
         index = torch.arange(len(self), device=device)
