@@ -1,0 +1,197 @@
+"""``cl-lightning sweep``: a grid of settings x seeds on Ray Tune, selection on validation, final seeds on test.
+
+Phases, all below ``<root>/<name>/``:
+
+1. search: every setting of the grid file x its ``seeds`` is a Ray Tune trial running an ordinary
+   ``cl-lightning fit`` of the base config with the setting's overrides and ``data.val_fraction``
+   of the training data held out; runs go to ``search/<benchmark>/<method>[<setting>]/seed_<n>/``.
+2. selection: the setting of best mean final average accuracy on that validation split
+   (:mod:`cl_lightning.sweep.select`), written to ``selection.md`` and as a ready config, ``best.yaml``
+   (``data.val_fraction`` 0 again: the whole training set, evaluated on the test set).
+3. final: ``best.yaml`` over ``final_seeds`` into ``final/<benchmark>/<method>/seed_<n>/``, then
+   ``cl-lightning report`` of that folder: test average accuracy ± std and forgetting.
+
+Trials run in parallel on a local Ray started and stopped here, or on the Ray cluster at
+``--address``. What is done is read from the run folders (:mod:`cl_lightning.sweep.trial`), so the
+same command, rerun, skips finished trials and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cl_lightning.analysis.report import write_report
+from cl_lightning.errors import UserError
+from cl_lightning.grid import is_finished
+from cl_lightning.sweep.grid_file import Grid, check_keys, load_grid, override_args, setting_label, short_names
+from cl_lightning.sweep.select import best, score, table, write_best_config
+from cl_lightning.sweep.trial import TrialSpec, ray_trainable
+
+
+class SweepError(UserError, RuntimeError):
+    """A sweep that cannot start (missing config, no Ray) or whose final runs failed."""
+
+
+def import_ray() -> Any:
+    """Ray Tune, or a message saying how to install it (it is an optional extra)."""
+    try:
+        import ray
+        from ray import tune  # noqa: F401
+    except ImportError as err:
+        raise SweepError(f"`cl-lightning sweep` needs Ray Tune, which is not installed ({err}): "
+                         "pip install 'cl_lightning[sweep]' (or pip install 'ray[tune]>=2.9')") from err
+    return ray
+
+
+def resolve_config(args: list[str]) -> str:
+    """The full config ``cl-lightning fit <args>`` would run, as YAML (LightningCLI's ``--print_config``)."""
+    from cl_lightning.cli import cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: Any = None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main(["fit", *args, "--print_config"])
+        except SystemExit as exit_:
+            code = exit_.code
+    if code not in (None, 0):
+        message = next((line for line in reversed(err.getvalue().splitlines()) if line.startswith("error:")), err.getvalue())
+        raise SweepError(f"cl-lightning fit {' '.join(args)} does not parse: {message.removeprefix('error: ')}")
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to the cluster at ``address`` or start a local Ray, and let it go at the end; an
+    already connected Ray (a script's, a test's) is used as it is and left connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield
+        return
+    # Trials run `python -m cl_lightning...` in Ray's workers: give them this process's import path.
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, storage: Path) -> None:
+    """Run the specs not finished yet as Ray Tune trials, printing the live status."""
+    from ray import tune
+
+    from cl_lightning.sweep.status import StatusLine
+
+    pending = [spec for spec in specs if not is_finished(spec.folder)]
+    print(f"[{phase}] {len(specs)} trial(s), {len(specs) - len(pending)} finished already", flush=True)
+    if not pending:
+        return
+    by_name = {spec.name: spec for spec in pending}
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(ray_trainable, specs=by_name), resources),
+        param_space={"trial": tune.grid_search(list(by_name))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(
+            name=f"{phase}_{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[StatusLine(phase, by_name, len(specs) - len(pending), len(specs))],
+        ),
+    )
+    tuner.fit()
+
+
+def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Path, extra: list[str]) -> dict[tuple, list[TrialSpec]]:
+    """The search trials of every setting: the base config, the held-out split, the setting's values."""
+    names = short_names(list(grid.params))
+    return {
+        setting: [TrialSpec(root / "search", benchmark, f"{method}[{setting_label(setting, names)}]", seed,
+                            ["--config", str(config), "--data.val_fraction", str(grid.val_fraction),
+                             *override_args(setting), *extra], Path.cwd())
+                  for seed in grid.seeds]
+        for setting in grid.settings()
+    }
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(
+        prog="cl-lightning sweep",
+        usage="cl-lightning sweep --config CONFIG --grid GRID [options] [-- fit overrides for every trial]",
+        description="Search a grid of settings on a validation split held out of the training data, write the best "
+        "setting as a config (best.yaml), run it over the final seeds on the full training set and report test "
+        "average accuracy ± std and forgetting. Trials run in parallel on Ray Tune; rerun the same command to resume. "
+        "Everything goes to <root>/<name>/. See docs/sweep.md.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="base config, e.g. configs/mcsgd/rotated_mnist.yaml "
+                        "(method = its folder, benchmark = its name)")
+    parser.add_argument("--grid", type=Path, required=True, help="grid file, e.g. configs/grids/mcsgd_rotated_mnist.yaml")
+    parser.add_argument("--root", type=Path, default=Path("lightning_logs/sweeps"), help="(default: %(default)s)")
+    parser.add_argument("--name", default=None, help="the sweep's folder below --root (default: the grid file's name)")
+    parser.add_argument("--max_concurrent", type=int, default=None, help="trials at once (default: as many as the "
+                        "resources allow)")
+    parser.add_argument("--cpus_per_trial", type=float, default=1, help="CPUs Ray reserves per trial (default: %(default)s)")
+    parser.add_argument("--gpus_per_trial", type=float, default=0, help="GPUs per trial, fractions allowed "
+                        "(default: %(default)s); add `-- --trainer.accelerator gpu`")
+    parser.add_argument("--address", default=None, help="Ray cluster to run on, e.g. auto or ray://head:10001 "
+                        "(default: start a local Ray for this sweep)")
+    parser.add_argument("--search_only", action="store_true", help="stop after writing best.yaml")
+    parser.add_argument("--dry_run", action="store_true", help="print the search trials' commands; run nothing")
+    return parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv), extra
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``cl-lightning sweep``; ``argv`` are the arguments after ``sweep`` (default: ``sys.argv[2:]``)."""
+    args, extra = parse_args(list(sys.argv[2:] if argv is None else argv))
+    grid = load_grid(args.grid)
+    if not args.config.is_file():
+        raise SweepError(f"no base config {args.config}: pass one of configs/<method>/<benchmark>.yaml "
+                         "(run from the repository root)")
+    config = args.config.resolve()
+    method, benchmark = config.parent.name, config.stem
+    check_keys(grid, yaml.safe_load(resolve_config(["--config", str(config), *extra])), args.config)
+    root = (args.root / (args.name or args.grid.stem)).resolve()
+    search = search_specs(grid, config, method, benchmark, root, extra)
+    if args.dry_run:
+        for spec in (s for specs in search.values() for s in specs):
+            state = "finished already" if is_finished(spec.folder) else "cl-lightning " + " ".join(spec.fit_args())
+            print(f"{spec.name}: {state}")
+        return
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise SweepError(f"--max_concurrent must be at least 1, got {args.max_concurrent}")
+    start = time.monotonic()
+    with ray_session(args.address):
+        run_phase("search", [s for specs in search.values() for s in specs], args, root / "ray")
+        names = short_names(list(grid.params))
+        scores = [score(setting, setting_label(setting, names), specs) for setting, specs in search.items()]
+        chosen = best(scores)
+        selection = table(scores, chosen)
+        (root / "selection.md").write_text(f"# Selection: {args.grid} on {args.config}\n\nScore: final average accuracy "
+                                           f"on the validation split (data.val_fraction {grid.val_fraction:g}), mean ± std "
+                                           f"over seeds {grid.seeds}.\n\n{selection}\n")
+        resolved = resolve_config(["--config", str(config), *override_args(chosen.setting), *extra, "--data.val_fraction", "0"])
+        write_best_config(root / "best.yaml", resolved, chosen, args.config, grid.val_fraction)
+        print(f"\n{selection}\n\nbest setting: {chosen.label} -> {root / 'best.yaml'}", flush=True)
+        if args.search_only:
+            return
+        finals = [TrialSpec(root / "final", benchmark, method, seed, ["--config", str(root / "best.yaml"), *extra], Path.cwd())
+                  for seed in grid.final_seeds]
+        run_phase("final", finals, args, root / "ray")
+    report, files = write_report(root / "final")
+    print(f"\nTest split, best setting {chosen.label}, seeds {grid.final_seeds}: average accuracy (%) ± std / forgetting ± std\n"
+          f"{report.table()}\nwritten: {files[0]}; sweep wall time {time.monotonic() - start:.0f} s", flush=True)
+    failed = [run.name for run in report.not_finished]
+    if failed:
+        raise SweepError(f"{len(failed)} final run(s) did not finish: {', '.join(failed)}; fix the cause and rerun the same "
+                         "command (finished runs are kept)")

@@ -1,0 +1,102 @@
+"""Grid files, run-folder labels and the sweep's input errors: fast, no Ray trial runs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cl_lightning.cli import main as cl_main
+from cl_lightning.sweep.grid_file import GridFileError, check_keys, load_grid, override_args, setting_label, short_names
+from cl_lightning.sweep.select import SelectionError, score
+from cl_lightning.sweep.trial import TrialSpec
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_the_product_in_file_order_with_cli_overrides(tmp_path):
+    grid = load_grid(write(tmp_path, "params:\n  model.lr: [0.1, 0.01]\n  trainer.callbacks.init_args.lr: [0.005]\n"
+                                     "  data.shuffle: [true, false]\nseeds: [0, 1]\n"))
+    settings = grid.settings()
+    assert len(settings) == 4 and grid.final_seeds == [0, 1] and grid.val_fraction == 0.1
+    assert settings[1] == (("model.lr", 0.1), ("trainer.callbacks.init_args.lr", 0.005), ("data.shuffle", False))
+    assert override_args(settings[1]) == ["--model.lr", "0.1", "--trainer.callbacks.init_args.lr", "0.005",
+                                          "--data.shuffle", "false"]
+    names = short_names(list(grid.params))
+    assert names == {"model.lr": "model.lr", "trainer.callbacks.init_args.lr": "init_args.lr", "data.shuffle": "shuffle"}
+    assert setting_label(settings[1], names) == "model.lr=0.1,init_args.lr=0.005,shuffle=false"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nseed: 3\n", "unknown key(s) 'seed'"),
+    ("params: {model.lr: []}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
+    ("params: {model.lr: 0.1}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
+    ("params: {}\nseeds: [0]\n", "'params' must map dotted keys to lists"),
+    ("params: {model.lr: [0.1]}\n", "'seeds' must be a non-empty list of integers"),
+    ("params: {model.lr: [0.1]}\nseeds: [0, 0]\n", "lists a seed twice"),
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nval_fraction: 0\n", "val_fraction must be a number in (0, 1)"),
+    ("params: {data.val_fraction: [0.2]}\nseeds: [0]\n", "is set by the sweep itself"),
+    ("params: [model.lr]\nseeds: [0]\n", "'params' must map"),
+    ("params: {model.lr: [0.1\n", "is not valid YAML"),
+])
+def test_bad_grid_files_are_named_with_the_fix(tmp_path, text, message):
+    with pytest.raises(GridFileError) as err:
+        load_grid(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_keys_are_checked_against_the_resolved_config_through_the_callback_list(tmp_path):
+    config = {"model": {"lr": 0.1}, "trainer": {"callbacks": [{"class_path": "X", "init_args": {"alpha0": 0.1}}]}}
+    check_keys(load_grid(write(tmp_path, "params: {trainer.callbacks.init_args.alpha0: [0.1]}\nseeds: [0]\n")),
+               config, Path("c.yaml"))
+    with pytest.raises(GridFileError, match="params.model.lrr is not a setting of c.yaml; did you mean model.lr"):
+        check_keys(load_grid(write(tmp_path, "params: {model.lrr: [0.1]}\nseeds: [0]\n")), config, Path("c.yaml"))
+
+
+def test_command_line_errors(tmp_path, capsys):
+    grid = write(tmp_path, "params: {model.lrr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cl_main(["sweep", "--config", str(tmp_path / "nope.yaml"), "--grid", str(grid)])
+    assert str(exit_info.value.code).startswith("error: no base config") and "nope.yaml" in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:  # checked before any Ray or trial starts
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid)])
+    assert "params.model.lrr is not a setting" in str(exit_info.value.code) and "did you mean model.lr" in str(exit_info.value.code)
+
+
+def test_dry_run_prints_the_trials_commands(tmp_path, capsys):
+    grid = write(tmp_path, "params: {model.lr: [0.1, 0.01]}\nseeds: [3]\n")
+    cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+             "--root", str(tmp_path / "runs"), "--dry_run", "--", "--data.num_tasks", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["permuted_digits/naive[lr=0.1]/seed_3", "permuted_digits/naive[lr=0.01]/seed_3"]
+    assert "--data.val_fraction 0.1 --model.lr 0.1 --data.num_tasks 2 --seed_everything 3" in lines[0]
+    assert f"save_dir {tmp_path / 'runs' / 'grid' / 'search'}" in lines[0]
+
+
+def test_without_ray_the_message_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as when it is not installed
+    grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+                 "--root", str(tmp_path / "runs")])
+    assert str(exit_info.value.code).startswith("error: `cl-lightning sweep` needs Ray Tune, which is not installed")
+    assert "pip install 'cl_lightning[sweep]'" in str(exit_info.value.code)
+
+
+def test_selection_refuses_a_run_scored_on_the_test_split(tmp_path):
+    spec = TrialSpec(tmp_path, "permuted_digits", "naive[lr=0.1]", 0)
+    spec.folder.mkdir(parents=True)
+    record = {"split": "test", "tasks_completed": 1, "num_tasks": 1, "matrix": [[90.0]], "average_accuracy": 90.0,
+              "forgetting": 0.0}
+    (spec.folder / "accuracy_matrix.json").write_text(json.dumps(record))
+    with pytest.raises(SelectionError, match="measured on the test split; a sweep selects on the val split only"):
+        score((("model.lr", 0.1),), "lr=0.1", [spec])
+    record["split"] = "val"
+    (spec.folder / "accuracy_matrix.json").write_text(json.dumps(record))
+    assert score((("model.lr", 0.1),), "lr=0.1", [spec]).scores == [90.0]
