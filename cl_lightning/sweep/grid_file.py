@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +125,11 @@ def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
 
 
 def cli_value(value: Any) -> str:
-    """A value as LightningCLI parses it on the command line (YAML/JSON; strings as they are)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value as LightningCLI parses it back from the command line: YAML (PyYAML reads ``1e-05``
+    as a string, ``1.0e-05`` as a float), strings as they are."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
 
 
 def override_args(setting: Setting) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from cl_lightning.analysis.report import write_report
+from cl_lightning.analysis.runs import FAILED_MARKER
 from cl_lightning.errors import UserError
 from cl_lightning.grid import is_finished
 from cl_lightning.sweep.grid_file import Grid, check_keys, load_grid, override_args, setting_label, short_names
@@ -87,14 +88,23 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def has_failed(spec: TrialSpec) -> bool:
+    return (spec.folder / FAILED_MARKER).exists()
+
+
 def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, storage: Path) -> None:
-    """Run the specs not finished yet as Ray Tune trials, printing the live status."""
+    """Run the specs neither finished nor failed yet (failed too with ``--retry_failed``) as Ray
+    Tune trials, printing the live status. A failure is a result of the search (a learning rate
+    that diverges fails again), so a rerun does not repeat it unless asked."""
     from ray import tune
 
     from cl_lightning.sweep.status import StatusLine
 
-    pending = [spec for spec in specs if not is_finished(spec.folder)]
-    print(f"[{phase}] {len(specs)} trial(s), {len(specs) - len(pending)} finished already", flush=True)
+    finished = [spec for spec in specs if is_finished(spec.folder)]
+    failed = [spec for spec in specs if not is_finished(spec.folder) and has_failed(spec) and not args.retry_failed]
+    pending = [spec for spec in specs if spec not in finished and spec not in failed]
+    print(f"[{phase}] {len(specs)} trial(s): {len(finished)} finished and {len(failed)} failed already"
+          + (" (--retry_failed runs them again)" if failed else ""), flush=True)
     if not pending:
         return
     by_name = {spec.name: spec for spec in pending}
@@ -106,7 +116,7 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
         run_config=tune.RunConfig(
             name=f"{phase}_{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage), verbose=0,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[StatusLine(phase, by_name, len(specs) - len(pending), len(specs))],
+            callbacks=[StatusLine(phase, by_name, len(finished), [spec.name for spec in failed], len(specs))],
         ),
     )
     tuner.fit()
@@ -146,6 +156,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "(default: %(default)s); add `-- --trainer.accelerator gpu`")
     parser.add_argument("--address", default=None, help="Ray cluster to run on, e.g. auto or ray://head:10001 "
                         "(default: start a local Ray for this sweep)")
+    parser.add_argument("--retry_failed", action="store_true", help="run failed trials again (default: a rerun "
+                        "keeps their failure and runs only unfinished ones)")
     parser.add_argument("--search_only", action="store_true", help="stop after writing best.yaml")
     parser.add_argument("--dry_run", action="store_true", help="print the search trials' commands; run nothing")
     return parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv), extra
@@ -165,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     search = search_specs(grid, config, method, benchmark, root, extra)
     if args.dry_run:
         for spec in (s for specs in search.values() for s in specs):
-            state = "finished already" if is_finished(spec.folder) else "cl-lightning " + " ".join(spec.fit_args())
+            state = ("finished already" if is_finished(spec.folder) else "failed already" if has_failed(spec) and not
+                     args.retry_failed else "cl-lightning " + " ".join(spec.fit_args()))
             print(f"{spec.name}: {state}")
         return
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -194,4 +207,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = [run.name for run in report.not_finished]
     if failed:
         raise SweepError(f"{len(failed)} final run(s) did not finish: {', '.join(failed)}; fix the cause and rerun the same "
-                         "command (finished runs are kept)")
+                         "command with --retry_failed (finished runs are kept)")

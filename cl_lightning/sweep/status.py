@@ -19,9 +19,10 @@ from cl_lightning.sweep.trial import TrialSpec, read_result
 class StatusLine(Callback):
     """Prints ``[phase] d/n done, r running, f failed, p pending | <event>`` on each trial start and end."""
 
-    def __init__(self, phase: str, specs: dict[str, TrialSpec], done_before: int, total: int) -> None:
+    def __init__(self, phase: str, specs: dict[str, TrialSpec], finished_before: int, failed_before: list[str],
+                 total: int) -> None:
         self.phase, self.specs, self.total = phase, specs, total
-        self.done, self.running, self.failed = done_before, set(), []
+        self.done, self.running, self.failed = finished_before, set(), list(failed_before)
 
     def _line(self, event: str) -> None:
         pending = self.total - self.done - len(self.running) - len(self.failed)

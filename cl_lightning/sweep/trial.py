@@ -10,8 +10,9 @@ crash or a kill picks up exactly where the runs are:
 
 - finished (all T rows of the accuracy matrix): not run again, its result is reported as is;
 - interrupted with a ``checkpoints/last.ckpt``: resumed from it with ``--ckpt_path``;
-- failed (``FAILED`` marker) or interrupted before its first checkpoint: moved aside to
-  ``.seed_<n>.attempt<k>`` (hidden from ``report``) and run again.
+- interrupted before its first checkpoint, or failed (``FAILED`` marker; the sweep retries those
+  only with ``--retry_failed``): moved aside to ``.seed_<n>.attempt<k>`` (hidden from ``report``)
+  and run again from the start.
 
 While the run trains, each new row of its accuracy matrix is reported to Ray Tune (tasks done,
 average accuracy so far), so the sweep's status shows progress inside trials too.
