@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cl_lightning.cli import main as cl_main
 from cl_lightning.sweep.grid_file import GridFileError, check_keys, load_grid, override_args, setting_label, short_names
@@ -100,3 +101,36 @@ def test_selection_refuses_a_run_scored_on_the_test_split(tmp_path):
     record["split"] = "val"
     (spec.folder / "accuracy_matrix.json").write_text(json.dumps(record))
     assert score((("model.lr", 0.1),), "lr=0.1", [spec]).scores == [90.0]
+
+
+def shipped_grids() -> list[tuple[Path, Path]]:
+    """Every grid file of configs/grids with the config it is for (``<method>_<benchmark>.yaml``)."""
+    methods = sorted((p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "grids"), key=len, reverse=True)
+    pairs = [(CONFIGS / "grids" / "demo_digits.yaml", CONFIGS / "naive" / "permuted_digits.yaml")]
+    for grid in sorted((CONFIGS / "grids").glob("*.yaml")):
+        method = next((m for m in methods if grid.stem.startswith(m + "_")), None)
+        if method is not None:
+            pairs.append((grid, CONFIGS / method / f"{grid.stem[len(method) + 1:]}.yaml"))
+    return pairs
+
+
+def test_shipped_grid_files_parse_and_name_settings_of_their_configs():
+    pairs = shipped_grids()
+    assert len(pairs) == 36  # the demo + 7 methods x 5 benchmarks
+    for grid_path, config in pairs:
+        grid = load_grid(grid_path)
+        # the config file as written holds every key a grid varies (the resolved config holds more)
+        check_keys(grid, yaml.safe_load(config.read_text()), config)
+        assert len(grid.settings()) >= 2
+    rot_fashion = load_grid(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml")
+    assert list(rot_fashion.params) == ["trainer.callbacks.init_args.lr", "trainer.callbacks.init_args.alpha0"]
+    assert rot_fashion.seeds == rot_fashion.final_seeds == [0, 1, 2]
+
+
+def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys):
+    cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
+             "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 36  # 4 consolidation lrs x 3 alpha0 x 3 seeds
+    assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seed_0: cl-lightning fit")
+    assert "--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 0.05" in lines[0]
