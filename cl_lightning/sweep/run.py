@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import sys
 import time
@@ -34,7 +35,16 @@ from cl_lightning.analysis.report import write_report
 from cl_lightning.analysis.runs import FAILED_MARKER
 from cl_lightning.errors import UserError
 from cl_lightning.grid import is_finished
-from cl_lightning.sweep.grid_file import Grid, check_keys, load_grid, override_args, setting_label, short_names
+from cl_lightning.sweep.grid_file import (
+    Grid,
+    GridFileError,
+    Setting,
+    check_keys,
+    load_grid,
+    override_args,
+    setting_label,
+    short_names,
+)
 from cl_lightning.sweep.select import best, score, table, write_best_config
 from cl_lightning.sweep.trial import TrialSpec, ray_trainable
 
@@ -123,15 +133,38 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
 
 
 def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Path, extra: list[str]) -> dict[tuple, list[TrialSpec]]:
-    """The search trials of every setting: the base config, the held-out split, the setting's values."""
+    """The search trials of every setting: the base config, the overrides given after ``--``, the
+    setting's values (they win over those), and the held-out split (it wins over everything)."""
     names = short_names(list(grid.params))
+    labels: dict[str, Setting] = {}
+    for setting in grid.settings():
+        label = setting_label(setting, names)
+        if label in labels:
+            raise GridFileError(f"{grid.path}: the settings {labels[label]} and {setting} would share the run folder "
+                                f"{method}[{label}]: remove the repeated value")
+        labels[label] = setting
     return {
-        setting: [TrialSpec(root / "search", benchmark, f"{method}[{setting_label(setting, names)}]", seed,
-                            ["--config", str(config), "--data.val_fraction", str(grid.val_fraction),
-                             *override_args(setting), *extra], Path.cwd())
+        setting: [TrialSpec(root / "search", benchmark, f"{method}[{label}]", seed,
+                            ["--config", str(config), *extra, *override_args(setting),
+                             "--data.val_fraction", str(grid.val_fraction)], Path.cwd())
                   for seed in grid.seeds]
-        for setting in grid.settings()
+        for label, setting in labels.items()
     }
+
+
+def claim(root: Path, config: Path, grid: Path) -> None:
+    """Record which base config and grid file the sweep folder belongs to (``sweep.json``), and refuse
+    to mix another sweep into it: its best.yaml and final runs would be taken for this one's."""
+    record = {"config": str(config), "grid": str(grid.resolve())}
+    path = root / "sweep.json"
+    if path.exists():
+        owner = json.loads(path.read_text())
+        if owner != record:
+            raise SweepError(f"{root} holds the sweep of {owner['config']} with {owner['grid']}, not of {config} with "
+                             f"{grid}: pass another --name (or --root)")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -159,6 +192,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--retry_failed", action="store_true", help="run failed trials again (default: a rerun "
                         "keeps their failure and runs only unfinished ones)")
     parser.add_argument("--search_only", action="store_true", help="stop after writing best.yaml")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the final report's PNG figures (as cl-lightning report)")
     parser.add_argument("--dry_run", action="store_true", help="print the search trials' commands; run nothing")
     return parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv), extra
 
@@ -183,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise SweepError(f"--max_concurrent must be at least 1, got {args.max_concurrent}")
+    claim(root, config, args.grid)
     start = time.monotonic()
     with ray_session(args.address):
         run_phase("search", [s for specs in search.values() for s in specs], args, root / "ray")
@@ -193,15 +229,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         (root / "selection.md").write_text(f"# Selection: {args.grid} on {args.config}\n\nScore: final average accuracy "
                                            f"on the validation split (data.val_fraction {grid.val_fraction:g}), mean ± std "
                                            f"over seeds {grid.seeds}.\n\n{selection}\n")
-        resolved = resolve_config(["--config", str(config), *override_args(chosen.setting), *extra, "--data.val_fraction", "0"])
+        resolved = resolve_config(["--config", str(config), *extra, *override_args(chosen.setting), "--data.val_fraction", "0"])
         write_best_config(root / "best.yaml", resolved, chosen, args.config, grid.val_fraction)
         print(f"\n{selection}\n\nbest setting: {chosen.label} -> {root / 'best.yaml'}", flush=True)
         if args.search_only:
             return
-        finals = [TrialSpec(root / "final", benchmark, method, seed, ["--config", str(root / "best.yaml"), *extra], Path.cwd())
+        # best.yaml holds the overrides after `--` already
+        finals = [TrialSpec(root / "final", benchmark, method, seed, ["--config", str(root / "best.yaml")], Path.cwd())
                   for seed in grid.final_seeds]
         run_phase("final", finals, args, root / "ray")
-    report, files = write_report(root / "final")
+    report, files = write_report(root / "final", draw=args.plots)
     print(f"\nTest split, best setting {chosen.label}, seeds {grid.final_seeds}: average accuracy (%) ± std / forgetting ± std\n"
           f"{report.table()}\nwritten: {files[0]}; sweep wall time {time.monotonic() - start:.0f} s", flush=True)
     failed = [run.name for run in report.not_finished]

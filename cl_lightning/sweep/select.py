@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cl_lightning.analysis.runs import FAILED_MARKER
 from cl_lightning.errors import UserError
 from cl_lightning.sweep.grid_file import Setting
 from cl_lightning.sweep.trial import TrialSpec, read_result
@@ -54,7 +55,7 @@ def score(setting: Setting, label: str, specs: list[TrialSpec]) -> SettingScore:
     result = SettingScore(setting, label, specs)
     for spec in specs:
         record = read_result(spec.folder)
-        if record is None or record["tasks_completed"] < record["num_tasks"] or (spec.folder / "FAILED").exists():
+        if record is None or record["tasks_completed"] < record["num_tasks"] or (spec.folder / FAILED_MARKER).exists():
             result.problems.append(f"seed {spec.seed} not finished (see {spec.folder})")
             continue
         if record["split"] != OBJECTIVE_SPLIT:

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def failure_reason(code: int, folder: Path) -> str:
     return f"{reason}: {error}" if error else reason
 
 
-def execute(spec: TrialSpec, report: Any = None) -> dict[str, Any]:
+def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume, or skip) the trial; ``report(metrics)`` gets each new row's summaries.
     Returns the final summaries; raises :class:`TrialFailedError` after leaving a ``FAILED`` marker."""
     folder = spec.folder

@@ -1,6 +1,5 @@
-"""Grid files, run-folder labels and the sweep's input errors: fast, no Ray trial runs."""
+"""Grid files, run-folder labels, the shipped grids and the sweep's input errors: fast, no Ray trial runs."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -9,8 +8,6 @@ import yaml
 
 from cl_lightning.cli import main as cl_main
 from cl_lightning.sweep.grid_file import GridFileError, check_keys, load_grid, override_args, setting_label, short_names
-from cl_lightning.sweep.select import SelectionError, score
-from cl_lightning.sweep.trial import TrialSpec
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -76,7 +73,7 @@ def test_dry_run_prints_the_trials_commands(tmp_path, capsys):
              "--root", str(tmp_path / "runs"), "--dry_run", "--", "--data.num_tasks", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["permuted_digits/naive[lr=0.1]/seed_3", "permuted_digits/naive[lr=0.01]/seed_3"]
-    assert "--data.val_fraction 0.1 --model.lr 0.1 --data.num_tasks 2 --seed_everything 3" in lines[0]
+    assert "--data.num_tasks 2 --model.lr 0.1 --data.val_fraction 0.1 --seed_everything 3" in lines[0]
     assert f"save_dir {tmp_path / 'runs' / 'grid' / 'search'}" in lines[0]
 
 
@@ -88,19 +85,6 @@ def test_without_ray_the_message_says_how_to_install_it(tmp_path, monkeypatch):
                  "--root", str(tmp_path / "runs")])
     assert str(exit_info.value.code).startswith("error: `cl-lightning sweep` needs Ray Tune, which is not installed")
     assert "pip install 'cl_lightning[sweep]'" in str(exit_info.value.code)
-
-
-def test_selection_refuses_a_run_scored_on_the_test_split(tmp_path):
-    spec = TrialSpec(tmp_path, "permuted_digits", "naive[lr=0.1]", 0)
-    spec.folder.mkdir(parents=True)
-    record = {"split": "test", "tasks_completed": 1, "num_tasks": 1, "matrix": [[90.0]], "average_accuracy": 90.0,
-              "forgetting": 0.0}
-    (spec.folder / "accuracy_matrix.json").write_text(json.dumps(record))
-    with pytest.raises(SelectionError, match="measured on the test split; a sweep selects on the val split only"):
-        score((("model.lr", 0.1),), "lr=0.1", [spec])
-    record["split"] = "val"
-    (spec.folder / "accuracy_matrix.json").write_text(json.dumps(record))
-    assert score((("model.lr", 0.1),), "lr=0.1", [spec]).scores == [90.0]
 
 
 def shipped_grids() -> list[tuple[Path, Path]]:
@@ -134,3 +118,15 @@ def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys
     assert len(lines) == 36  # 4 consolidation lrs x 3 alpha0 x 3 seeds
     assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seed_0: cl-lightning fit")
     assert "--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 0.05" in lines[0]
+
+
+def test_repeated_values_and_a_folder_of_another_sweep_are_refused(tmp_path):
+    config = str(CONFIGS / "naive" / "permuted_digits.yaml")
+    grid = write(tmp_path, "params: {model.lr: [0.1, 0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit, match="would share the run folder naive\\[lr=0.1\\]: remove the repeated value"):
+        cl_main(["sweep", "--config", config, "--grid", str(grid), "--root", str(tmp_path), "--dry_run"])
+    grid.write_text("params: {model.lr: [0.1, 0.01]}\nseeds: [0]\n")
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "sweep.json").write_text('{"config": "/elsewhere/mcsgd/permuted_digits.yaml", "grid": "/g.yaml"}')
+    with pytest.raises(SystemExit, match="holds the sweep of /elsewhere/mcsgd/permuted_digits.yaml with /g.yaml.*pass another --name"):
+        cl_main(["sweep", "--config", config, "--grid", str(grid), "--root", str(tmp_path)])

@@ -58,27 +58,30 @@ def live_runs(root: Path) -> list[str]:
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_address):
     """4 trials (2 search settings, then the best one on 2 final seeds), 2 at a time: the sweep
-    process is killed after its first trial finished; the same command completes the sweep, runs
-    that trial no more, and writes 4 run folders that ``report`` reads."""
+    process is killed when its 2-task trial has finished and its 8-task one is mid-way; the same
+    command completes the sweep, runs the finished trial no more, resumes the other from its last
+    checkpoint, and writes 4 run folders that ``report`` reads."""
     grid = tmp_path / "demo.yaml"
-    grid.write_text("params:\n  model.lr: [0.1, 0.01]\nseeds: [0]\nfinal_seeds: [0, 1]\n")
+    grid.write_text("params:\n  data.num_tasks: [2, 8]\nseeds: [0]\nfinal_seeds: [0, 1]\n")
     root = tmp_path / "sweeps"
     argv = ["--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid), "--root", str(root),
-            "--max_concurrent", "2", "--address", ray_address, *TINY]
+            "--max_concurrent", "2", "--address", ray_address, "--no-plots", *TINY]
     search = root / "demo" / "search" / "permuted_digits"
     final = root / "demo" / "final" / "permuted_digits" / "naive"
-    folders = [search / f"naive[lr={lr}]" / "seed_0" for lr in ("0.1", "0.01")] + [final / f"seed_{s}" for s in (0, 1)]
+    short, long = search / "naive[num_tasks=2]" / "seed_0", search / "naive[num_tasks=8]" / "seed_0"
+    folders = [short, long, final / "seed_0", final / "seed_1"]
 
     with open(tmp_path / "sweep.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "cl_lightning", "sweep", *argv], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: any(map(is_finished, folders)), 240, "a first finished trial")
+        wait_for(lambda: is_finished(short) and (long / "checkpoints" / "last.ckpt").exists(), 240,
+                 "the 2-task trial to finish and the 8-task one to checkpoint a task")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     done = {f: (f / "accuracy_matrix.json").stat().st_mtime_ns for f in folders if is_finished(f)}
-    assert len(done) < len(folders), "the kill must come mid-way"
+    assert short in done and long not in done, "the kill must come mid-way"
     # the killed trials' training processes die with them, rather than training on as orphans
     wait_for(lambda: not live_runs(root), 60, "the killed trials' fit processes to exit")
 
@@ -89,8 +92,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_ad
     for folder, mtime in done.items():
         assert (folder / "accuracy_matrix.json").stat().st_mtime_ns == mtime
         assert (folder / "run.log").read_text().count("$ cl-lightning fit") == 1  # never started again
+    log = (long / "run.log").read_text()
+    assert "--- resumed ---" in log and f"--ckpt_path {long / 'checkpoints' / 'last.ckpt'}" in log
     report, _ = write_report(root / "demo" / "search", draw=False)
-    assert sorted((r.method, r.status) for r in report.runs) == [("naive[lr=0.01]", "finished"), ("naive[lr=0.1]", "finished")]
+    assert sorted((r.method, r.status) for r in report.runs) == [("naive[num_tasks=2]", "finished"), ("naive[num_tasks=8]", "finished")]
     final_report, _ = write_report(root / "demo" / "final", draw=False)
     assert [(r.name, r.status) for r in final_report.runs] == [("permuted_digits/naive/seed_0", "finished"),
                                                                 ("permuted_digits/naive/seed_1", "finished")]
@@ -123,7 +128,8 @@ def test_selection_uses_validation_not_test_and_a_bad_value_fails_alone(tmp_path
     grid = tmp_path / "lr.yaml"
     grid.write_text("params:\n  model.lr: [0.00001, -1.0, 0.1]\nseeds: [0]\nval_fraction: 0.2\n")
     root = tmp_path / "sweeps"
-    main(["--config", str(config), "--grid", str(grid), "--root", str(root), "--max_concurrent", "2", "--search_only"])
+    # half a CPU each: all 3 at once (the invalid one only parses its arguments)
+    main(["--config", str(config), "--grid", str(grid), "--root", str(root), "--cpus_per_trial", "0.5", "--search_only"])
 
     search = root / "lr" / "search" / "shifted_mnist"
     runs = {label: search / f"naive[lr={label}]" / "seed_0" for label in ("1e-05", "-1.0", "0.1")}
