@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -46,7 +47,7 @@ from cl_lightning.sweep.grid_file import (
     short_names,
 )
 from cl_lightning.sweep.select import best, score, table, write_best_config
-from cl_lightning.sweep.trial import TrialSpec, ray_trainable
+from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, ray_trainable
 
 
 class SweepError(UserError, RuntimeError):
@@ -81,6 +82,15 @@ def resolve_config(args: list[str]) -> str:
     return out.getvalue()
 
 
+class KnownTrialFailures(logging.Filter):
+    """Drops the traceback Ray Tune logs for a trial whose run failed (:class:`TrialFailedError`): the
+    status line prints its reason, the run folder's ``FAILED`` marker and Ray's ``error.txt`` keep it,
+    and a grid of diverging learning rates would otherwise bury the sweep's output in tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TrialFailedError))
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Connect to the cluster at ``address`` or start a local Ray, and let it go at the end; an
@@ -109,6 +119,10 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
     from ray import tune
 
     from cl_lightning.sweep.status import StatusLine
+
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, KnownTrialFailures) for f in controller_log.filters):
+        controller_log.addFilter(KnownTrialFailures())
 
     finished = [spec for spec in specs if is_finished(spec.folder)]
     failed = [spec for spec in specs if not is_finished(spec.folder) and has_failed(spec) and not args.retry_failed]

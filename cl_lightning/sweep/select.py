@@ -55,7 +55,11 @@ def score(setting: Setting, label: str, specs: list[TrialSpec]) -> SettingScore:
     result = SettingScore(setting, label, specs)
     for spec in specs:
         record = read_result(spec.folder)
-        if record is None or record["tasks_completed"] < record["num_tasks"] or (spec.folder / FAILED_MARKER).exists():
+        marker = spec.folder / FAILED_MARKER
+        if marker.exists():
+            result.problems.append(f"seed {spec.seed} failed: {(marker.read_text().splitlines() or [''])[0]}")
+            continue
+        if record is None or record["tasks_completed"] < record["num_tasks"]:
             result.problems.append(f"seed {spec.seed} not finished (see {spec.folder})")
             continue
         if record["split"] != OBJECTIVE_SPLIT:

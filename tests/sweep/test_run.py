@@ -116,7 +116,7 @@ def shifted_mnist(root: Path) -> Path:
     return root
 
 
-def test_selection_uses_validation_not_test_and_a_bad_value_fails_alone(tmp_path, ray_address, capsys):
+def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, ray_address, capsys):
     data = shifted_mnist(tmp_path / "data")
     config = tmp_path / "configs" / "naive" / "shifted_mnist.yaml"
     config.parent.mkdir(parents=True)
@@ -126,17 +126,18 @@ def test_selection_uses_validation_not_test_and_a_bad_value_fails_alone(tmp_path
         f"data: {{source: mnist, root: {data}, benchmark: permuted, num_tasks: 2, batch_size: 16}}\n"
         "trainer: {enable_model_summary: false}\n")
     grid = tmp_path / "lr.yaml"
-    grid.write_text("params:\n  model.lr: [0.00001, -1.0, 0.1]\nseeds: [0]\nval_fraction: 0.2\n")
+    grid.write_text("params:\n  model.lr: [0.00001, -1.0, 0.1, 1.0e+30]\nseeds: [0]\nval_fraction: 0.2\n")
     root = tmp_path / "sweeps"
-    # half a CPU each: all 3 at once (the invalid one only parses its arguments)
+    # half a CPU each: all 4 at once (two of them fail early)
     main(["--config", str(config), "--grid", str(grid), "--root", str(root), "--cpus_per_trial", "0.5", "--search_only"])
 
     search = root / "lr" / "search" / "shifted_mnist"
-    runs = {label: search / f"naive[lr={label}]" / "seed_0" for label in ("1e-05", "-1.0", "0.1")}
+    runs = {label: search / f"naive[lr={label}]" / "seed_0" for label in ("1e-05", "-1.0", "0.1", "1e+30")}
     assert sorted(p.name for p in search.iterdir()) == sorted(f"naive[lr={label}]" for label in runs)
-    # the invalid value failed alone, with its message
+    # the invalid value and the diverging one failed alone, with their messages
     failed = (runs["-1.0"] / "FAILED").read_text().splitlines()[0]
     assert "model.lr" in failed and "PositiveFloat" in failed
+    assert "error: the training loss is not finite (nan)" in (runs["1e+30"] / "FAILED").read_text().splitlines()[0]
     assert is_finished(runs["1e-05"]) and is_finished(runs["0.1"])
 
     def validation(label: str) -> float:
@@ -155,6 +156,7 @@ def test_selection_uses_validation_not_test_and_a_bad_value_fails_alone(tmp_path
     assert test_accuracy("1e-05") > test_accuracy("0.1")
     selection = (root / "lr" / "selection.md").read_text()
     assert "| lr=0.1 | 1/1 |" in selection and "**selected**" in selection.split("| lr=0.1 |")[1].splitlines()[0]
+    assert "| lr=-1.0 | 0/1 | — | seed 0 failed: exit code 2: error: Parser key \"model.lr\"" in selection
     assert "lr: 0.1" in (root / "lr" / "best.yaml").read_text() and "val_fraction: 0.0" in (root / "lr" / "best.yaml").read_text()
     assert not (root / "lr" / "final").exists()  # --search_only
 
@@ -162,7 +164,7 @@ def test_selection_uses_validation_not_test_and_a_bad_value_fails_alone(tmp_path
     rerun = ["--config", str(config), "--grid", str(grid), "--root", str(root), "--search_only"]
     capsys.readouterr()
     main(rerun)
-    assert "[search] 3 trial(s): 2 finished and 1 failed already (--retry_failed runs them again)" in capsys.readouterr().out
+    assert "[search] 4 trial(s): 2 finished and 2 failed already (--retry_failed runs them again)" in capsys.readouterr().out
     main([*rerun, "--dry_run", "--retry_failed"])
     out = capsys.readouterr().out
     assert "naive[lr=0.1]/seed_0: finished already" in out and "naive[lr=-1.0]/seed_0: cl-lightning fit" in out
