@@ -101,7 +101,11 @@ def ray_session(address: str | None) -> Iterator[None]:
         return
     # Trials run `python -m cl_lightning...` in Ray's workers: give them this process's import path.
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    except ConnectionError as err:
+        raise SweepError(f"cannot reach the Ray cluster at --address {address}: {err} Start it (ray start --head) or drop "
+                         "--address to run on a local Ray") from err
     try:
         yield
     finally:

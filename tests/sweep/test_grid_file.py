@@ -130,3 +130,12 @@ def test_repeated_values_and_a_folder_of_another_sweep_are_refused(tmp_path):
     (tmp_path / "grid" / "sweep.json").write_text('{"config": "/elsewhere/mcsgd/permuted_digits.yaml", "grid": "/g.yaml"}')
     with pytest.raises(SystemExit, match="holds the sweep of /elsewhere/mcsgd/permuted_digits.yaml with /g.yaml.*pass another --name"):
         cl_main(["sweep", "--config", config, "--grid", str(grid), "--root", str(tmp_path)])
+
+
+def test_an_unreachable_cluster_is_named(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit, match="error: cannot reach the Ray cluster at --address auto: .*ray start --head"):
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+                 "--root", str(tmp_path), "--address", "auto"])
