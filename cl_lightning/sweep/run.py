@@ -198,7 +198,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", type=Path, required=True, help="base config, e.g. configs/mcsgd/rotated_mnist.yaml "
                         "(method = its folder, benchmark = its name)")
     parser.add_argument("--grid", type=Path, required=True, help="grid file, e.g. configs/grids/mcsgd_rotated_mnist.yaml")
-    parser.add_argument("--root", type=Path, default=Path("lightning_logs/sweeps"), help="(default: %(default)s)")
+    parser.add_argument("--root", type=Path, default=Path("lightning_logs/sweeps"),
+                        help="folder of the sweeps (default: %(default)s)")
     parser.add_argument("--name", default=None, help="the sweep's folder below --root (default: the grid file's name)")
     parser.add_argument("--max_concurrent", type=int, default=None, help="trials at once (default: as many as the "
                         "resources allow)")
