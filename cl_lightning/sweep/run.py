@@ -49,6 +49,9 @@ from cl_lightning.sweep.grid_file import (
 from cl_lightning.sweep.select import best, score, table, write_best_config
 from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, ray_trainable
 
+#: The first Ray with the Tune-only ``ray.tune.report`` / ``tune.RunConfig`` (the extra in pyproject.toml says the same).
+MIN_RAY = "2.41"
+
 
 class SweepError(UserError, RuntimeError):
     """A sweep that cannot start (missing config, no Ray) or whose final runs failed."""
@@ -61,7 +64,11 @@ def import_ray() -> Any:
         from ray import tune  # noqa: F401
     except ImportError as err:
         raise SweepError(f"`cl-lightning sweep` needs Ray Tune, which is not installed ({err}): "
-                         "pip install 'cl_lightning[sweep]' (or pip install 'ray[tune]>=2.9')") from err
+                         f"pip install 'cl_lightning[sweep]' (or pip install 'ray[tune]>={MIN_RAY}')") from err
+    version = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
+    if version < tuple(map(int, MIN_RAY.split("."))):
+        raise SweepError(f"`cl-lightning sweep` needs Ray >= {MIN_RAY} (ray.tune.report, tune.RunConfig), found "
+                         f"{ray.__version__}: pip install -U 'cl_lightning[sweep]'")
     return ray
 
 
