@@ -46,7 +46,7 @@ from cl_lightning.sweep.grid_file import (
     setting_label,
     short_names,
 )
-from cl_lightning.sweep.select import best, score, table, write_best_config
+from cl_lightning.sweep.select import SettingScore, best, best_config, score, table
 from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, ray_trainable
 
 #: The first Ray with the Tune-only ``ray.tune.report`` / ``tune.RunConfig`` (the extra in pyproject.toml says the same).
@@ -157,7 +157,8 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
     tuner.fit()
 
 
-def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Path, extra: list[str]) -> dict[tuple, list[TrialSpec]]:
+def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Path,
+                 extra: list[str]) -> dict[Setting, list[TrialSpec]]:
     """The search trials of every setting: the base config, the overrides given after ``--``, the
     setting's values (they win over those), and the held-out split (it wins over everything)."""
     names = short_names(list(grid.params))
@@ -190,6 +191,36 @@ def claim(root: Path, config: Path, grid: Path) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def install_best(root: Path, text: str) -> None:
+    """Write ``best.yaml``. When it changes (the grid grew and another setting won), the final runs of
+    the previous one are moved aside to ``.final.replaced<k>`` (hidden from ``report``): the final
+    runs always belong to the current ``best.yaml``."""
+    path, final = root / "best.yaml", root / "final"
+    if path.exists() and path.read_text() != text and final.exists():
+        k = 1
+        while (aside := root / f".final.replaced{k}").exists():
+            k += 1
+        final.rename(aside)
+        print(f"the selected setting changed: the final runs of the previous one moved to {aside}", flush=True)
+    path.write_text(text)
+
+
+def select(grid: Grid, search: dict[Setting, list[TrialSpec]], config: Path, extra: list[str], root: Path,
+           args: argparse.Namespace) -> SettingScore:
+    """Score every setting on validation, pick the best, write ``selection.md`` and ``best.yaml``."""
+    names = short_names(list(grid.params))
+    scores = [score(setting, setting_label(setting, names), specs) for setting, specs in search.items()]
+    chosen = best(scores)
+    selection = table(scores, chosen)
+    (root / "selection.md").write_text(f"# Selection: {args.grid} on {args.config}\n\nScore: final average accuracy on "
+                                       f"the validation split (data.val_fraction {grid.val_fraction:g}), mean ± std over "
+                                       f"seeds {grid.seeds}.\n\n{selection}\n")
+    resolved = resolve_config(["--config", str(config), *extra, *override_args(chosen.setting), "--data.val_fraction", "0"])
+    install_best(root, best_config(resolved, chosen, args.config, grid.val_fraction))
+    print(f"\n{selection}\n\nbest setting: {chosen.label} -> {root / 'best.yaml'}", flush=True)
+    return chosen
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -248,16 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.monotonic()
     with ray_session(args.address):
         run_phase("search", [s for specs in search.values() for s in specs], args, root / "ray")
-        names = short_names(list(grid.params))
-        scores = [score(setting, setting_label(setting, names), specs) for setting, specs in search.items()]
-        chosen = best(scores)
-        selection = table(scores, chosen)
-        (root / "selection.md").write_text(f"# Selection: {args.grid} on {args.config}\n\nScore: final average accuracy "
-                                           f"on the validation split (data.val_fraction {grid.val_fraction:g}), mean ± std "
-                                           f"over seeds {grid.seeds}.\n\n{selection}\n")
-        resolved = resolve_config(["--config", str(config), *extra, *override_args(chosen.setting), "--data.val_fraction", "0"])
-        write_best_config(root / "best.yaml", resolved, chosen, args.config, grid.val_fraction)
-        print(f"\n{selection}\n\nbest setting: {chosen.label} -> {root / 'best.yaml'}", flush=True)
+        chosen = select(grid, search, config, extra, root, args)
         if args.search_only:
             return
         # best.yaml holds the overrides after `--` already

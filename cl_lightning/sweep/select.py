@@ -88,7 +88,7 @@ def table(scores: list[SettingScore], chosen: SettingScore | None) -> str:
     return "\n".join(lines)
 
 
-def write_best_config(path: Path, resolved_yaml: str, chosen: SettingScore, base: Path, val_fraction: float) -> None:
+def best_config(resolved_yaml: str, chosen: SettingScore, base: Path, val_fraction: float) -> str:
     """``best.yaml``: the base config resolved with the selected values, ready for ``cl-lightning fit --config``."""
     values = "\n".join(f"#   {key}: {value!r}" for key, value in chosen.setting)
     header = (
@@ -97,4 +97,4 @@ def write_best_config(path: Path, resolved_yaml: str, chosen: SettingScore, base
         f"{[spec.seed for spec in chosen.specs]}:\n{values}\n"
         "# data.val_fraction is back to 0: this config trains on the whole training set and evaluates on the test set.\n"
     )
-    path.write_text(header + resolved_yaml)
+    return header + resolved_yaml
