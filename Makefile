@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine; each creates .venv and installs what it needs once.
 #   make demo   the main job: MC-SGD vs the offline 8x8-digits task sequence (a few minutes on CPU)
-#   make test   the test suite
+#   make test   the test suite (with the `sweep` extra, Ray Tune, which `make demo` does not need)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CONFIG ?= configs/mcsgd/permuted_digits.yaml
 
-.PHONY: demo test install
+.PHONY: demo test install install-test
 
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,5 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cl-lightning fit --config $(DEMO_CONFIG)
 
-test: install
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test,sweep]"
+	touch $@
+
+test: install-test
 	$(BIN)/pytest -q

@@ -1,0 +1,141 @@
+"""Grid files, run-folder labels, the shipped grids and the sweep's input errors: fast, no Ray trial runs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cl_lightning.cli import main as cl_main
+from cl_lightning.sweep.grid_file import GridFileError, check_keys, load_grid, override_args, setting_label, short_names
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_the_product_in_file_order_with_cli_overrides(tmp_path):
+    grid = load_grid(write(tmp_path, "params:\n  model.lr: [0.1, 0.01]\n  trainer.callbacks.init_args.lr: [0.005]\n"
+                                     "  data.shuffle: [true, false]\nseeds: [0, 1]\n"))
+    settings = grid.settings()
+    assert len(settings) == 4 and grid.final_seeds == [0, 1] and grid.val_fraction == 0.1
+    assert settings[1] == (("model.lr", 0.1), ("trainer.callbacks.init_args.lr", 0.005), ("data.shuffle", False))
+    assert override_args(settings[1]) == ["--model.lr", "0.1", "--trainer.callbacks.init_args.lr", "0.005",
+                                          "--data.shuffle", "false"]
+    names = short_names(list(grid.params))
+    assert names == {"model.lr": "model.lr", "trainer.callbacks.init_args.lr": "init_args.lr", "data.shuffle": "shuffle"}
+    assert setting_label(settings[1], names) == "model.lr=0.1,init_args.lr=0.005,shuffle=false"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nseed: 3\n", "unknown key(s) 'seed'"),
+    ("params: {model.lr: []}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
+    ("params: {model.lr: 0.1}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
+    ("params: {}\nseeds: [0]\n", "'params' must map dotted keys to lists"),
+    ("params: {model.lr: [0.1]}\n", "'seeds' must be a non-empty list of integers"),
+    ("params: {model.lr: [0.1]}\nseeds: [0, 0]\n", "lists a seed twice"),
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nval_fraction: 0\n", "val_fraction must be a number in (0, 1)"),
+    ("params: {data.val_fraction: [0.2]}\nseeds: [0]\n", "is set by the sweep itself"),
+    ("params: [model.lr]\nseeds: [0]\n", "'params' must map"),
+    ("params: {model.lr: [0.1\n", "is not valid YAML"),
+])
+def test_bad_grid_files_are_named_with_the_fix(tmp_path, text, message):
+    with pytest.raises(GridFileError) as err:
+        load_grid(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_keys_are_checked_against_the_resolved_config_through_the_callback_list(tmp_path):
+    config = {"model": {"lr": 0.1}, "trainer": {"callbacks": [{"class_path": "X", "init_args": {"alpha0": 0.1}}]}}
+    check_keys(load_grid(write(tmp_path, "params: {trainer.callbacks.init_args.alpha0: [0.1]}\nseeds: [0]\n")),
+               config, Path("c.yaml"))
+    with pytest.raises(GridFileError, match="params.model.lrr is not a setting of c.yaml; did you mean model.lr"):
+        check_keys(load_grid(write(tmp_path, "params: {model.lrr: [0.1]}\nseeds: [0]\n")), config, Path("c.yaml"))
+
+
+def test_command_line_errors(tmp_path, capsys):
+    grid = write(tmp_path, "params: {model.lrr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cl_main(["sweep", "--config", str(tmp_path / "nope.yaml"), "--grid", str(grid)])
+    assert str(exit_info.value.code).startswith("error: no base config") and "nope.yaml" in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:  # checked before any Ray or trial starts
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid)])
+    assert "params.model.lrr is not a setting" in str(exit_info.value.code) and "did you mean model.lr" in str(exit_info.value.code)
+
+
+def test_dry_run_prints_the_trials_commands(tmp_path, capsys):
+    grid = write(tmp_path, "params: {model.lr: [0.1, 0.01]}\nseeds: [3]\n")
+    cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+             "--root", str(tmp_path / "runs"), "--dry_run", "--", "--data.num_tasks", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["permuted_digits/naive[lr=0.1]/seed_3", "permuted_digits/naive[lr=0.01]/seed_3"]
+    assert "--data.num_tasks 2 --model.lr 0.1 --data.val_fraction 0.1 --seed_everything 3" in lines[0]
+    assert f"save_dir {tmp_path / 'runs' / 'grid' / 'search'}" in lines[0]
+
+
+def test_without_ray_the_message_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as when it is not installed
+    grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+                 "--root", str(tmp_path / "runs")])
+    assert str(exit_info.value.code).startswith("error: `cl-lightning sweep` needs Ray Tune, which is not installed")
+    assert "pip install 'cl_lightning[sweep]'" in str(exit_info.value.code)
+
+
+def shipped_grids() -> list[tuple[Path, Path]]:
+    """Every grid file of configs/grids with the config it is for (``<method>_<benchmark>.yaml``)."""
+    methods = sorted((p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "grids"), key=len, reverse=True)
+    pairs = [(CONFIGS / "grids" / "demo_digits.yaml", CONFIGS / "naive" / "permuted_digits.yaml")]
+    for grid in sorted((CONFIGS / "grids").glob("*.yaml")):
+        method = next((m for m in methods if grid.stem.startswith(m + "_")), None)
+        if method is not None:
+            pairs.append((grid, CONFIGS / method / f"{grid.stem[len(method) + 1:]}.yaml"))
+    return pairs
+
+
+def test_shipped_grid_files_parse_and_name_settings_of_their_configs():
+    pairs = shipped_grids()
+    assert len(pairs) == 36  # the demo + 7 methods x 5 benchmarks
+    for grid_path, config in pairs:
+        grid = load_grid(grid_path)
+        # the config file as written holds every key a grid varies (the resolved config holds more)
+        check_keys(grid, yaml.safe_load(config.read_text()), config)
+        assert len(grid.settings()) >= 2
+    rot_fashion = load_grid(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml")
+    assert list(rot_fashion.params) == ["trainer.callbacks.init_args.lr", "trainer.callbacks.init_args.alpha0"]
+    assert rot_fashion.seeds == rot_fashion.final_seeds == [0, 1, 2]
+
+
+def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys):
+    cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
+             "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 36  # 4 consolidation lrs x 3 alpha0 x 3 seeds
+    assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seed_0: cl-lightning fit")
+    assert "--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 0.05" in lines[0]
+
+
+def test_repeated_values_and_a_folder_of_another_sweep_are_refused(tmp_path):
+    config = str(CONFIGS / "naive" / "permuted_digits.yaml")
+    grid = write(tmp_path, "params: {model.lr: [0.1, 0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit, match="would share the run folder naive\\[lr=0.1\\]: remove the repeated value"):
+        cl_main(["sweep", "--config", config, "--grid", str(grid), "--root", str(tmp_path), "--dry_run"])
+    grid.write_text("params: {model.lr: [0.1, 0.01]}\nseeds: [0]\n")
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "sweep.json").write_text('{"config": "/elsewhere/mcsgd/permuted_digits.yaml", "grid": "/g.yaml"}')
+    with pytest.raises(SystemExit, match="holds the sweep of /elsewhere/mcsgd/permuted_digits.yaml with /g.yaml.*pass another --name"):
+        cl_main(["sweep", "--config", config, "--grid", str(grid), "--root", str(tmp_path)])
+
+
+def test_an_unreachable_cluster_is_named(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit, match="error: cannot reach the Ray cluster at --address auto: .*ray start --head"):
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+                 "--root", str(tmp_path), "--address", "auto"])
