@@ -1,0 +1,44 @@
+"""TaskProgressBar: task labels, and one line per task instead of animated bars in a log file."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer, seed_everything
+
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.models.module import ContinualModule
+from cl_lightning.models.nets import MLP
+from cl_lightning.progress import TaskProgressBar
+
+
+def test_a_log_file_gets_one_line_per_task_with_the_average_accuracy(tmp_path: Path, caplog, capsys) -> None:
+    seed_everything(0)
+    dm = ContinualDataModule(source="digits", num_tasks=3, batch_size=16, seed=0)
+    matrix, bar = AccuracyMatrix(print_table=False), TaskProgressBar(interactive=False)
+    trainer = Trainer(**dm.trainer_settings(), callbacks=[bar, matrix], logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(ContinualModule(MLP(64, [32], 10)), dm)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task ")]
+    assert len(lines) == 3
+    steps = trainer.num_training_batches
+    for t, line in enumerate(lines):
+        found = re.fullmatch(rf"task {t + 1}/3: (\d+) steps in [\d.]+ s \(with evaluation\), average accuracy ([\d.]+) %", line)
+        assert found and int(found[1]) == steps
+        assert float(found[2]) == pytest.approx(matrix.matrix[t, : t + 1].mean().item(), abs=0.01)
+    assert "\r" not in capsys.readouterr().err  # no animated bar in a non-interactive output
+
+
+def test_the_bar_is_labelled_with_the_task(tmp_path: Path) -> None:
+    seed_everything(0)
+    dm = ContinualDataModule(source="digits", num_tasks=2, epochs_per_task=2, batch_size=64, seed=0)
+    bar = TaskProgressBar(interactive=True)
+    trainer = Trainer(**dm.trainer_settings(), callbacks=[bar], logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(ContinualModule(MLP(64, [32], 10)), dm)
+    assert bar.train_progress_bar.desc.startswith("Task 2/2 epoch 2/2")
