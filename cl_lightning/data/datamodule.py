@@ -39,12 +39,15 @@ class TaskDataset(Dataset):
     """
 
     def __init__(
-        self, base: ImageSet, base_index: Tensor, task: Tensor, pixel_maps: Tensor | None
+        self, base: ImageSet, base_index: Tensor, task: Tensor, pixel_maps: Tensor | None, only_task: int | None = None
     ) -> None:
         self.base = base
         self.base_index = base_index
         self.task = task
         self.pixel_maps = pixel_maps
+        # Every example of one task (an evaluation set, a task's training data): each batch goes
+        # through that one map, without an index per pixel.
+        self.only_map = pixel_maps[only_task] if pixel_maps is not None and only_task is not None else None
 
     def __len__(self) -> int:
         return len(self.base_index)
@@ -52,10 +55,12 @@ class TaskDataset(Dataset):
     def __getitems__(self, indices: list[int] | Tensor) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
         base_index, task = self.base_index[idx], self.task[idx]
-        x = self.base.images[base_index].float().div_(self.base.max_value)
-        if self.pixel_maps is not None:
-            x = apply_pixel_maps(x, self.pixel_maps[task])
-        return x, self.base.targets[base_index], task
+        images = self.base.images[base_index]
+        if self.only_map is not None:
+            images = apply_pixel_map(images, self.only_map)
+        elif self.pixel_maps is not None:
+            images = apply_pixel_maps(images, self.pixel_maps[task])
+        return images.float().div_(self.base.max_value), self.base.targets[base_index], task
 
     def __getitem__(self, index: int) -> Batch:
         x, y, t = self.__getitems__([index])
@@ -68,14 +73,12 @@ class TaskDataset(Dataset):
         uint8 keeps a 60k-example task at 47 MB (the multitask union of 20 tasks under 1 GB).
         """
         images = self.base.images[self.base_index]
-        if self.pixel_maps is not None:
-            tasks = self.task.unique().tolist()
-            if len(tasks) == 1:  # the usual case: one map for the whole dataset, no per-pixel index
-                images = apply_pixel_map(images, self.pixel_maps[tasks[0]])
-            else:  # the multitask union: each task's rows through its own map
-                for task in tasks:
-                    rows = (self.task == task).nonzero().squeeze(1)
-                    images[rows] = apply_pixel_map(images[rows], self.pixel_maps[task])
+        if self.only_map is not None:
+            images = apply_pixel_map(images, self.only_map)
+        elif self.pixel_maps is not None:  # the multitask union: each task's rows through its own map
+            for task in self.task.unique().tolist():
+                rows = (self.task == task).nonzero().squeeze(1)
+                images[rows] = apply_pixel_map(images[rows], self.pixel_maps[task])
         base = ImageSet(images.to(device), self.base.targets[self.base_index].to(device),
                         self.base.max_value, self.base.num_classes)
         index = torch.arange(len(self), device=device)
@@ -321,7 +324,7 @@ class ContinualDataModule(LightningDataModule):
         task_ids = torch.cat([torch.full((len(self._pools[split][t]),), t) for t in tasks])
         if order is not None:
             base_index, task_ids = base_index[order], task_ids[order]
-        return TaskDataset(self.sets[split], base_index, task_ids, self.pixel_maps)
+        return TaskDataset(self.sets[split], base_index, task_ids, self.pixel_maps, tasks[0] if len(tasks) == 1 else None)
 
     @property
     def class_mask(self) -> Tensor | None:

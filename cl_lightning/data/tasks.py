@@ -65,8 +65,7 @@ def apply_pixel_map(images: Tensor, pixel_map: Tensor) -> Tensor:
     """
     n, c, h, w = images.shape
     out = images.reshape(n, c, h * w).index_select(2, pixel_map.clamp(min=0))
-    out[:, :, pixel_map < 0] = 0  # FILL: background
-    return out.view(n, c, h, w)
+    return (out * (pixel_map >= 0).to(out.dtype)).view(n, c, h, w)  # FILL pixels become 0
 
 
 def apply_pixel_maps(images: Tensor, maps: Tensor) -> Tensor:
