@@ -59,7 +59,7 @@ class EpochTimer(Callback):
             self.seconds, self.steps = time.perf_counter() - self.start, batch_idx + 1
 
 
-def setting_args(net: str, batch: int, steps: int, root: str, workdir: str) -> list[str]:
+def setting_args(net: str, batch: int, steps: int, root: str) -> list[str]:
     """The real naive config of the net's benchmark, shortened to 2 tasks of ``steps`` steps
     (fewer if a task has fewer examples).
 
@@ -72,9 +72,7 @@ def setting_args(net: str, batch: int, steps: int, root: str, workdir: str) -> l
     config = CONFIGS / ("split_cifar100.yaml" if net == "resnet" else "permuted_fashion_mnist.yaml")
     args = ["fit", "--config", str(config), "--data.source", source, "--data.root", root, "--data.num_tasks", "2",
             "--data.batch_size", str(batch), "--data.train_examples_per_task", str(min(steps * batch, len(task))),
-            "--data.test_examples_per_task", "100", "--trainer.default_root_dir", workdir,
-            "--trainer.logger.init_args.save_dir", workdir,
-            "--trainer.callbacks+=step_time.EpochTimer"]
+            "--data.test_examples_per_task", "100", "--trainer.callbacks+=step_time.EpochTimer"]
     if net == "resnet":
         args += ["--model.net.init_args.in_channels", str(channels)]
         if source != "cifar100":
@@ -145,10 +143,12 @@ def main() -> None:
     for setting in opts.settings:
         net_name, batch = setting.split(":")
         batch, steps = int(batch), opts.steps // (10 if net_name == "resnet" else 1)
+        args = setting_args(net_name, batch, steps, opts.root)  # reads the dataset once per setting
         ours, bare, floor = [], [], []
         for _ in range(opts.repeats):
             with tempfile.TemporaryDirectory() as workdir:
-                seconds, n, dm, module = time_ours(setting_args(net_name, batch, steps, opts.root, workdir))
+                seconds, n, dm, module = time_ours([*args, "--trainer.default_root_dir", workdir,
+                                                    "--trainer.logger.init_args.save_dir", workdir])
             ours.append(seconds / n)
             bare.append(time_bare(dm, copy.deepcopy(module.net), module.hparams.lr, module.hparams.momentum, n) / n)
             floor.append(time_lightning_floor(dm, module, n))
