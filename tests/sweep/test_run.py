@@ -36,47 +36,63 @@ def ray_address():
     ray.shutdown()
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
-def live_runs(root: Path) -> list[str]:
-    """Command lines of processes still training a run below ``root``."""
-    found = []
+def live_runs(root: Path) -> dict[int, str]:
+    """Process ids and command lines of the processes still training a run below ``root``."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if "cl_lightning.sweep.child" in text and str(root) in text:
-            found.append(text)
+            found[int(cmdline.parent.name)] = text
     return found
+
+
+def pause_run(root: Path, name: str) -> bool:
+    """SIGSTOP the fit process training the run ``name`` below ``root``, so that it stays mid-way
+    however fast the machine is (a stopped process still obeys the SIGKILL it gets with its trial)."""
+    pids = [pid for pid, text in live_runs(root).items() if f" {name} " in text]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return bool(pids)
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_address):
     """4 trials (2 search settings, then the best one on 2 final seeds), 2 at a time: the sweep
-    process is killed when its 2-task trial has finished and its 8-task one is mid-way; the same
-    command completes the sweep, runs the finished trial no more, resumes the other from its last
-    checkpoint, and writes 4 run folders that ``report`` reads."""
+    process is killed when its 2-task trial has finished and its 16-task one is mid-way (paused
+    there); the same command completes the sweep, runs the finished trial no more, resumes the
+    other from its last checkpoint, and writes 4 run folders that ``report`` reads."""
     grid = tmp_path / "demo.yaml"
-    grid.write_text("params:\n  data.num_tasks: [2, 8]\nseeds: [0]\nfinal_seeds: [0, 1]\n")
+    grid.write_text("params:\n  data.num_tasks: [2, 16]\nseeds: [0]\nfinal_seeds: [0, 1]\n")
     root = tmp_path / "sweeps"
     argv = ["--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid), "--root", str(root),
             "--max_concurrent", "2", "--address", ray_address, "--no-plots", *TINY]
     search = root / "demo" / "search" / "permuted_digits"
     final = root / "demo" / "final" / "permuted_digits" / "naive"
-    short, long = search / "naive[num_tasks=2]" / "seed_0", search / "naive[num_tasks=8]" / "seed_0"
+    short, long = search / "naive[num_tasks=2]" / "seed_0", search / "naive[num_tasks=16]" / "seed_0"
     folders = [short, long, final / "seed_0", final / "seed_1"]
 
     with open(tmp_path / "sweep.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "cl_lightning", "sweep", *argv], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: is_finished(short) and (long / "checkpoints" / "last.ckpt").exists(), 240,
-                 "the 2-task trial to finish and the 8-task one to checkpoint a task")
+        paused = False
+
+        def ready() -> bool:
+            nonlocal paused
+            if not paused and (long / "checkpoints" / "last.ckpt").exists():
+                paused = pause_run(root, "permuted_digits/naive[num_tasks=16]")
+            return paused and is_finished(short)
+
+        wait_for(ready, 240, "the 2-task trial to finish and the 16-task one to checkpoint a task", poll=0.02)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -95,7 +111,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_ad
     log = (long / "run.log").read_text()
     assert "--- resumed ---" in log and f"--ckpt_path {long / 'checkpoints' / 'last.ckpt'}" in log
     report, _ = write_report(root / "demo" / "search", draw=False)
-    assert sorted((r.method, r.status) for r in report.runs) == [("naive[num_tasks=2]", "finished"), ("naive[num_tasks=8]", "finished")]
+    assert sorted((r.method, r.status) for r in report.runs) == [("naive[num_tasks=16]", "finished"), ("naive[num_tasks=2]", "finished")]
     final_report, _ = write_report(root / "demo" / "final", draw=False)
     assert [(r.name, r.status) for r in final_report.runs] == [("permuted_digits/naive/seed_0", "finished"),
                                                                 ("permuted_digits/naive/seed_1", "finished")]
