@@ -21,11 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, inspect_run, run_folder
+from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, WALL_TIME_PREFIX, inspect_run, run_folder
 from cl_lightning.metrics.continual import average_accuracy
-
-#: Last line of ``run.log``: the run's wall time, process start-up included.
-WALL_TIME_PREFIX = "wall time of the whole command: "
 
 
 def fit_command(config: Path, root: Path, benchmark: str, method: str, seed: int, overrides: Sequence[str]) -> list[str]:

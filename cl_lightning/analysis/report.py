@@ -5,7 +5,8 @@ accuracy A_T (%) and forgetting F_T (a fraction), as in Table 1 of the paper. On
 (all T rows of the accuracy matrix) enter the table; every other run of the grid, missing,
 failed or incomplete, is listed with what went wrong, so a partial grid is never mistaken for a
 complete one. std is the sample standard deviation (ddof=1) over the seeds of a cell; a cell of
-one seed has no ±.
+one seed has no ±. Each run's wall time (its ``run.log``, all attempts summed) is averaged per
+cell in a second table, so a table of results also says what it cost.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import csv
 import io
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,12 @@ class Cell:
         seeds = "" if len(self.runs) == self.expected_seeds else f" ({len(self.runs)}/{self.expected_seeds} seeds)"
         return " / ".join(parts) + seeds
 
+    @property
+    def wall_time_s(self) -> float | None:
+        """Mean wall time of the finished runs that logged one."""
+        times = [run.wall_time_s for run in self.runs if run.wall_time_s is not None]
+        return statistics.fmean(times) if times else None
+
     def average_accuracy_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """A_t after each task t: mean and std (NaN below two seeds) over the finished runs."""
         length = max(self.num_tasks)
@@ -102,13 +109,17 @@ class Report:
     def not_finished(self) -> list[Run]:
         return [run for run in self.runs if run.status != "finished"]
 
-    def table(self) -> str:
-        """The Markdown table: rows = methods, columns = benchmarks."""
+    def table(self, cell_text: Callable[[Cell], str] = Cell.text) -> str:
+        """The Markdown table: rows = methods, columns = benchmarks, cells ``cell_text(cell)``."""
         by_key = {(c.benchmark, c.method): c for c in self.cells}
         lines = ["| method | " + " | ".join(self.benchmarks) + " |", "|---" * (len(self.benchmarks) + 1) + "|"]
         for method in self.methods:
-            lines.append(f"| {method} | " + " | ".join(by_key[b, method].text() for b in self.benchmarks) + " |")
+            lines.append(f"| {method} | " + " | ".join(cell_text(by_key[b, method]) for b in self.benchmarks) + " |")
         return "\n".join(lines)
+
+    def wall_time_table(self) -> str:
+        """Mean wall time per run of each cell, in seconds (— where no finished run logged one)."""
+        return self.table(lambda cell: "—" if cell.wall_time_s is None else f"{cell.wall_time_s:.0f}")
 
     def problems(self) -> str:
         """The runs of the grid that are not in the table, and the folders ignored, one per line."""
@@ -131,6 +142,11 @@ class Report:
             "",
             self.table(),
             "",
+            "Wall time per run (s), mean over the finished seeds: each run's whole `cl-lightning fit` command, "
+            "start-up included, from its run.log (summed over the attempts of a resumed run).",
+            "",
+            self.wall_time_table(),
+            "",
             f"## Runs not in the table ({len(self.not_finished)})",
             "",
             self.problems() or "None: the grid is complete.",
@@ -148,26 +164,29 @@ class Report:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["benchmark", "method", "seeds_finished", "seeds_expected", "num_tasks"]
-                        + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+                        + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["wall_time_s_mean"])
         for cell in self.cells:
             values = []
             for metric in METRICS:
                 mean, std = mean_std(cell.final(metric)) if cell.runs else (None, None)
                 values += ["" if mean is None else f"{mean:.6g}", "" if std is None else f"{std:.6g}"]
+            wall = "" if cell.wall_time_s is None else f"{cell.wall_time_s:.1f}"
             writer.writerow([cell.benchmark, cell.method, len(cell.runs), cell.expected_seeds,
-                             ",".join(map(str, cell.num_tasks))] + values)
+                             ",".join(map(str, cell.num_tasks))] + values + [wall])
         return out.getvalue()
 
     def runs_csv(self) -> str:
         """One row per run of the grid, with its state and final summaries."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["benchmark", "method", "seed", "status", "tasks_completed", "num_tasks", *METRICS, "folder", "problem"])
+        writer.writerow(["benchmark", "method", "seed", "status", "tasks_completed", "num_tasks", *METRICS, "wall_time_s",
+                         "folder", "problem"])
         for run in self.runs:
             scores = summary(run.matrix, run.tasks_completed - 1) if run.tasks_completed else {}
             writer.writerow([run.benchmark, run.method, run.seed, run.status, run.tasks_completed,
                              "" if run.matrix is None else run.matrix.shape[0],
-                             *(f"{scores[m]:.6g}" if scores else "" for m in METRICS), run.folder, run.problem])
+                             *(f"{scores[m]:.6g}" if scores else "" for m in METRICS),
+                             "" if run.wall_time_s is None else f"{run.wall_time_s:.1f}", run.folder, run.problem])
         return out.getvalue()
 
     def draw(self, folder: Path) -> list[Path]:

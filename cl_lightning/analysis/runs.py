@@ -30,8 +30,11 @@ from torch import Tensor
 MATRIX_FILE = "accuracy_matrix.json"
 #: Written by ``cl-lightning grid`` into the folder of a run whose process failed.
 FAILED_MARKER = "FAILED"
-#: Written by ``cl-lightning grid``: the run's console output.
+#: Written by ``cl-lightning grid`` and ``sweep``: the run's console output.
 LOG_FILE = "run.log"
+#: Ends each process's part of ``run.log``: its wall time, start-up included (a resumed run has several).
+WALL_TIME_PREFIX = "wall time of the whole command: "
+WALL_TIME_LINE = re.compile(re.escape(WALL_TIME_PREFIX) + r"([0-9.]+) s")
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 
 Status = Literal["finished", "incomplete", "failed", "missing"]
@@ -52,6 +55,7 @@ class Run:
     folder: Path
     matrix: Tensor | None = None
     problem: str = ""
+    wall_time_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -87,9 +91,18 @@ def read_matrix(path: Path) -> Tensor:
     return matrix
 
 
+def read_wall_time(folder: Path) -> float | None:
+    """Seconds the run's processes took, summed over its attempts (from ``run.log``); None without a log line."""
+    try:
+        times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer((folder / LOG_FILE).read_text(errors="replace"))]
+    except OSError:
+        return None
+    return sum(times) if times else None
+
+
 def inspect_run(folder: Path, benchmark: str, method: str, seed: int) -> Run:
     """The state of the run in ``folder``, with its matrix when one is readable."""
-    run = Run(benchmark, method, seed, "failed", folder)
+    run = Run(benchmark, method, seed, "failed", folder, wall_time_s=read_wall_time(folder))
     marker = folder / FAILED_MARKER
     if marker.exists():
         first_line = (marker.read_text().splitlines() or ["(empty marker)"])[0]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE
+from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, WALL_TIME_PREFIX
 from cl_lightning.grid import is_finished, set_aside
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -134,6 +134,7 @@ def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = N
     with open(folder / LOG_FILE, "a") as log:
         log.write(("\n--- resumed ---\n" if resume else "") + "$ cl-lightning " + " ".join(command[4:]) + "\n\n")
         log.flush()
+        start = time.monotonic()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=spec.cwd)
         while True:
             code = process.poll()
@@ -144,6 +145,7 @@ def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = N
             if code is not None:
                 break
             time.sleep(POLL_SECONDS)
+        log.write(f"\n{WALL_TIME_PREFIX}{time.monotonic() - start:.1f} s (exit code {code})\n")
     if code == 0 and is_finished(folder):
         return read_result(folder)
     reason = failure_reason(code, folder)

@@ -31,6 +31,11 @@ def grid(tmp_path: Path) -> Path:
     put_run(tmp_path, "permuted_digits/naive/seed_0", [[90, nan], [60, 80]])
     put_run(tmp_path, "permuted_digits/naive/seed_1", [[94, nan], [70, 90]])
     put_run(tmp_path, "permuted_digits/naive/seed_2", [[80, nan], [50, 70]])
+    # their wall times: seed 0 resumed once (10.0 + 5.5 s), seed 1 20.5 s, seed 2 no log -> mean 18.0 s
+    (tmp_path / "permuted_digits/naive/seed_0/run.log").write_text(
+        "$ cl-lightning fit\n\nwall time of the whole command: 10.0 s (exit code 137)\n--- resumed ---\n"
+        "$ cl-lightning fit --ckpt_path last.ckpt\n\nwall time of the whole command: 5.5 s (exit code 0)\n")
+    (tmp_path / "permuted_digits/naive/seed_1/run.log").write_text("...\nwall time of the whole command: 20.5 s (exit code 0)\n")
     # mcsgd / permuted_digits: A = 86.5, 89 (std 2.5/sqrt 2 = 1.7678); F = .05, .04 (std .0070711); seed 2 missing
     put_run(tmp_path, "permuted_digits/mcsgd/seed_0", [[90, nan], [85, 88]])
     put_run(tmp_path, "permuted_digits/mcsgd/seed_1", [[92, nan], [88, 90]])
@@ -74,6 +79,10 @@ def test_cells_are_mean_and_sample_std_over_seeds(grid):
     one_seed = cells["rotated_digits", "naive"]
     assert one_seed["seeds_finished"] == "1" and one_seed["average_accuracy_std"] == ""
     assert cells["rotated_digits", "mcsgd"]["seeds_finished"] == "0"
+    assert naive["wall_time_s_mean"] == "18.0" and mcsgd["wall_time_s_mean"] == ""
+    assert "| naive | 18 | — |" in markdown
+    runs = {(r["benchmark"], r["method"], r["seed"]): r for r in read_csv(grid / "report_runs.csv")}
+    assert [runs["permuted_digits", "naive", seed]["wall_time_s"] for seed in "012"] == ["15.5", "20.5", ""]
 
 
 def test_missing_failed_incomplete_and_unreadable_runs_are_listed_not_dropped(grid, capsys):
