@@ -113,6 +113,13 @@ def ray_session(address: str | None) -> Iterator[None]:
     except ConnectionError as err:
         raise SweepError(f"cannot reach the Ray cluster at --address {address}: {err} Start it (ray start --head) or drop "
                          "--address to run on a local Ray") from err
+    except Exception as err:  # Ray raises a bare Exception when its local processes do not come up in time
+        if address is not None:
+            raise
+        raise SweepError(f"the local Ray did not start: {err} On a busy machine its processes can miss Ray's start-up "
+                         "deadline: run the command again when the load is lower, or start Ray once yourself "
+                         "(ray start --head --num-cpus N) and pass --address auto. Finished trials are kept; rerunning "
+                         "the same command resumes the sweep") from err
     try:
         yield
     finally:

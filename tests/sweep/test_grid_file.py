@@ -139,3 +139,19 @@ def test_an_unreachable_cluster_is_named(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="error: cannot reach the Ray cluster at --address auto: .*ray start --head"):
         cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
                  "--root", str(tmp_path), "--address", "auto"])
+
+
+def test_a_local_ray_that_does_not_start_is_an_error_with_the_way_out(tmp_path, monkeypatch):
+    """On a loaded machine Ray's own processes can miss its start-up deadline (seen here with two
+    trainings on 2 cores): the bare Exception Ray raises becomes one line saying what to do."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
+    with pytest.raises(SystemExit, match="error: the local Ray did not start: The current node timed out.*--address auto"):
+        cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+                 "--root", str(tmp_path)])
