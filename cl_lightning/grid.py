@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, WALL_TIME_PREFIX, inspect_run, run_folder
+from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, inspect_run, run_folder, wall_time_line
 from cl_lightning.metrics.continual import average_accuracy
 
 
@@ -54,7 +54,7 @@ def run_one(command: list[str], folder: Path) -> tuple[bool, str]:
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
         seconds = time.monotonic() - start
-        log.write(f"\n{WALL_TIME_PREFIX}{seconds:.1f} s (exit code {code})\n")
+        log.write(wall_time_line(seconds, code))
     run = inspect_run(folder, "", "", 0)
     if code == 0 and run.status == "finished":
         return True, f"done in {seconds:.0f} s, average accuracy {average_accuracy(run.matrix, run.matrix.shape[0] - 1):.2f} %"

@@ -21,6 +21,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +33,8 @@ MATRIX_FILE = "accuracy_matrix.json"
 FAILED_MARKER = "FAILED"
 #: Written by ``cl-lightning grid`` and ``sweep``: the run's console output.
 LOG_FILE = "run.log"
-#: Ends each process's part of ``run.log``: its wall time, start-up included (a resumed run has several).
-WALL_TIME_PREFIX = "wall time of the whole command: "
-WALL_TIME_LINE = re.compile(re.escape(WALL_TIME_PREFIX) + r"([0-9.]+) s")
+#: Ends each process's part of ``run.log`` (``wall_time_line``); a resumed run has several.
+WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 
 Status = Literal["finished", "incomplete", "failed", "missing"]
@@ -55,11 +55,20 @@ class Run:
     folder: Path
     matrix: Tensor | None = None
     problem: str = ""
-    wall_time_s: float | None = None
 
     @property
     def name(self) -> str:
         return f"{self.benchmark}/{self.method}/seed_{self.seed}"
+
+    @cached_property
+    def wall_time_s(self) -> float | None:
+        """Seconds the run's processes took, summed over its attempts (``run.log``); None without a log line."""
+        try:
+            log = (self.folder / LOG_FILE).read_text(errors="replace")
+        except OSError:
+            return None
+        times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer(log)]
+        return sum(times) if times else None
 
     @property
     def tasks_completed(self) -> int:
@@ -91,18 +100,14 @@ def read_matrix(path: Path) -> Tensor:
     return matrix
 
 
-def read_wall_time(folder: Path) -> float | None:
-    """Seconds the run's processes took, summed over its attempts (from ``run.log``); None without a log line."""
-    try:
-        times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer((folder / LOG_FILE).read_text(errors="replace"))]
-    except OSError:
-        return None
-    return sum(times) if times else None
+def wall_time_line(seconds: float, exit_code: int) -> str:
+    """The line that ``grid`` and ``sweep`` append to ``run.log`` after each ``fit`` process (read by ``Run.wall_time_s``)."""
+    return f"\nwall time of the whole command: {seconds:.1f} s (exit code {exit_code})\n"
 
 
 def inspect_run(folder: Path, benchmark: str, method: str, seed: int) -> Run:
     """The state of the run in ``folder``, with its matrix when one is readable."""
-    run = Run(benchmark, method, seed, "failed", folder, wall_time_s=read_wall_time(folder))
+    run = Run(benchmark, method, seed, "failed", folder)
     marker = folder / FAILED_MARKER
     if marker.exists():
         first_line = (marker.read_text().splitlines() or ["(empty marker)"])[0]

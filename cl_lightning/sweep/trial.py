@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, WALL_TIME_PREFIX
+from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, wall_time_line
 from cl_lightning.grid import is_finished, set_aside
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -145,7 +145,7 @@ def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = N
             if code is not None:
                 break
             time.sleep(POLL_SECONDS)
-        log.write(f"\n{WALL_TIME_PREFIX}{time.monotonic() - start:.1f} s (exit code {code})\n")
+        log.write(wall_time_line(time.monotonic() - start, code))
     if code == 0 and is_finished(folder):
         return read_result(folder)
     reason = failure_reason(code, folder)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import command_lines
 
 from cl_lightning.cli import main as cl_main
 from cl_lightning.sweep.grid_file import GridFileError, check_keys, load_grid, override_args, setting_label, short_names
@@ -135,13 +136,7 @@ def test_repeated_values_and_a_folder_of_another_sweep_are_refused(tmp_path):
 def ray_running_here() -> bool:
     """Whether a Ray cluster runs on this machine (a sweep beside the tests): ``--address auto``
     connects to any, so the unreachable-cluster test cannot be made here."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"gcs_server" in cmdline.read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
+    return any("gcs_server" in text for text in command_lines().values())
 
 
 def test_an_unreachable_cluster_is_named(tmp_path, monkeypatch):

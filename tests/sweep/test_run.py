@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakedata import write_mnist
+from processes import command_lines
 
 from cl_lightning.analysis.report import write_report
 from cl_lightning.cli import cli_main
@@ -45,15 +46,7 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5) -> None:
 
 def live_runs(root: Path) -> dict[int, str]:
     """Process ids and command lines of the processes still training a run below ``root``."""
-    found = {}
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "cl_lightning.sweep.child" in text and str(root) in text:
-            found[int(cmdline.parent.name)] = text
-    return found
+    return {pid: text for pid, text in command_lines().items() if "cl_lightning.sweep.child" in text and str(root) in text}
 
 
 def pause_run(root: Path, name: str) -> bool:
