@@ -8,7 +8,7 @@ complete one. std is the sample standard deviation (ddof=1) over the seeds of a 
 one seed has no ±. Each run's wall time (its ``run.log``, all attempts summed) is averaged per
 cell in a second table, so a table of results also says what it cost.
 
-Why intervals: the same config and seed spreads by 15 points of A_T across machines on a 20-task
+Why intervals: the same config and seed gave A_T from 36.1 to 54.0 on three machines on a 20-task
 sequence (issue 15, section 5), so a std alone invites ranking methods that the seeds cannot rank.
 Each mean has its 95 % Student-t interval (n - 1 degrees of freedom), and each method is compared
 with MC-SGD seed by seed: the interval of the paired difference of A_T either excludes 0
