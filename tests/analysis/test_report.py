@@ -211,3 +211,13 @@ def test_paired_comparison_without_mcsgd_says_so(grid, tmp_path_factory):
     write_report(only_naive, draw=False)
     assert "permuted_digits: no finished mcsgd run, no paired comparison" in (only_naive / "report.md").read_text()
     assert read_csv(only_naive / "report_paired.csv") == []
+
+
+def test_another_baseline_is_chosen_with_its_flag(grid, capsys):
+    # mcsgd - naive on permuted_digits, seeds 0 and 1: 86.5 - 70, 89 - 80 = 16.5, 9: mean 12.75, s 5.3033,
+    # half-width t(.975, 1) 12.706205 * 5.3033 / sqrt 2 = 47.65 -> contains 0
+    main([str(grid), "--no-plots", "--baseline", "naive"])
+    printed = capsys.readouterr().out
+    assert "| permuted_digits | mcsgd | 2 | +12.75 | [-34.90, 60.40] | not separated |" in printed
+    assert "| rotated_digits | mcsgd | 0 | — | — | no common seeds with naive |" in printed
+    assert "## Paired comparison with naive (same seeds)" in (grid / "report.md").read_text()
