@@ -7,6 +7,12 @@ failed or incomplete, is listed with what went wrong, so a partial grid is never
 complete one. std is the sample standard deviation (ddof=1) over the seeds of a cell; a cell of
 one seed has no ±. Each run's wall time (its ``run.log``, all attempts summed) is averaged per
 cell in a second table, so a table of results also says what it cost.
+
+Why intervals: the same config and seed gave A_T from 36.1 to 54.0 on three machines on a 20-task
+sequence (issue 15, section 5), so a std alone invites ranking methods that the seeds cannot rank.
+Each mean has its 95 % Student-t interval (n - 1 degrees of freedom), and each method is compared
+with MC-SGD seed by seed: the interval of the paired difference of A_T either excludes 0
+(*separated*) or not (*not separated*: these seeds do not rank the two methods).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from cl_lightning.analysis import plots
 from cl_lightning.analysis.runs import Run, benchmark_order, find_runs, method_order
@@ -30,9 +38,52 @@ from cl_lightning.metrics.continual import average_accuracy, summary
 METRICS = ("average_accuracy", "forgetting", "learning_accuracy", "backward_transfer")
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof=1); no std for a single value."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+#: Two-sided confidence level of every interval in the report.
+CONFIDENCE = 0.95
+#: The method every other one is compared with, seed by seed (``--baseline``).
+BASELINE = "mcsgd"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The mean of n values (seeds), their sample std (ddof=1) and the half-width of the Student-t
+    interval of the mean at ``CONFIDENCE`` (n - 1 degrees of freedom); both None for one value,
+    which has no spread to estimate: no interval is better than a fake one."""
+
+    mean: float
+    std: float | None
+    half_width: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Estimate:
+        n = len(values)
+        if n < 2:
+            return cls(statistics.fmean(values), None, None, n)
+        std = statistics.stdev(values)
+        return cls(statistics.fmean(values), std, float(student_t.ppf((1 + CONFIDENCE) / 2, n - 1)) * std / math.sqrt(n), n)
+
+    @property
+    def low(self) -> float | None:
+        return None if self.half_width is None else self.mean - self.half_width
+
+    @property
+    def high(self) -> float | None:
+        return None if self.half_width is None else self.mean + self.half_width
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.half_width is None else (self.low, self.high)
+
+    def interval_text(self, digits: int) -> str:
+        """``[low, high]``, or ``n=1`` where there is no interval."""
+        return f"n={self.n}" if self.interval is None else "[{:.{d}f}, {:.{d}f}]".format(*self.interval, d=digits)
+
+    def text(self, digits: int) -> str:
+        """``mean ± std [low, high]``, or ``mean [n=1]``."""
+        if self.std is None:
+            return f"{self.mean:.{digits}f} [{self.interval_text(digits)}]"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} {self.interval_text(digits)}"
 
 
 @dataclass
@@ -44,22 +95,23 @@ class Cell:
     expected_seeds: int
     runs: list[Run] = field(default_factory=list)
 
-    def final(self, metric: str) -> list[float]:
-        """``metric`` after the last task of each finished run."""
-        return [summary(run.matrix, run.matrix.shape[0] - 1)[metric] for run in self.runs]
+    def final(self, metric: str) -> dict[int, float]:
+        """``metric`` after the last task of each finished run, by seed."""
+        return {run.seed: summary(run.matrix, run.matrix.shape[0] - 1)[metric] for run in self.runs}
+
+    def estimate(self, metric: str) -> Estimate:
+        """Mean, std and interval of the final ``metric`` over the finished seeds (at least one)."""
+        return Estimate.of(list(self.final(metric).values()))
 
     @property
     def num_tasks(self) -> list[int]:
         return sorted({run.matrix.shape[0] for run in self.runs})
 
     def text(self) -> str:
-        """``A ± std / F ± std``, with the number of seeds when some are not finished."""
+        """``A ± std [interval] / F ± std [interval]``, with the number of seeds when some are not finished."""
         if not self.runs:
             return "—"
-        parts = []
-        for metric, digits in (("average_accuracy", 2), ("forgetting", 3)):
-            mean, std = mean_std(self.final(metric))
-            parts.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}"))
+        parts = [self.estimate(metric).text(digits) for metric, digits in (("average_accuracy", 2), ("forgetting", 3))]
         seeds = "" if len(self.runs) == self.expected_seeds else f" ({len(self.runs)}/{self.expected_seeds} seeds)"
         return " / ".join(parts) + seeds
 
@@ -87,12 +139,41 @@ class Cell:
 
 
 @dataclass
+class Paired:
+    """A method against the baseline on one benchmark: A_T(method) - A_T(baseline) for each seed both finished.
+
+    Pairing by seed removes what a seed's runs share across methods (the same permutations,
+    rotations and class splits), where they share anything: then the interval of the mean difference
+    can exclude 0 while the two cells' intervals overlap. It is the interval that says whether these
+    seeds rank the two methods.
+    """
+
+    benchmark: str
+    method: str
+    baseline: str
+    differences: dict[int, float]
+
+    @property
+    def estimate(self) -> Estimate | None:
+        return Estimate.of(list(self.differences.values())) if self.differences else None
+
+    @property
+    def verdict(self) -> str:
+        """``separated`` when the interval excludes 0; one pair has no interval, so it separates nothing."""
+        if self.estimate is None:
+            return f"no common seeds with {self.baseline}"
+        interval = self.estimate.interval
+        return "separated" if interval is not None and (interval[0] > 0 or interval[1] < 0) else "not separated"
+
+
+@dataclass
 class Report:
     """Everything ``cl-lightning report`` writes, computed once from the runs found."""
 
     root: Path
     runs: list[Run]
     ignored: list[Path]
+    baseline: str = BASELINE
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,10 +181,10 @@ class Report:
         self.benchmarks = sorted({run.benchmark for run in self.runs}, key=benchmark_order)
         self.methods = sorted({run.method for run in self.runs}, key=method_order)
         self.cells = [Cell(b, m, seeds) for b in self.benchmarks for m in self.methods]
-        by_key = {(c.benchmark, c.method): c for c in self.cells}
+        self.cell = {(c.benchmark, c.method): c for c in self.cells}
         for run in self.runs:
             if run.status == "finished":
-                by_key[run.benchmark, run.method].runs.append(run)
+                self.cell[run.benchmark, run.method].runs.append(run)
 
     @property
     def not_finished(self) -> list[Run]:
@@ -111,15 +192,42 @@ class Report:
 
     def table(self, cell_text: Callable[[Cell], str] = Cell.text) -> str:
         """The Markdown table: rows = methods, columns = benchmarks, cells ``cell_text(cell)``."""
-        by_key = {(c.benchmark, c.method): c for c in self.cells}
         lines = ["| method | " + " | ".join(self.benchmarks) + " |", "|---" * (len(self.benchmarks) + 1) + "|"]
         for method in self.methods:
-            lines.append(f"| {method} | " + " | ".join(cell_text(by_key[b, method]) for b in self.benchmarks) + " |")
+            lines.append(f"| {method} | " + " | ".join(cell_text(self.cell[b, method]) for b in self.benchmarks) + " |")
         return "\n".join(lines)
 
     def wall_time_table(self) -> str:
         """Mean wall time per run of each cell, in seconds (— where no finished run logged one)."""
         return self.table(lambda cell: "—" if cell.wall_time_s is None else f"{cell.wall_time_s:.0f}")
+
+    def paired(self) -> tuple[list[Paired], list[str]]:
+        """Every other method against ``baseline`` on each benchmark; a note for each benchmark without a
+        finished baseline run, which has nothing to compare with."""
+        comparisons, notes = [], []
+        for benchmark in self.benchmarks:
+            base = self.cell.get((benchmark, self.baseline))
+            if base is None or not base.runs:
+                notes.append(f"{benchmark}: no finished {self.baseline} run, no paired comparison")
+                continue
+            reference = base.final("average_accuracy")
+            for method in self.methods:
+                if method != self.baseline:
+                    own = self.cell[benchmark, method].final("average_accuracy")
+                    common = sorted(own.keys() & reference.keys())
+                    comparisons.append(Paired(benchmark, method, self.baseline, {s: own[s] - reference[s] for s in common}))
+        return comparisons, notes
+
+    def paired_table(self) -> str:
+        """The paired comparisons as a Markdown table, then the notes of the benchmarks left out."""
+        comparisons, notes = self.paired()
+        lines = []
+        if comparisons:
+            lines += [f"| benchmark | method | pairs | A_T − {self.baseline} (mean) | 95 % interval | verdict |", "|---" * 6 + "|"]
+        for c in comparisons:
+            mean, interval = ("—", "—") if c.estimate is None else (f"{c.estimate.mean:+.2f}", c.estimate.interval_text(2))
+            lines.append(f"| {c.benchmark} | {c.method} | {len(c.differences)} | {mean} | {interval} | {c.verdict} |")
+        return "\n".join(lines + ([""] if comparisons and notes else []) + [f"- {note}" for note in notes])
 
     def problems(self) -> str:
         """The runs of the grid that are not in the table, and the folders ignored, one per line."""
@@ -137,8 +245,9 @@ class Report:
             f"{finished} of {len(self.runs)} runs finished ({len(self.methods)} methods x {len(self.benchmarks)} "
             f"benchmarks x {len({r.seed for r in self.runs})} seeds).",
             "",
-            "Cells: final average accuracy A_T (%) ± std / forgetting F_T ± std over the finished seeds "
-            "(sample std, ddof=1; no ± for one seed).",
+            "Cells: final average accuracy A_T (%) ± std [95 % interval of the mean] / forgetting F_T ± std "
+            "[95 % interval] over the finished seeds (sample std, ddof=1; Student-t interval, n − 1 degrees of "
+            "freedom; a cell of one seed has no ± and says [n=1] instead of an interval).",
             "",
             self.table(),
             "",
@@ -146,6 +255,14 @@ class Report:
             "start-up included, from its run.log (summed over the attempts of a resumed run).",
             "",
             self.wall_time_table(),
+            "",
+            f"## Paired comparison with {self.baseline} (same seeds)",
+            "",
+            f"Difference of final average accuracy A_T (method − {self.baseline}, points) over the seeds both "
+            "finished, its mean and the 95 % Student-t interval of that mean. **separated**: the interval excludes 0; "
+            "**not separated**: it contains 0 (or there is a single pair), so these seeds do not rank the two methods.",
+            "",
+            self.paired_table(),
             "",
             f"## Runs not in the table ({len(self.not_finished)})",
             "",
@@ -160,19 +277,31 @@ class Report:
         return "\n".join(text) + "\n"
 
     def cells_csv(self) -> str:
-        """One row per (benchmark, method): seeds, then mean and std of every summary."""
+        """One row per (benchmark, method): seeds, mean and std of every summary, wall time, then the 95 %
+        intervals of the means (appended, so that readers of the older columns read them unchanged)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["benchmark", "method", "seeds_finished", "seeds_expected", "num_tasks"]
-                        + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["wall_time_s_mean"])
+                        + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["wall_time_s_mean"]
+                        + [f"{m}_ci95_{s}" for m in METRICS for s in ("low", "high")])
         for cell in self.cells:
-            values = []
-            for metric in METRICS:
-                mean, std = mean_std(cell.final(metric)) if cell.runs else (None, None)
-                values += ["" if mean is None else f"{mean:.6g}", "" if std is None else f"{std:.6g}"]
+            estimates = [cell.estimate(metric) if cell.runs else None for metric in METRICS]
+            moments = [number(getattr(e, a, None)) for e in estimates for a in ("mean", "std")]
+            intervals = [number(getattr(e, a, None)) for e in estimates for a in ("low", "high")]
             wall = "" if cell.wall_time_s is None else f"{cell.wall_time_s:.1f}"
             writer.writerow([cell.benchmark, cell.method, len(cell.runs), cell.expected_seeds,
-                             ",".join(map(str, cell.num_tasks))] + values + [wall])
+                             ",".join(map(str, cell.num_tasks))] + moments + [wall] + intervals)
+        return out.getvalue()
+
+    def paired_csv(self) -> str:
+        """One row per (benchmark, method other than the baseline) of a benchmark with a finished baseline run."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["benchmark", "method", "baseline", "pairs", "seeds", "mean_difference", "std_difference",
+                         "ci95_low", "ci95_high", "verdict"])
+        for c in self.paired()[0]:
+            writer.writerow([c.benchmark, c.method, c.baseline, len(c.differences), " ".join(map(str, c.differences)),
+                             *(number(getattr(c.estimate, a, None)) for a in ("mean", "std", "low", "high")), c.verdict])
         return out.getvalue()
 
     def runs_csv(self) -> str:
@@ -210,20 +339,27 @@ class Report:
         return figures
 
 
-def write_report(root: Path, out: Path | None = None, draw: bool = True) -> tuple[Report, list[Path]]:
-    """Find the runs below ``root``; write ``report.md``, ``report.csv``, ``report_runs.csv`` and the
-    PNGs (under ``plots/``) into ``out`` (default: ``root``). Returns the report and the files."""
+def number(value: float | None) -> str:
+    """A CSV field: 6 significant digits, empty for a value that does not exist."""
+    return "" if value is None else f"{value:.6g}"
+
+
+def write_report(root: Path, out: Path | None = None, draw: bool = True, baseline: str = BASELINE) -> tuple[Report, list[Path]]:
+    """Find the runs below ``root``; write ``report.md``, ``report.csv``, ``report_runs.csv``,
+    ``report_paired.csv`` (each method against ``baseline``) and the PNGs (under ``plots/``) into
+    ``out`` (default: ``root``). Returns the report and the files."""
     runs, ignored = find_runs(root)
     if not runs:
         hint = (f" ({len(ignored)} folder(s) with an accuracy matrix outside that layout, e.g. {ignored[0]}: "
                 "rename them or rerun with `cl-lightning grid`)" if ignored else "")
         raise FileNotFoundError(f"no run folders <benchmark>/<method>/seed_<n>/ below {Path(root).resolve()}{hint}")
-    report = Report(Path(root).resolve(), runs, ignored)
+    report = Report(Path(root).resolve(), runs, ignored, baseline)
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
     figures = report.draw(out / "plots") if draw else []
-    files = [out / "report.md", out / "report.csv", out / "report_runs.csv"]
-    for path, text in zip(files, (report.markdown(figures, out), report.cells_csv(), report.runs_csv())):
+    files = [out / "report.md", out / "report.csv", out / "report_runs.csv", out / "report_paired.csv"]
+    texts = (report.markdown(figures, out), report.cells_csv(), report.runs_csv(), report.paired_csv())
+    for path, text in zip(files, texts):
         path.write_text(text)
     return report, files + figures
 
@@ -232,22 +368,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``cl-lightning report``; ``argv`` are the arguments after ``report`` (default: ``sys.argv[2:]``)."""
     parser = argparse.ArgumentParser(
         prog="cl-lightning report",
-        description="Turn a folder of runs into the paper's table (mean ± std over seeds) and plots. Runs are found "
+        description="Turn a folder of runs into the paper's table (mean ± std and 95 %% t interval over seeds), a "
+        "paired comparison of each method with a baseline over the same seeds, and plots. Runs are found "
         "as <folder>/<benchmark>/<method>/seed_<n>/ (the layout `cl-lightning grid` writes); the grid expected is "
         "every method x benchmark x seed seen, and its missing, failed and incomplete runs are listed. Writes "
-        "report.md, report.csv (one row per method and benchmark), report_runs.csv (one row per run) and plots/*.png.",
+        "report.md, report.csv (one row per method and benchmark), report_runs.csv (one row per run), "
+        "report_paired.csv (one row per method and benchmark against the baseline) and plots/*.png.",
     )
     parser.add_argument("folder", type=Path, help="folder holding the runs, e.g. lightning_logs")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the folder itself)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the PNG figures (average accuracy per benchmark, task accuracy per method, "
                         "heatmap per run)")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="the method every other one is compared with, seed by seed (default: %(default)s)")
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
     try:
-        report, files = write_report(args.folder, args.out, args.plots)
+        report, files = write_report(args.folder, args.out, args.plots, args.baseline)
     except (FileNotFoundError, NotADirectoryError) as err:
         sys.exit(f"error: {err}")
+    print("Final average accuracy A_T (%) ± std [95 % interval of the mean] / forgetting F_T ± std [95 % interval]\n")
     print(report.table())
+    print(f"\nA_T against {report.baseline} over the same seeds (separated: the 95 % interval of the difference excludes 0)"
+          f"\n\n{report.paired_table()}")
     if report.not_finished or report.ignored:
         print(f"\nRuns not in the table ({len(report.not_finished)}):\n{report.problems()}")
-    print(f"\nwritten: {', '.join(str(f) for f in files[:3])} and {len(files) - 3} PNG(s)")
+    print(f"\nwritten: {', '.join(str(f) for f in files[:4])} and {len(files) - 4} PNG(s)")

@@ -62,8 +62,11 @@ def test_cells_are_mean_and_sample_std_over_seeds(grid):
     write_report(grid, draw=False)
     markdown = (grid / "report.md").read_text()
     assert "| method | permuted_digits | rotated_digits |" in markdown
-    assert "| naive | 70.00 ± 10.00 / 0.280 ± 0.035 | 62.50 / 0.500 (1/3 seeds) |" in markdown
-    assert "| mcsgd | 87.75 ± 1.77 / 0.045 ± 0.007 (2/3 seeds) | — |" in markdown
+    # 95 % t intervals: naive 70 ± t(.975, 2) 4.302653 * 10 / sqrt 3 = 70 ± 24.841; mcsgd (2 seeds, t(.975, 1) 12.706205)
+    # 87.75 ± 15.883, not clipped at 100: an interval that wide says the two seeds pin nothing down
+    assert "| naive | 70.00 ± 10.00 [45.16, 94.84] / 0.280 ± 0.035 [0.194, 0.366] | 62.50 [n=1] / 0.500 [n=1] (1/3 seeds) |" \
+        in markdown
+    assert "| mcsgd | 87.75 ± 1.77 [71.87, 103.63] / 0.045 ± 0.007 [-0.019, 0.109] (2/3 seeds) | — |" in markdown
     cells = {(r["benchmark"], r["method"]): r for r in read_csv(grid / "report.csv")}
     naive = cells["permuted_digits", "naive"]
     assert (naive["seeds_finished"], naive["seeds_expected"], naive["num_tasks"]) == ("3", "3", "2")
@@ -78,6 +81,7 @@ def test_cells_are_mean_and_sample_std_over_seeds(grid):
     assert float(mcsgd["average_accuracy_std"]) == pytest.approx(2.5 / math.sqrt(2), rel=1e-5)
     one_seed = cells["rotated_digits", "naive"]
     assert one_seed["seeds_finished"] == "1" and one_seed["average_accuracy_std"] == ""
+    assert one_seed["average_accuracy_ci95_low"] == one_seed["average_accuracy_ci95_high"] == ""  # n = 1: no interval
     assert cells["rotated_digits", "mcsgd"]["seeds_finished"] == "0"
     assert naive["wall_time_s_mean"] == "18.0" and mcsgd["wall_time_s_mean"] == ""
     assert "| naive | 18 | — |" in markdown
@@ -139,3 +143,81 @@ def test_damaged_matrix_file_names_the_file_and_the_fix(tmp_path):
     path.write_text('{"num_tasks": 2, "matrix": [[90, null, 3]]}')
     with pytest.raises(MatrixFileError, match=r"accuracy_matrix.json: row 1 must be a list of num_tasks=2 values; rerun"):
         read_matrix(path)
+
+
+def put_final(root: Path, name: str, average_accuracy: float) -> Path:
+    """A finished two-task run whose final average accuracy is ``average_accuracy`` (forgetting 0.6 - A/100)."""
+    return put_run(root, name, [[60, nan], [average_accuracy, average_accuracy]])
+
+
+def test_t_interval_of_the_mean_beside_the_std(tmp_path, capsys):
+    # A = 40, 42, 44: mean 42, s 2, half-width t(.975, 2) 4.302653 * 2 / sqrt 3 = 4.9682;
+    # F = .20, .18, .16: mean .18, s .02, half-width .049682
+    for seed, accuracy in enumerate((40, 42, 44)):
+        put_final(tmp_path, f"permuted_digits/naive/seed_{seed}", accuracy)
+    main([str(tmp_path), "--no-plots"])
+    cell = "| naive | 42.00 ± 2.00 [37.03, 46.97] / 0.180 ± 0.020 [0.130, 0.230] |"
+    assert cell in capsys.readouterr().out and cell in (tmp_path / "report.md").read_text()
+    [row] = read_csv(tmp_path / "report.csv")
+    assert float(row["average_accuracy_ci95_low"]) == pytest.approx(42 - 4.9682, abs=1e-4)
+    assert float(row["average_accuracy_ci95_high"]) == pytest.approx(42 + 4.9682, abs=1e-4)
+    assert float(row["forgetting_ci95_high"]) == pytest.approx(0.18 + 0.0496827, abs=1e-6)
+    assert float(row["average_accuracy_std"]) == pytest.approx(2)  # the old columns stay
+
+
+def test_paired_comparison_with_mcsgd_over_common_seeds(tmp_path, capsys):
+    """Differences method - mcsgd seed by seed, their 95 % t interval and whether it excludes 0."""
+    mcsgd = (40, 42, 44)
+    for seed, accuracy in enumerate(mcsgd):
+        put_final(tmp_path, f"permuted_digits/mcsgd/seed_{seed}", accuracy)
+    # naive: differences -10, -9, -11: mean -10, s 1, half-width 2.4841 -> [-12.48, -7.52], excludes 0
+    for seed, accuracy in enumerate((30, 33, 33)):
+        put_final(tmp_path, f"permuted_digits/naive/seed_{seed}", accuracy)
+    # er: differences 1, 2, 1: mean 1.3333, s .57735, half-width 1.4342 -> [-0.10, 2.77], contains 0
+    for seed, accuracy in enumerate((41, 44, 45)):
+        put_final(tmp_path, f"permuted_digits/er/seed_{seed}", accuracy)
+    put_final(tmp_path, "permuted_digits/agem/seed_1", 50)  # one common seed: a difference, no interval
+    put_final(tmp_path, "permuted_digits/ewc/seed_3", 50)  # no seed in common with mcsgd
+    put_final(tmp_path, "rotated_digits/naive/seed_0", 50)  # a benchmark without mcsgd runs
+    main([str(tmp_path), "--no-plots"])
+    printed, markdown = capsys.readouterr().out, (tmp_path / "report.md").read_text()
+    for text in (printed, markdown):
+        assert "| permuted_digits | naive | 3 | -10.00 | [-12.48, -7.52] | separated |" in text
+        assert "| permuted_digits | er | 3 | +1.33 | [-0.10, 2.77] | not separated |" in text
+        assert "| permuted_digits | agem | 1 | +8.00 | n=1 | not separated |" in text
+        assert "| permuted_digits | ewc | 0 | — | — | no common seeds with mcsgd |" in text
+        assert "rotated_digits: no finished mcsgd run, no paired comparison" in text
+    rows = {r["method"]: r for r in read_csv(tmp_path / "report_paired.csv")}
+    assert list(rows) == ["naive", "ewc", "agem", "er"] and {r["benchmark"] for r in rows.values()} == {"permuted_digits"}
+    naive, er, agem = rows["naive"], rows["er"], rows["agem"]
+    assert (naive["baseline"], naive["pairs"], naive["seeds"]) == ("mcsgd", "3", "0 1 2")
+    assert float(naive["mean_difference"]) == pytest.approx(-10)
+    assert float(naive["ci95_low"]) == pytest.approx(-10 - 2.4841, abs=1e-4)
+    assert float(naive["ci95_high"]) == pytest.approx(-10 + 2.4841, abs=1e-4)
+    assert naive["verdict"] == "separated"
+    assert float(er["mean_difference"]) == pytest.approx(4 / 3, abs=1e-4)
+    assert float(er["ci95_low"]) == pytest.approx(4 / 3 - 1.43421, abs=1e-4) and er["verdict"] == "not separated"
+    assert (agem["pairs"], agem["seeds"], agem["ci95_low"], agem["verdict"]) == ("1", "1", "", "not separated")
+    assert (rows["ewc"]["pairs"], rows["ewc"]["mean_difference"], rows["ewc"]["verdict"]) == (
+        "0", "", "no common seeds with mcsgd")
+
+
+def test_paired_comparison_without_mcsgd_says_so(grid, tmp_path_factory):
+    """The fixture's rotated_digits has no finished mcsgd run; a report of naive only has no mcsgd at all."""
+    write_report(grid, draw=False)
+    assert "rotated_digits: no finished mcsgd run, no paired comparison" in (grid / "report.md").read_text()
+    only_naive = tmp_path_factory.mktemp("naive")
+    put_final(only_naive, "permuted_digits/naive/seed_0", 50)
+    write_report(only_naive, draw=False)
+    assert "permuted_digits: no finished mcsgd run, no paired comparison" in (only_naive / "report.md").read_text()
+    assert read_csv(only_naive / "report_paired.csv") == []
+
+
+def test_another_baseline_is_chosen_with_its_flag(grid, capsys):
+    # mcsgd - naive on permuted_digits, seeds 0 and 1: 86.5 - 70, 89 - 80 = 16.5, 9: mean 12.75, s 5.3033,
+    # half-width t(.975, 1) 12.706205 * 5.3033 / sqrt 2 = 47.65 -> contains 0
+    main([str(grid), "--no-plots", "--baseline", "naive"])
+    printed = capsys.readouterr().out
+    assert "| permuted_digits | mcsgd | 2 | +12.75 | [-34.90, 60.40] | not separated |" in printed
+    assert "| rotated_digits | mcsgd | 0 | — | — | no common seeds with naive |" in printed
+    assert "## Paired comparison with naive (same seeds)" in (grid / "report.md").read_text()
