@@ -150,7 +150,10 @@ class ResNet18(nn.Module):
     Either way a training-mode forward normalises with its batch's statistics; with
     ``"running"`` it also updates the running averages. MC-SGD's consolidation and EWC's Fisher
     run the network in evaluation mode, where both options work under ``torch.func.vmap``
-    (running statistics are read, not updated).
+    (running statistics are read, not updated). Flat parameter vectors (MC-SGD's solutions,
+    ``cl-lightning path``) carry no running statistics: with ``"running"`` a vector loaded into
+    the net is evaluated with whatever statistics the net holds, which is why the MC-SGD
+    configs keep ``"batch"``, the research code's choice.
 
     Dropout (``dropout``): Stable SGD's ResNet18 puts ``Dropout(p)`` right after each BatchNorm
     of its basic blocks, none after the stem's BatchNorm (imirzadeh/stable-continual-learning
