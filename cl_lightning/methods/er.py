@@ -1,21 +1,40 @@
 """ER-Reservoir: experience replay from a reservoir-sampled memory (Chaudhry et al., "On Tiny
 Episodic Memories in Continual Learning", 2019), a baseline of the MC-SGD paper's Table 1.
 
-At every training step the model also learns from a batch drawn from a small memory of past
-examples, and the memory is a uniform sample (reservoir sampling) of the whole stream of
-training examples seen so far: it needs no task boundaries.
+At every training step the model learns from the current batch joined with a batch drawn from
+a small memory of past examples, and the memory is a uniform sample (reservoir sampling) of
+the whole stream of training examples seen so far: it needs no task boundaries.
 
-How it plugs into Lightning without touching the LightningModule: the gradient of a sum of
-losses is the sum of their gradients, so after Lightning's backward of the current batch's
-loss (``on_after_backward``) the callback backpropagates the memory batch's loss into the same
-``.grad``; the optimizer step then follows L(current batch) + L(memory batch). The current
-batch enters the reservoir after the step (``on_train_batch_end``), so a batch is never replayed
-in its own step.
+The loss, as in the code the paper's ER numbers came from, is **one mean cross-entropy over
+the concatenation** of the memory batch and the current batch:
 
-Differences from the A-GEM code the paper's ER numbers came from, on purpose: that code trained
-on the concatenation of the two batches (one mean over both, so each part weighted by its
-size, and one BatchNorm statistic over both); here each loss is its own batch mean and the
-memory batch is a forward pass of its own.
+- facebookresearch/agem 4542149, ``fc_permute_mnist.py`` lines 338-354: ``er_train_x_batch =
+  np.concatenate((episodic_images[er_mem_indices], train_x[offset:offset+residual]))`` and one
+  ``model.train`` step on it, whose loss is ``tf.reduce_mean`` of the cross-entropy over the fed
+  batch (``model/model.py`` lines 244-245); on split CIFAR (``conv_split_cifar.py`` lines
+  463-486; ``model/model.py`` lines 217-225, 878-879) the per-example task-masked cross-entropies
+  are summed and divided by the joined batch size;
+- the same code in the fork the Stable-SGD/MC-SGD authors ran (imirzadeh/stable-continual-learning
+  be4049c, ``external_libs/continual_learning_algorithms/fc_mnist.py`` lines 346-362).
+
+How it plugs into Lightning without touching the LightningModule: with ``B`` current and ``M``
+replayed examples, the gradient of the joined mean is ``B/(B+M) grad(current mean) + M/(B+M)
+grad(memory mean)``. Lightning backpropagates the current batch's mean loss; a hook on that
+loss (``on_before_backward``) scales its gradient by ``B/(B+M)``, and ``on_after_backward``
+backpropagates ``M/(B+M)`` times the memory batch's mean loss into the same ``.grad``. Both
+parts pass through Lightning's division by the accumulation steps and the fp16 loss scale, so
+every micro-batch of an accumulation window contributes its own joined-batch gradient. The
+current batch enters the reservoir after the step (``on_train_batch_end``), so a batch is never
+replayed in its own step.
+
+This equals the reference step exactly for networks whose output for an example does not
+depend on the rest of the batch (the MLPs of every MNIST config; dropout masks are random
+either way). With ``ResNet18`` in training mode BatchNorm normalises the current batch and the
+memory batch each with its own statistics, where the reference normalised the joined batch with
+one; with ``bn_stats="running"`` the running averages are also updated twice per step (current
+batch, then memory batch) instead of once with the joined batch's statistics. Exact there needs
+the memory concatenated into the batch before the module's forward, which a callback cannot do
+(batches are tuples, and Lightning has no callback hook that replaces the batch).
 """
 
 from __future__ import annotations
@@ -38,12 +57,12 @@ from cl_lightning.seeding import generator
 class ER(TaskAwareCallback):
     """Experience replay with a reservoir memory.
 
-    Each training step, once the memory holds examples, adds the gradient of the cross-entropy
-    on ``memory_batch_size`` examples drawn from the memory (uniformly, without replacement) to
-    the current batch's gradient, then offers the current batch to the reservoir. Replay starts
-    with the first task's own examples as soon as the memory is non-empty (Chaudhry et al.'s
-    algorithm; the memory has no task boundaries). With several epochs per task, every epoch's
-    pass is part of the stream.
+    Each training step, once the memory holds examples, trains on the mean cross-entropy over
+    the current batch joined with ``memory_batch_size`` examples drawn from the memory
+    (uniformly, without replacement; all of it while it holds fewer), then offers the current
+    batch to the reservoir. Replay starts with the first task's own examples as soon as the
+    memory is non-empty (Chaudhry et al.'s algorithm; the memory has no task boundaries). With
+    several epochs per task, every epoch's pass is part of the stream.
 
     Every random choice (which examples are kept, which are replayed) comes from the run's seed
     through two generators whose states are in the checkpoint, so a resumed run replays what
@@ -55,9 +74,12 @@ class ER(TaskAwareCallback):
     inserts the same global batch with the same generator: the memories stay identical and the
     reservoir samples the global stream. The memory batch is then the same on every process and
     so is its gradient (computed on the same weights; dropout masks agree too, since the module
-    re-seeds every process's RNG identically each epoch), so the summed gradients stay
-    identical without an extra all-reduce. The cost is one all-gather of the batch per step.
-    Processes must see batches of equal size (Lightning's ``DistributedSampler`` ensures it).
+    re-seeds every process's RNG identically each epoch), so it needs no all-reduce. The weights
+    use the global batch size ``B = world_size x local batch``: DDP's average of the processes'
+    ``B/(B+M)``-scaled current gradients plus the common ``M/(B+M)``-scaled memory gradient is
+    the gradient of the mean over the joined global batch, as one process with the whole batch
+    would compute it. The cost is one all-gather of the batch per step. Processes must see
+    batches of equal size (Lightning's ``DistributedSampler`` ensures it).
 
     Args:
         memory_size: Total number of examples the memory keeps, over all tasks (A-GEM code:
@@ -76,6 +98,8 @@ class ER(TaskAwareCallback):
         self.memory_batch_size = int(memory_batch_size)
         self.buffer: ReservoirBuffer | None = None
         self.sampler: torch.Generator | None = None
+        #: M/(B+M) of the running step: the memory's share of the joined batch (0: no replay).
+        self._memory_share = 0.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Created once (a later fit/test with the same callback keeps the memory); a checkpoint
@@ -86,9 +110,21 @@ class ER(TaskAwareCallback):
             self.sampler = generator(seed, "er_sample")
 
     # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int) -> None:
+        """The joined batch's make-up for this step: B current (global) and M replayed examples."""
+        replayed = min(self.memory_batch_size, len(self.buffer))
+        current = batch[0].shape[0] * trainer.world_size
+        self._memory_share = replayed / (current + replayed)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        """Weight the current batch's mean loss by its share B/(B+M) of the joined batch."""
+        if self._memory_share > 0.0:
+            current_share = 1.0 - self._memory_share
+            loss.register_hook(lambda grad: grad * current_share)
+
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Add the gradient of the memory batch's loss to the current batch's gradient."""
-        if len(self.buffer) == 0:
+        """Add M/(B+M) times the gradient of the memory batch's mean loss."""
+        if self._memory_share == 0.0:
             return
         batch = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sampler)
         with torch.inference_mode(False), torch.enable_grad():
@@ -97,7 +133,7 @@ class ER(TaskAwareCallback):
             pl_module.log("er/memory_loss", loss.detach())
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
-            loss = loss / trainer.accumulate_grad_batches
+            loss = loss * self._memory_share / trainer.accumulate_grad_batches
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             if scaler is not None:
                 loss = scaler.scale(loss)

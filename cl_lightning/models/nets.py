@@ -16,6 +16,7 @@ part of each network's contract and matches the research code's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,18 @@ from torch import Tensor, nn
 
 from cl_lightning.errors import ConfigError
 
-__all__ = ["MLP", "ResNet18"]
+__all__ = ["MLP", "ResNet18", "BNStats"]
 
 
 def _require_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _require_probability(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 class MLP(nn.Module):
@@ -62,8 +68,7 @@ class MLP(nn.Module):
         hidden_sizes = list(hidden_sizes)
         for i, size in enumerate(hidden_sizes):
             _require_positive(**{f"hidden_sizes[{i}]": size})
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+        _require_probability(dropout)
 
         layers: list[nn.Module] = []
         width = input_size
@@ -78,31 +83,53 @@ class MLP(nn.Module):
         return self.layers(x.flatten(1))
 
 
+#: Where a ResNet18 BatchNorm takes its normalisation statistics from in evaluation mode.
+BNStats = Literal["batch", "running"]
+
+
+def _batch_norm(channels: int, bn_stats: BNStats, affine: bool = True) -> nn.BatchNorm2d:
+    """A BatchNorm of the reduced ResNet18.
+
+    ``"batch"``: no running buffers (``track_running_stats=False``), so every forward, in training
+    and in evaluation, normalises with the statistics of its own batch: the MC-SGD research code.
+    ``"running"``: PyTorch's default, batch statistics in training and running averages of them
+    in evaluation: the A-GEM code's ``_bn`` (facebookresearch/agem 4542149, ``utils/resnet_utils.py``
+    lines 57-83: ``tf.cond(train_phase, batch moments + EMA update, EMA averages)``; its test passes
+    ``train_phase: False``, ``conv_split_cifar.py`` lines 614/623). Its EMA decay 0.9 is PyTorch's
+    ``momentum=0.1``. Left as they are: its eps 1e-3 (here 1e-5), its zero-debiased EMA of the
+    biased batch variance (here running averages start at mean 0, variance 1 and take the unbiased
+    variance); after the first few dozen steps of a task they agree.
+    """
+    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=bn_stats == "running")
+
+
 class _BasicBlock(nn.Module):
     """ResNet basic block with the research code's BatchNorm settings.
 
-    Every BatchNorm has ``track_running_stats=False``: the research code normalises with the
-    statistics of the current batch in training *and* evaluation, so there are no running
-    buffers that a line search or a checkpoint could get out of sync. The projection shortcut's
-    BatchNorm has no affine parameters, as in the research code.
+    The projection shortcut's BatchNorm has no affine parameters, as in the MC-SGD research code.
+    With ``dropout > 0`` a dropout follows each of the block's two BatchNorms (Stable SGD's
+    ``IC1``/``IC2 = BatchNorm2d -> Dropout``; see :class:`ResNet18`). The ReLU after ``bn1``
+    comes after the dropout too; the two commute (a dropout mask scales by 0 or 1/(1-p) >= 0).
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float, bn_stats: BNStats) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, affine=True, track_running_stats=False)
+        self.bn1 = _batch_norm(planes, bn_stats)
+        self.drop1 = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, affine=True, track_running_stats=False)
+        self.bn2 = _batch_norm(planes, bn_stats)
+        self.drop2 = nn.Dropout(dropout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes, affine=False, track_running_stats=False),
+                _batch_norm(planes, bn_stats, affine=False),
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = F.relu(self.drop1(self.bn1(self.conv1(x))))
+        out = self.drop2(self.bn2(self.conv2(out)))
         return F.relu(out + self.shortcut(x))
 
 
@@ -112,12 +139,30 @@ class ResNet18(nn.Module):
     BasicBlocks ``[2, 2, 2, 2]`` with widths ``width * (1, 2, 4, 8)`` (20-40-80-160 for the
     paper's ``width=20``, "3x fewer feature maps" than the standard ResNet18), bias-free 3x3
     convolutions, a stride-1 3x3 stem, ``avg_pool2d(out, 4)`` and a linear classifier; with the
-    defaults it has 1,108,680 parameters.
+    defaults it has 1,108,680 parameters (neither option below adds any, so flat parameter
+    vectors keep their layout).
 
-    BatchNorm uses batch statistics in both training and evaluation mode (no running
-    statistics), exactly like the research code: predictions therefore depend on the rest of the
-    batch, and test accuracy on the evaluation batch size. The research config's dropout is not
-    used by this network, so there is no dropout argument.
+    BatchNorm statistics (``bn_stats``): by default, batch statistics in training *and*
+    evaluation (no running buffers), exactly like the MC-SGD research code: predictions then
+    depend on the rest of the batch, and test accuracy on the evaluation batch size. The A-GEM
+    code the paper's EWC/A-GEM/ER baselines came from, and Stable SGD's ResNet (PyTorch's
+    default ``BatchNorm2d``), evaluate with running statistics instead: ``bn_stats="running"``.
+    Either way a training-mode forward normalises with its batch's statistics; with
+    ``"running"`` it also updates the running averages. MC-SGD's consolidation and EWC's Fisher
+    run the network in evaluation mode, where both options work under ``torch.func.vmap``
+    (running statistics are read, not updated). Flat parameter vectors (MC-SGD's solutions,
+    ``cl-lightning path``) carry no running statistics: with ``"running"`` a vector loaded into
+    the net is evaluated with whatever statistics the net holds, which is why the MC-SGD
+    configs keep ``"batch"``, the research code's choice.
+
+    Dropout (``dropout``): Stable SGD's ResNet18 puts ``Dropout(p)`` right after each BatchNorm
+    of its basic blocks, none after the stem's BatchNorm (imirzadeh/stable-continual-learning
+    be4049c, ``stable_sgd/models.py`` lines 50-58 and 76-77); here likewise after ``bn1`` and
+    ``bn2`` of every block and nowhere else (its blocks have no shortcut BatchNorm). Its block is
+    otherwise a different net (it never applies ``conv2``: ``conv1 -> relu -> BN -> dropout ->
+    + shortcut -> relu -> BN -> dropout``, lines 60-68), which is not reproduced: every CIFAR
+    config uses this network. The MC-SGD research config's dropout was not used by its ResNet,
+    so the default is 0.
 
     Args:
         num_classes: Number of output logits (100 for split CIFAR-100, masked per task outside
@@ -125,20 +170,35 @@ class ResNet18(nn.Module):
         width: Channels of the first stage; later stages have 2x, 4x and 8x as many.
         in_channels: Channels of the input images (3 for CIFAR). Inputs must be 32x32 (more
             precisely, the last stage's 4x4 map is what ``avg_pool2d(out, 4)`` reduces to 1x1).
+        dropout: Dropout probability after each basic-block BatchNorm, in ``[0, 1)``, active in
+            training mode only (Stable SGD on CIFAR: 0.1).
+        bn_stats: ``"batch"`` (MC-SGD research code) or ``"running"`` (A-GEM code, Stable SGD):
+            the statistics BatchNorm normalises with in evaluation mode.
     """
 
-    def __init__(self, num_classes: int = 100, width: int = 20, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 100,
+        width: int = 20,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+        bn_stats: BNStats = "batch",
+    ) -> None:
         super().__init__()
         _require_positive(num_classes=num_classes, width=width, in_channels=in_channels)
+        _require_probability(dropout)
+        if bn_stats not in get_args(BNStats):
+            raise ConfigError(f"bn_stats must be one of {get_args(BNStats)}, got {bn_stats!r}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, affine=True, track_running_stats=False)
+        self.bn1 = _batch_norm(width, bn_stats)
         stages = []
         in_planes = width
         for multiplier, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
             planes = width * multiplier
             stages.append(
                 nn.Sequential(
-                    _BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)
+                    _BasicBlock(in_planes, planes, stride, dropout, bn_stats),
+                    _BasicBlock(planes, planes, 1, dropout, bn_stats),
                 )
             )
             in_planes = planes

@@ -217,51 +217,56 @@ def test_memory_is_a_sample_of_every_task(forgetting_runs):
     assert torch.all(shares > 0.05) and shares.sum().item() == pytest.approx(1.0)  # about 1/5 each
 
 
-class MemoryGradientProbe(Callback):
-    """Placed before ER: at one step, keeps the current batch's gradient and computes, from copies of
-    ER's memory and sampler, the gradient of the memory loss ER is about to add."""
+class JoinedBatchProbe(Callback):
+    """Placed before ER: at each micro-batch of one optimizer step, computes on its own the gradient
+    of the mean cross-entropy over the current batch joined with the memory batch ER is about to
+    draw (from a copy of ER's sampler), as the reference trains on the concatenation."""
 
     def __init__(self, er: ER, step: int) -> None:
-        self.er, self.step, self.current, self.memory = er, step, None, None
+        self.er, self.step, self.batch, self.joined = er, step, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
 
     def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step != self.step or self.current is not None:
+        if trainer.global_step != self.step:
             return
-        params = list(pl_module.parameters())
-        self.current = parameters_to_vector(p.grad for p in params).clone()
         sampler = torch.Generator()
         sampler.set_state(self.er.sampler.get_state())
-        x, y, task = self.er.buffer.sample(self.er.memory_batch_size, sampler)
+        memory = self.er.buffer.sample(self.er.memory_batch_size, sampler)
+        x, y, task = (torch.cat([m, c]) for m, c in zip(memory, self.batch))
         with torch.enable_grad():
-            grads = torch.autograd.grad(F.cross_entropy(pl_module(x, task), y), params)
-        self.memory = parameters_to_vector(grads)
+            grads = torch.autograd.grad(F.cross_entropy(pl_module(x, task), y), list(pl_module.parameters()))
+        self.joined.append(parameters_to_vector(grads))
 
 
 class GradientProbe(Callback):
-    """Placed after ER: the gradient the optimizer will step with."""
+    """Placed after ER: the gradient the optimizer will step with (after the step's last micro-batch)."""
 
     def __init__(self, step: int) -> None:
         self.step, self.grad = step, None
 
     def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.step and self.grad is None:
+        if trainer.global_step == self.step:
             self.grad = parameters_to_vector(p.grad for p in pl_module.parameters()).clone()
 
 
-def test_step_follows_the_sum_of_current_and_memory_losses(tmp_path):
-    step = 150  # in task 2 (90 steps per task): the memory holds examples of both tasks
-    er = ER(memory_size=40, memory_batch_size=8)
-    before, after = MemoryGradientProbe(er, step), GradientProbe(step)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_step_follows_one_mean_over_the_joined_current_and_memory_batch(tmp_path, accumulate):
+    step = 150 // accumulate  # in task 2 (90 batches per task): the memory holds examples of both tasks
+    er = ER(memory_size=40, memory_batch_size=8)  # memory batch 8 beside current batches of 16
+    probe, after = JoinedBatchProbe(er, step), GradientProbe(step)
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seed=0)
-    module = ContinualModule(MLP(64, [32], 10, dropout=0.0), lr=0.1)  # no dropout: the memory loss is recomputable
-    trainer = Trainer(**dm.trainer_settings(), callbacks=[before, er, after], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      default_root_dir=tmp_path)
+    module = ContinualModule(MLP(64, [32], 10, dropout=0.0), lr=0.1)  # no dropout: the loss is recomputable
+    trainer = Trainer(**dm.trainer_settings(), callbacks=[probe, er, after], logger=False,
+                      accumulate_grad_batches=accumulate, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(module, dm)
-    assert before.memory is not None and after.grad is not None
-    assert before.memory.norm() > 0.01 * before.current.norm()  # the memory gradient is not negligible
-    torch.testing.assert_close(after.grad, before.current + before.memory, rtol=1e-5, atol=1e-6)
+    assert len(probe.joined) == accumulate and after.grad is not None
+    # Lightning averages the micro-batches' losses over the accumulation window
+    expected = torch.stack(probe.joined).mean(0)
+    torch.testing.assert_close(after.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")

@@ -4,7 +4,9 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
+from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.models.nets import MLP, ResNet18
 
 
@@ -59,21 +61,94 @@ def test_mlp_dropout_is_active_in_training_only() -> None:
     torch.testing.assert_close(net(x), plain(x))
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_resnet18_uses_batch_statistics_in_both_modes(training: bool) -> None:
-    torch.manual_seed(0)
-    net = ResNet18(num_classes=10, width=4).train(training)
+def _with_and_without_neighbours(net: nn.Module, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of three images alone, beside three others, and the six in the other mode."""
     x = torch.rand(6, 3, 32, 32)
+    net.train(training)
     with torch.no_grad():
         whole = net(x)
         first_half = net(x[:3])
-        other_batch = net(torch.cat([x[:3], torch.rand(3, 3, 32, 32)]))
         in_other_mode = net.train(not training)(x)
+    return whole[:3], first_half, in_other_mode
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_resnet18_uses_batch_statistics_in_both_modes(training: bool) -> None:
+    torch.manual_seed(0)
+    with_others, alone, in_other_mode = _with_and_without_neighbours(ResNet18(num_classes=10, width=4), training)
     # A sample's logits depend on which samples share its batch...
-    assert not torch.allclose(whole[:3], first_half, atol=1e-4)
-    assert not torch.allclose(whole[:3], other_batch[:3], atol=1e-4)
+    assert not torch.allclose(with_others, alone, atol=1e-4)
     # ...and train/eval mode makes no difference.
-    torch.testing.assert_close(whole, in_other_mode)
+    torch.testing.assert_close(with_others, in_other_mode[:3])
+
+
+def test_resnet18_with_running_statistics_evaluates_each_image_on_its_own() -> None:
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=10, width=4, bn_stats="running")
+    with torch.no_grad():  # some training-mode forwards give the running averages content
+        for _ in range(3):
+            net.train()(torch.rand(8, 3, 32, 32) * 2)
+    assert len(list(net.buffers())) == 3 * 20  # mean, var and count of each of its 20 BatchNorms
+    assert net.bn1.num_batches_tracked.item() == 3
+    torch.manual_seed(1)
+    with_others, alone, _ = _with_and_without_neighbours(net, training=False)
+    torch.testing.assert_close(with_others, alone)  # evaluation: independent of the other batch members
+    torch.manual_seed(1)
+    with_others, alone, in_eval = _with_and_without_neighbours(net, training=True)
+    assert not torch.allclose(with_others, alone, atol=1e-4)  # training: batch statistics
+    assert not torch.allclose(with_others, in_eval[:3], atol=1e-4)
+    # no parameter added: flat parameter vectors keep their layout
+    assert [p.shape for p in net.parameters()] == [p.shape for p in ResNet18(num_classes=10, width=4).parameters()]
+
+
+def test_resnet18_dropout_follows_each_block_batchnorm_in_training_only() -> None:
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=10, width=4, dropout=0.5)
+    plain = ResNet18(num_classes=10, width=4, dropout=0.0)
+    plain.load_state_dict(net.state_dict())
+    # where: one Dropout(p) right after each BatchNorm of each basic block (Stable SGD's IC1/IC2),
+    # none after the stem's or a shortcut's BatchNorm
+    fed_from: dict[str, str] = {}
+    last_bn: list[str] = []
+    names = {m: n for n, m in net.named_modules()}
+    hooks = [m.register_forward_hook(lambda m, i, o: last_bn.append((names[m], o)))
+             for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [m.register_forward_hook(lambda m, i, o: fed_from.__setitem__(
+        names[m], next(n for n, out in reversed(last_bn) if out is i[0])))
+        for m in net.modules() if isinstance(m, nn.Dropout)]
+    x = torch.rand(6, 3, 32, 32)
+    net.train()
+    first, second = net(x), net(x)
+    for h in hooks:
+        h.remove()
+    blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert fed_from == {f"{block}.drop{i}": f"{block}.bn{i}" for block in blocks for i in (1, 2)}
+    assert all(m.p == 0.5 for m in net.modules() if isinstance(m, nn.Dropout))
+    # when: random in training mode, off in evaluation mode
+    assert not torch.allclose(first, second)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net(x))
+        torch.testing.assert_close(net(x), plain.eval()(x))
+
+
+@pytest.mark.parametrize(("dropout", "bn_stats"), [(0.0, "batch"), (0.3, "running")])
+def test_resnet18_options_work_in_mcsgd_line_gradient(dropout: float, bn_stats: str) -> None:
+    """MC-SGD's consolidation runs the net in eval mode (LIGHTNING_NOTES §4.3): vmap and the loop
+    agree with either BatchNorm option and dropout, and the running statistics are only read."""
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=10, width=4, dropout=dropout, bn_stats=bn_stats).double()
+    with torch.no_grad():
+        net.train()(torch.rand(8, 3, 32, 32, dtype=torch.float64))  # running averages away from (0, 1)
+    net.eval()
+    buffers = [b.clone() for b in net.buffers()]
+    start = parameters_to_vector(net.parameters()).detach()
+    end = start + 0.05 * torch.randn_like(start)
+    x, y = torch.rand(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    loop, _ = LineGradient(net, 5, "reference", "loop")(start, end, x, y)
+    vmapped, _ = LineGradient(net, 5, "reference", "vmap")(start, end, x, y)
+    torch.testing.assert_close(vmapped, loop)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
 
 
 @pytest.mark.parametrize(
@@ -92,7 +167,9 @@ def test_mlp_rejects_bad_arguments(kwargs: dict) -> None:
         MLP(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"width": 0}, {"in_channels": -3}])
+@pytest.mark.parametrize(
+    "kwargs", [{"num_classes": 0}, {"width": 0}, {"in_channels": -3}, {"dropout": 1.0}, {"bn_stats": "ema"}]
+)
 def test_resnet18_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         ResNet18(**kwargs)
