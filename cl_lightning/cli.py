@@ -70,6 +70,11 @@ class ContinualCLI(LightningCLI):
     - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # No prefix abbreviations (the main parser and each subcommand's): `--data.num_task 5` in
+        # a long sweep command must be refused, not silently taken for `--data.num_tasks`.
+        return super().init_parser(**{"allow_abbrev": False, **kwargs})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             ("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=lambda t, e: int(t) * int(e)

@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(
         prog="cl-lightning grid",
+        allow_abbrev=False,  # a typo must not silently set another option
         usage="cl-lightning grid --methods M [M ...] --benchmarks B [B ...] --seeds N [N ...] [options] [-- fit overrides]",
         description="Run every method x benchmark x seed, one `cl-lightning fit` process at a time, with the configs "
         "<configs>/<method>/<benchmark>.yaml, into <root>/<benchmark>/<method>/seed_<n>/ (console output in run.log). "

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cl_lightning.cli import cli_main
+from cl_lightning.cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -89,6 +89,30 @@ def test_bad_options_fail_with_readable_message(args, expected, capsys):
         cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_mnist.yaml"), *args])
     assert exit_info.value.code != 0
     assert expected in capsys.readouterr().err
+
+
+DIGITS = str(CONFIGS / "naive" / "permuted_digits.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["fit", "--config", DIGITS, "--data.num_task", "3", "--print_config"], "--data.num_task"),
+        (["test", "--config", DIGITS, "--trainer.enable_progress", "false", "--print_config"], "--trainer.enable_progress"),
+        (["grid", "--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--configs", str(CONFIGS),
+          "--dry"], "--dry"),
+        (["sweep", "--config", DIGITS, "--grid", str(CONFIGS / "grids" / "demo_digits.yaml"), "--dry"], "--dry"),
+    ],
+    ids=["fit", "test", "grid", "sweep"],
+)
+def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(argv, prefix, capsys, tmp_path, monkeypatch):
+    """argparse's prefix matching would take ``--data.num_task`` for ``--data.num_tasks`` (a typo
+    in a long command silently setting another option): every command refuses it by name."""
+    monkeypatch.chdir(tmp_path)  # should the option be taken, nothing lands in the repository
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {prefix}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])
