@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -56,6 +57,22 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             trainer.logger.log_hyperparams(
                 _flatten(json.loads(config)), metrics={"hp/average_accuracy": 0.0, "hp/forgetting": 0.0}
             )
+
+
+#: Where the TensorBoard logger writes unless ``trainer.default_root_dir`` or its own ``save_dir`` says otherwise.
+DEFAULT_SAVE_DIR = "."
+
+
+def logger_follows_default_root_dir(trainer: Namespace) -> None:
+    """Point the logger's ``save_dir`` at ``trainer.default_root_dir`` when that is given and
+    ``save_dir`` is not. Lightning users expect ``default_root_dir`` to move every output, and it
+    does so for Lightning's own default logger; the CLI's logger (with its fixed default
+    ``save_dir``, see :func:`cli_main`) would ignore it. The run folder's ``config.yaml`` then
+    records the folder actually used. A ``save_dir`` other than the default wins."""
+    logger, root = trainer.get("logger"), trainer.get("default_root_dir")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if root is not None and init_args is not None and init_args.get("save_dir") == DEFAULT_SAVE_DIR:
+        init_args.save_dir = str(root)
 
 
 class ContinualCLI(LightningCLI):
@@ -105,9 +122,10 @@ class ContinualCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].num_threads
-        if threads is not None:
-            torch.set_num_threads(threads)
+        config = self.config[self.subcommand]
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        logger_follows_default_root_dir(config.trainer)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         # `--trainer.enable_checkpointing false` / `enable_progress_bar false` switch the
@@ -132,7 +150,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
             "num_sanity_val_steps": 0,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": ".", "default_hp_metric": False},
+                "init_args": {"save_dir": DEFAULT_SAVE_DIR, "default_hp_metric": False},
             },
         },
     )

@@ -115,6 +115,22 @@ def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(argv, prefi
     assert f"error: unrecognized arguments: {prefix}" in capsys.readouterr().err
 
 
+def test_default_root_dir_moves_the_run_unless_the_logger_has_its_own_save_dir(tmp_path, monkeypatch):
+    """``--trainer.default_root_dir`` moves every output (the logger's run folder with its matrix,
+    config and checkpoints), as in plain Lightning; a logger ``save_dir`` given beside it wins."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", DIGITS, "--data.num_tasks", "2", "--data.train_examples_per_task", "64",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cli_main(["fit", *quick, "--trainer.default_root_dir", str(tmp_path / "root")])
+    run = tmp_path / "root" / "lightning_logs" / "version_0"
+    assert (run / "accuracy_matrix.json").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert f"save_dir: {tmp_path / 'root'}" in (run / "config.yaml").read_text()  # the resume command finds it
+    cli_main(["test", *quick, "--trainer.default_root_dir", str(tmp_path / "root"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert (tmp_path / "logs" / "lightning_logs" / "version_0" / "test_accuracy.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "root"]  # nothing in the working directory
+
+
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])
 def test_split_cifar100_runs_end_to_end(method, cifar_root, tmp_path):
     """Task-masked logits, ResNet with batch statistics, per-class memory (MC-SGD) on real pickles."""
