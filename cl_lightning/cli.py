@@ -29,6 +29,7 @@ from cl_lightning.guards import FiniteGuard
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.progress import TaskProgressBar
+from cl_lightning.signals import CheckpointOnSignal
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
 # inter-process copies, so Lightning's advice to add workers does not apply.
@@ -83,7 +84,8 @@ class ContinualCLI(LightningCLI):
       typed twice, and cannot be set by hand.
     - The accuracy matrix, a checkpoint with ``last.ckpt``, the task progress bar and the guard
       that stops a diverged run are always on (``accuracy_matrix``, ``checkpoint``,
-      ``progress_bar`` and ``finite_guard`` sections), whatever ``trainer.callbacks`` a config lists.
+      ``progress_bar`` and ``finite_guard`` sections), whatever ``trainer.callbacks`` a config lists;
+      so is the stop on SIGTERM/SIGINT with a checkpoint and the resume command (``signals.py``).
     - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
 
@@ -111,6 +113,8 @@ class ContinualCLI(LightningCLI):
             "slower with 2 threads). Raise it for big models on many idle cores; null keeps "
             "torch's default.",
         )
+        # After the accuracy matrix: the checkpoint it writes on a signal holds the task's row.
+        parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here: check the file and that it
