@@ -115,11 +115,11 @@ class CheckpointOnSignal(Callback):
             return
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if self._asked(trainer) and not last_epoch:
-            # Raised at this callback's next hook: the after-task ModelCheckpoint, which runs after
-            # this callback, still writes its file and last.ckpt for the task just evaluated.
+            # Raised when the next epoch (or step) starts: the after-task ModelCheckpoint (at this
+            # epoch's end, or after this callback here) still writes its file and last.ckpt.
             self._stop = self._save(trainer)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._stop is not None:
             raise self._stop
 
@@ -129,7 +129,7 @@ class CheckpointOnSignal(Callback):
         folder = self._folder(trainer)
         ckpt = folder / f"interrupted-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         partial = ckpt.with_name(ckpt.name + ".partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)
         if trainer.is_global_zero:
             os.replace(partial, ckpt)
         trainer.strategy.barrier("CheckpointOnSignal")

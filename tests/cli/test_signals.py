@@ -13,11 +13,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from signal_probes import is_paused, wait_until
 
 from cl_lightning.cli import main
 
@@ -46,17 +46,6 @@ def straight(tmp_path_factory) -> tuple[dict[str, str], dict[str, torch.Tensor]]
     return results(out / "lightning_logs" / "version_0")
 
 
-def wait_until_paused(process: subprocess.Popen, timeout: float = 300) -> None:
-    """Until the process has stopped itself (state T in /proc); fails if it exits instead."""
-    deadline = time.monotonic() + timeout
-    status = Path(f"/proc/{process.pid}/status")
-    while "\t" not in (line := next(iter(s for s in status.read_text().splitlines() if s.startswith("State:")), "")) \
-            or line.split()[1] != "T":
-        assert process.poll() is None, "the run ended before its pause point"
-        assert time.monotonic() < deadline, "timed out waiting for the pause point"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     ("where", "step", "signum", "stop_step"),
     [
@@ -74,7 +63,8 @@ def test_signal_stops_with_a_checkpoint_that_resumes_exactly(where, step, signum
         process = subprocess.Popen([sys.executable, "-m", "cl_lightning", *fit_args(tmp_path, *probe)], stdout=log,
                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        wait_until_paused(process)
+        wait_until(lambda: is_paused(process.pid) or process.poll() is not None, "the pause point")
+        assert process.poll() is None, "the run ended before its pause point"
         os.kill(process.pid, signum)
         os.kill(process.pid, signal.SIGCONT)
         assert process.wait(timeout=300) == 128 + signum
@@ -88,6 +78,8 @@ def test_signal_stops_with_a_checkpoint_that_resumes_exactly(where, step, signum
     assert output[-1] == (f"stopped by {signal.Signals(signum).name} at epoch {(stop_step - 1) // STEPS_PER_TASK}, "
                           f"step {stop_step}: checkpoint {ckpt}; resume with: {command}")
     assert not list(run.glob("checkpoints/*.partial"))
+    # the after-task checkpoint of task 1 (written after a stop there too) and last.ckpt are kept
+    assert {"epoch=0-step=90.ckpt", "last.ckpt"} <= {p.name for p in run.glob("checkpoints/*.ckpt")}
     tasks_done = json.loads((run / "accuracy_matrix.json").read_text())["tasks_completed"]
     assert tasks_done == stop_step // STEPS_PER_TASK  # the task of a mid-task stop is not evaluated
 
