@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,6 +29,7 @@ from cl_lightning.guards import FiniteGuard
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.progress import TaskProgressBar
+from cl_lightning.signals import CheckpointOnSignal
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
 # inter-process copies, so Lightning's advice to add workers does not apply.
@@ -58,6 +60,22 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             )
 
 
+#: Where the TensorBoard logger writes unless ``trainer.default_root_dir`` or its own ``save_dir`` says otherwise.
+DEFAULT_SAVE_DIR = "."
+
+
+def logger_follows_default_root_dir(trainer: Namespace) -> None:
+    """Point the logger's ``save_dir`` at ``trainer.default_root_dir`` when that is given and
+    ``save_dir`` is not. Lightning users expect ``default_root_dir`` to move every output, and it
+    does so for Lightning's own default logger; the CLI's logger (with its fixed default
+    ``save_dir``, see :func:`cli_main`) would ignore it. The run folder's ``config.yaml`` then
+    records the folder actually used. A ``save_dir`` other than the default wins."""
+    logger, root = trainer.get("logger"), trainer.get("default_root_dir")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if root is not None and init_args is not None and init_args.get("save_dir") == DEFAULT_SAVE_DIR:
+        init_args.save_dir = str(root)
+
+
 class ContinualCLI(LightningCLI):
     """LightningCLI with the task sequence wired in.
 
@@ -66,9 +84,15 @@ class ContinualCLI(LightningCLI):
       typed twice, and cannot be set by hand.
     - The accuracy matrix, a checkpoint with ``last.ckpt``, the task progress bar and the guard
       that stops a diverged run are always on (``accuracy_matrix``, ``checkpoint``,
-      ``progress_bar`` and ``finite_guard`` sections), whatever ``trainer.callbacks`` a config lists.
+      ``progress_bar`` and ``finite_guard`` sections), whatever ``trainer.callbacks`` a config lists;
+      so is the stop on SIGTERM/SIGINT with a checkpoint and the resume command (``signals.py``).
     - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # No prefix abbreviations (the main parser and each subcommand's): `--data.num_task 5` in
+        # a long sweep command must be refused, not silently taken for `--data.num_tasks`.
+        return super().init_parser(**{"allow_abbrev": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -89,6 +113,8 @@ class ContinualCLI(LightningCLI):
             "slower with 2 threads). Raise it for big models on many idle cores; null keeps "
             "torch's default.",
         )
+        # After the accuracy matrix: the checkpoint it writes on a signal holds the task's row.
+        parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here: check the file and that it
@@ -100,9 +126,10 @@ class ContinualCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].num_threads
-        if threads is not None:
-            torch.set_num_threads(threads)
+        config = self.config[self.subcommand]
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        logger_follows_default_root_dir(config.trainer)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         # `--trainer.enable_checkpointing false` / `enable_progress_bar false` switch the
@@ -127,7 +154,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
             "num_sanity_val_steps": 0,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": ".", "default_hp_metric": False},
+                "init_args": {"save_dir": DEFAULT_SAVE_DIR, "default_hp_metric": False},
             },
         },
     )

@@ -15,6 +15,8 @@ leaves a ``FAILED`` marker and the grid goes on; the exit status is 1 when any r
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -45,16 +47,38 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
+def wait_passing_on_ctrl_c(child: subprocess.Popen) -> int:
+    """The child's exit status. Ctrl-C (SIGINT) reaches only the grid, the child running in a
+    session of its own: it is passed on, once per Ctrl-C, so that the child stops as ``fit`` does
+    (a checkpoint at its next consistent point; a second Ctrl-C stops it at once) rather than being
+    killed mid-write, and re-raised once the child has ended."""
+    interrupted = False
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+            child.send_signal(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+    return code
+
+
 def run_one(command: list[str], folder: Path) -> tuple[bool, str]:
-    """Run one fit in a child process; on failure leave the ``FAILED`` marker. Returns (ok, summary)."""
+    """Run one fit in a child process; on failure leave the ``FAILED`` marker. Returns (ok, summary).
+    An interrupted run (Ctrl-C) gets no marker: it is unfinished, and the next grid command reruns it."""
     folder.mkdir(parents=True)
     start = time.monotonic()
     with open(folder / LOG_FILE, "w") as log:
         log.write("$ cl-lightning " + " ".join(command[3:]) + "\n\n")
         log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-        seconds = time.monotonic() - start
-        log.write(wall_time_line(seconds, code))
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = wait_passing_on_ctrl_c(child)
+        finally:
+            seconds = time.monotonic() - start
+            log.write(wall_time_line(seconds, child.returncode))
     run = inspect_run(folder, "", "", 0)
     if code == 0 and run.status == "finished":
         return True, f"done in {seconds:.0f} s, average accuracy {average_accuracy(run.matrix, run.matrix.shape[0] - 1):.2f} %"
@@ -76,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(
         prog="cl-lightning grid",
+        allow_abbrev=False,  # a typo must not silently set another option
         usage="cl-lightning grid --methods M [M ...] --benchmarks B [B ...] --seeds N [N ...] [options] [-- fit overrides]",
         description="Run every method x benchmark x seed, one `cl-lightning fit` process at a time, with the configs "
         "<configs>/<method>/<benchmark>.yaml, into <root>/<benchmark>/<method>/seed_<n>/ (console output in run.log). "
@@ -99,6 +124,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"error: no config {', '.join(absent)}; --configs {args.configs} holds: {', '.join(available) or 'nothing'} "
                  "(run from the repository root, or point --configs at the configs folder)")
 
+    try:
+        run_grid(args, grid, configs, overrides)
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C); finished runs are kept and the interrupted one starts again when you rerun: "
+              f"cl-lightning grid {shlex.join(argv)}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+
+
+def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],
+             overrides: list[str]) -> None:
+    """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order."""
     failed = []
     for i, (benchmark, method, seed) in enumerate(grid, 1):
         folder = run_folder(args.root, benchmark, method, seed)

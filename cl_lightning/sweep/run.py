@@ -234,6 +234,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(
         prog="cl-lightning sweep",
+        allow_abbrev=False,  # a typo must not silently set another option
         usage="cl-lightning sweep --config CONFIG --grid GRID [options] [-- fit overrides for every trial]",
         description="Search a grid of settings on a validation split held out of the training data, write the best "
         "setting as a config (best.yaml), run it over the final seeds on the full training set and report test "

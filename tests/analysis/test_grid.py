@@ -1,10 +1,17 @@
 """``cl-lightning grid``: a real 2-run grid on the offline digits, a failure, and what a rerun does."""
 
 import json
+import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from processes import command_lines
+from signal_probes import has_pending, is_paused, wait_until
 
 from cl_lightning.analysis.report import write_report
 from cl_lightning.grid import fit_command, main, set_aside
@@ -80,3 +87,40 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[3].startswith("[4/4] rotated_mnist/mcsgd/seed_1: cl-lightning fit --config")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_names_the_rerun(tmp_path):
+    """Ctrl-C reaches the grid (the terminal's foreground group; the fit runs in a session of its
+    own): it is passed to the fit, which stops with a checkpoint, and the grid ends with one line
+    naming the rerun, status 130, no traceback, and no FAILED marker for the unfinished run."""
+    repo = CONFIGS.parent
+    root = tmp_path / "runs"
+    args = ["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--root", str(root),
+            "--configs", str(CONFIGS), *TINY, "--trainer.callbacks+=signal_probes.PauseAt", "--trainer.callbacks.step", "5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "grid.log", "w") as log:
+        grid = subprocess.Popen([sys.executable, "-m", "cl_lightning", "grid", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        def paused_fit() -> int | None:
+            return next((pid for pid, text in command_lines().items()
+                         if "cl_lightning fit" in text and str(root) in text and is_paused(pid)), None)
+
+        wait_until(lambda: paused_fit() is not None or grid.poll() is not None, "the fit to pause")
+        fit = paused_fit()
+        assert fit is not None, "the run ended before its pause point"
+        os.kill(grid.pid, signal.SIGINT)  # Ctrl-C
+        wait_until(lambda: has_pending(fit, signal.SIGINT), "the grid to pass Ctrl-C on")
+        os.kill(fit, signal.SIGCONT)
+        assert grid.wait(timeout=300) == 130
+    finally:
+        grid.kill()
+    output = (tmp_path / "grid.log").read_text()
+    assert "Traceback" not in output
+    assert output.splitlines()[-1] == ("interrupted (Ctrl-C); finished runs are kept and the interrupted one starts "
+                                       f"again when you rerun: cl-lightning grid {shlex.join(args)}")
+    run = root / "permuted_digits" / "naive" / "seed_0"
+    log = (run / "run.log").read_text()
+    assert "stopped by SIGINT at epoch 0, step 5: checkpoint" in log and "(exit code 130)" in log
+    assert (run / "checkpoints" / "interrupted-epoch=0-step=5.ckpt").exists() and not (run / "FAILED").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cl_lightning.cli import cli_main
+from cl_lightning.cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -89,6 +89,46 @@ def test_bad_options_fail_with_readable_message(args, expected, capsys):
         cli_main(["fit", "--config", str(CONFIGS / "naive/permuted_mnist.yaml"), *args])
     assert exit_info.value.code != 0
     assert expected in capsys.readouterr().err
+
+
+DIGITS = str(CONFIGS / "naive" / "permuted_digits.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["fit", "--config", DIGITS, "--data.num_task", "3", "--print_config"], "--data.num_task"),
+        (["test", "--config", DIGITS, "--trainer.enable_progress", "false", "--print_config"], "--trainer.enable_progress"),
+        (["grid", "--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--configs", str(CONFIGS),
+          "--dry"], "--dry"),
+        (["sweep", "--config", DIGITS, "--grid", str(CONFIGS / "grids" / "demo_digits.yaml"), "--dry"], "--dry"),
+    ],
+    ids=["fit", "test", "grid", "sweep"],
+)
+def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(argv, prefix, capsys, tmp_path, monkeypatch):
+    """argparse's prefix matching would take ``--data.num_task`` for ``--data.num_tasks`` (a typo
+    in a long command silently setting another option): every command refuses it by name."""
+    monkeypatch.chdir(tmp_path)  # should the option be taken, nothing lands in the repository
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
+def test_default_root_dir_moves_the_run_unless_the_logger_has_its_own_save_dir(tmp_path, monkeypatch):
+    """``--trainer.default_root_dir`` moves every output (the logger's run folder with its matrix,
+    config and checkpoints), as in plain Lightning; a logger ``save_dir`` given beside it wins."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", DIGITS, "--data.num_tasks", "2", "--data.train_examples_per_task", "64",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cli_main(["fit", *quick, "--trainer.default_root_dir", str(tmp_path / "root")])
+    run = tmp_path / "root" / "lightning_logs" / "version_0"
+    assert (run / "accuracy_matrix.json").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert f"save_dir: {tmp_path / 'root'}" in (run / "config.yaml").read_text()  # the resume command finds it
+    cli_main(["test", *quick, "--trainer.default_root_dir", str(tmp_path / "root"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert (tmp_path / "logs" / "lightning_logs" / "version_0" / "test_accuracy.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "root"]  # nothing in the working directory
 
 
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])

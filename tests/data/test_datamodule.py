@@ -54,9 +54,9 @@ def mnist_base(mnist_root: Path) -> dict[str, object]:
 # --------------------------------------------------------------------------- permuted / rotated MNIST
 
 
-@pytest.mark.parametrize("benchmark", ["permuted", "rotated"])
-def test_mnist_train_batches(mnist_root: Path, benchmark: str) -> None:
-    dm = _dm(mnist_root, source="mnist", benchmark=benchmark, num_tasks=3, batch_size=32)
+@pytest.mark.parametrize("benchmark_name", ["permuted", "rotated"])
+def test_mnist_train_batches(mnist_root: Path, benchmark_name: str) -> None:
+    dm = _dm(mnist_root, source="mnist", benchmark=benchmark_name, num_tasks=3, batch_size=32)
     assert dm.trainer is None and dm.current_task == 0
     assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
     assert dm.pixel_maps is not None and dm.pixel_maps.shape == (3, 784)

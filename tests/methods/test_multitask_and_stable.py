@@ -41,10 +41,10 @@ STABLE_SGD = {"permuted_mnist": (0.1, 0.8), "permuted_fashion_mnist": (0.1, 0.8)
               "rotated_mnist": (0.1, 0.55), "rotated_fashion_mnist": (0.1, 0.55), "split_cifar100": (0.15, 0.85)}
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS)
-def test_stable_sgd_configs_give_the_published_schedule(benchmark):
-    model = load(f"stable_sgd/{benchmark}.yaml")["model"]
-    lr, gamma = STABLE_SGD[benchmark]
+@pytest.mark.parametrize("benchmark_name", BENCHMARKS)
+def test_stable_sgd_configs_give_the_published_schedule(benchmark_name):
+    model = load(f"stable_sgd/{benchmark_name}.yaml")["model"]
+    lr, gamma = STABLE_SGD[benchmark_name]
     factor = TaskLRFactor(model["lr"], model["lr_decay"], model["lr_floor"], epochs_per_task=1)
     for t in range(1, 41):  # 1-based tasks; far enough for the floor to matter with gamma 0.55
         stable_sgd = max(5e-5, lr * gamma**t)  # stable_sgd/main.py: exponent t, floor 5e-5
@@ -52,9 +52,9 @@ def test_stable_sgd_configs_give_the_published_schedule(benchmark):
     assert model["momentum"] == 0.8
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS)
-def test_multitask_configs_are_the_mcsgd_settings_trained_jointly(benchmark):
-    multitask, mcsgd = load(f"multitask/{benchmark}.yaml"), load(f"mcsgd/{benchmark}.yaml")
+@pytest.mark.parametrize("benchmark_name", BENCHMARKS)
+def test_multitask_configs_are_the_mcsgd_settings_trained_jointly(benchmark_name):
+    multitask, mcsgd = load(f"multitask/{benchmark_name}.yaml"), load(f"mcsgd/{benchmark_name}.yaml")
     assert multitask["model"] == mcsgd["model"]
     data = dict(multitask["data"])
     assert data.pop("joint") is True and data.get("shuffle", True) is True
@@ -62,11 +62,11 @@ def test_multitask_configs_are_the_mcsgd_settings_trained_jointly(benchmark):
     assert "trainer" not in multitask
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS)
-def test_er_memory_is_one_example_per_class_per_task(benchmark):
-    config = load(f"er/{benchmark}.yaml")
+@pytest.mark.parametrize("benchmark_name", BENCHMARKS)
+def test_er_memory_is_one_example_per_class_per_task(benchmark_name):
+    config = load(f"er/{benchmark_name}.yaml")
     er = config["trainer"]["callbacks"][0]["init_args"]
-    classes = 100 if benchmark == "split_cifar100" else 10 * config["data"]["num_tasks"]
+    classes = 100 if benchmark_name == "split_cifar100" else 10 * config["data"]["num_tasks"]
     assert er["memory_size"] == classes
 
 
