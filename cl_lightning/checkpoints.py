@@ -46,20 +46,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_checkpoint(path: str, config: dict[str, Any], subcommand: str) -> None:
+def check_checkpoint(path: str, config: dict[str, Any], subcommand: str) -> dict[str, Any] | None:
     """Check ``--ckpt_path`` against the subcommand's parsed ``config`` (as a dict).
 
     Raises :class:`CheckpointError` for an unreadable file and, when resuming ``fit``, for a
     checkpoint whose data settings or method callbacks differ from the config's; warns when the
-    config's model settings differ (LightningCLI replaces them with the checkpoint's).
+    config's model settings differ (LightningCLI replaces them with the checkpoint's). Returns the
+    checkpoint read, or None for a path Lightning resolves itself (``last``, ``best``, ...).
     """
     if str(path) in SPECIAL_PATHS and not Path(path).is_file():
-        return
+        return None
     checkpoint = load_checkpoint(path)
     _warn_model_overridden(checkpoint.get("hyper_parameters", {}), config.get("model") or {})
     if subcommand != "fit":
-        return
+        return checkpoint
     fix = _resume_hint(Path(path))
+    if _saved_before_epoch_end(checkpoint):
+        epochs_per_task = checkpoint.get("datamodule_hyper_parameters", {}).get("epochs_per_task", 1)
+        raise CheckpointError(
+            f"checkpoint {path} was written on the last training step of epoch {checkpoint['epoch']}, before that "
+            "epoch's evaluation (a step checkpoint of an older cl-lightning): resuming it, Lightning would skip "
+            f"that evaluation and leave task {checkpoint['epoch'] // epochs_per_task + 1}'s accuracy-matrix row "
+            f"empty. Resume from the checkpoint written after that task or an earlier one.{_alternatives(Path(path))}"
+        )
     data_diff = _differences(checkpoint.get("datamodule_hyper_parameters", {}), _init_args(config.get("data")),
                              ignore=FREE_DATA_SETTINGS)
     if data_diff:
@@ -73,6 +82,34 @@ def check_checkpoint(path: str, config: dict[str, Any], subcommand: str) -> None
             f"has {configured or 'none (naive SGD)'}: the method's state (memory, anchors, ...) would be lost or "
             f"missing. {fix}"
         )
+    return checkpoint
+
+
+def finished_run_message(path: str, checkpoint: dict[str, Any]) -> str | None:
+    """What to tell a user who resumes a finished run (every task evaluated) from ``checkpoint``
+    (read from ``path``), or None if it is not one.
+
+    Lightning would load the checkpoint, train nothing and end; the accuracy matrix would then
+    announce files in the new run folder that nothing wrote.
+    """
+    state = checkpoint["callbacks"].get("AccuracyMatrix")
+    matrix = state.get("matrix") if isinstance(state, dict) else None
+    if not isinstance(matrix, torch.Tensor) or not (~matrix.isnan()).any(dim=1).all():
+        return None
+    run = Path(path).parent.parent
+    results = f" Its results: {run / 'accuracy_matrix.csv'}." if (run / "accuracy_matrix.csv").is_file() else ""
+    config = run / "config.yaml"
+    test = f"cl-lightning test --config {config if config.is_file() else '<run>/config.yaml'} --ckpt_path {path}"
+    return f"nothing to resume: checkpoint {path} holds a finished run (all {matrix.shape[0]} tasks trained and " \
+           f"evaluated).{results} To evaluate its model: {test}"
+
+
+def _saved_before_epoch_end(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint was written in ``on_train_batch_end`` of an epoch's last batch (the
+    state Lightning's ``FitLoop.reset`` resumes as a completed epoch, skipping its validation)."""
+    batches = checkpoint["loops"].get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    current = batches.get("current", {})
+    return bool(batches.get("is_last_batch")) and current.get("completed") == current.get("processed", 0) - 1
 
 
 def _warn_model_overridden(saved: dict[str, Any], model: dict[str, Any]) -> None:

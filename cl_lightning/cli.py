@@ -20,15 +20,18 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
-from cl_lightning.checkpoints import check_checkpoint
+from cl_lightning.checkpoints import check_checkpoint, finished_run_message
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import UserError
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
+from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar
+from cl_lightning.saving import AtomicCheckpointIO, TaskCheckpoint
 from cl_lightning.signals import CheckpointOnSignal
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
@@ -100,7 +103,7 @@ class ContinualCLI(LightningCLI):
         )
         parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch", compute_fn=int)
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
         parser.add_lightning_class_args(FiniteGuard, "finite_guard")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{step}"})
@@ -121,8 +124,11 @@ class ContinualCLI(LightningCLI):
         # belongs to this config first, so a bad one fails with a clear message and writes nothing.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            check_checkpoint(ckpt_path, self.config[subcommand].as_dict(), subcommand)
+        checkpoint = check_checkpoint(ckpt_path, self.config[subcommand].as_dict(), subcommand) if ckpt_path else None
+        finished = finished_run_message(ckpt_path, checkpoint) if checkpoint and subcommand == "fit" else None
+        if finished:
+            print(finished)
+            sys.exit(0)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -139,6 +145,11 @@ class ContinualCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, TaskProgressBar)]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written atomically
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        check_run_inputs(self.datamodule, config, callbacks, self.config[self.subcommand].get("ckpt_path"))
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -22,7 +22,9 @@ class TaskProgressBar(TQDMProgressBar):
       thousands of carriage-return updates into the log: the bars are off there, and only the
       line per task is printed.
     - After each task's evaluation one line reports the task, its steps and wall time, and the
-      average accuracy over the tasks seen so far.
+      average accuracy over the tasks seen so far. In a run resumed in the middle of a task, the
+      steps and time of that task count from the resume (Lightning does not replay the task's
+      ``on_train_epoch_start``), and the line says so.
 
     Args:
         refresh_rate: Redraw the bars every this many batches.
@@ -35,18 +37,25 @@ class TaskProgressBar(TQDMProgressBar):
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._task_started = 0.0
         self._first_step = 0
+        self._resumed_mid_task = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if not self.interactive:
             self.disable()
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_counting(trainer)
+        self._resumed_mid_task = trainer.global_step > 0  # a task start, if it is one, restarts the count
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         dm = trainer.datamodule
         epoch = trainer.current_epoch
         if dm.is_task_start(epoch):
-            self._task_started, self._first_step = time.perf_counter(), trainer.global_step
+            self._start_counting(trainer)
+            self._resumed_mid_task = False
         label = f"Task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks}"
         if dm.epochs_per_task > 1:
             label += f" epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task}"
@@ -63,4 +72,10 @@ class TaskProgressBar(TQDMProgressBar):
         average = f", average accuracy {sum(accuracies) / len(accuracies):.2f} %" if accuracies else ""
         seconds = time.perf_counter() - self._task_started
         steps = trainer.global_step - self._first_step
-        rank_zero_info(f"task {task + 1}/{dm.num_tasks}: {steps} steps in {seconds:.1f} s (with evaluation){average}")
+        since = " since the resume" if self._resumed_mid_task else ""
+        self._resumed_mid_task = False
+        rank_zero_info(f"task {task + 1}/{dm.num_tasks}: {steps} steps in {seconds:.1f} s{since} (with evaluation)"
+                       f"{average}")
+
+    def _start_counting(self, trainer: Trainer) -> None:
+        self._task_started, self._first_step = time.perf_counter(), trainer.global_step

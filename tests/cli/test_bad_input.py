@@ -41,10 +41,13 @@ def finished(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture
 def out(finished):
-    """Bad commands write into the finished run's save_dir; afterwards its files must be unchanged."""
+    """Bad commands write into the finished run's save_dir; afterwards its files must be unchanged,
+    and no other run folder (an empty ``version_1`` with an events file) may appear: the inputs are
+    checked before anything is created."""
     save_dir, before = finished
     yield save_dir
     assert digests(save_dir / "lightning_logs" / "version_0") == before
+    assert sorted(p.name for p in (save_dir / "lightning_logs").iterdir()) == ["version_0"]
 
 
 def user_error(argv: list[str]) -> str:
@@ -149,10 +152,21 @@ def test_checkpoint_of_another_run(out):
 
 def test_other_network_settings_are_replaced_by_the_checkpoints_with_a_warning(out):
     run = out / "lightning_logs" / "version_0"
-    # the run is complete, so this resume only loads the checkpoint and stops
+    # the run is complete, so this resume only checks the checkpoint and stops ("nothing to resume")
     with pytest.warns(UserWarning, match=r"hidden_sizes: checkpoint \[256, 256\], config \[32\]\); the run uses the checkpoint's"):
-        main(["fit", "--config", str(run / "config.yaml"), "--model.net.init_args.hidden_sizes", "[32]",
-              "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(run / "config.yaml"), "--model.net.init_args.hidden_sizes", "[32]",
+                  "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert info.value.code == 0
+
+
+def test_checkpoint_of_another_seed_creates_no_run_folder(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args(NAIVE, tmp_path, "--trainer.callbacks+=sequence_runs.CrashAtTaskStart", "--trainer.callbacks.task", "1"))
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    message = user_error(args(NAIVE, tmp_path, "--seed_everything", "1", "--ckpt_path", str(last)))
+    assert message.startswith("error: the checkpoint was written by a run with seed 0 but this run has seed 1")
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
 
 
 # --------------------------------------------------------------------------- during training

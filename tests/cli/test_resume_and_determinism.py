@@ -97,3 +97,23 @@ def test_same_seed_same_run_other_seed_other_run(straight, tmp_path):
     other_matrix = json.loads((run_folder(tmp_path / "other", 0) / "accuracy_matrix.json").read_text())["matrix"]
     seed0_matrix = json.loads((seed0_run / "accuracy_matrix.json").read_text())["matrix"]
     assert other_matrix != seed0_matrix
+
+
+def test_step_checkpoint_on_a_tasks_last_step_resumes_to_the_same_run(straight, tmp_path):
+    # Tasks of 90 steps: every 90 steps falls on each task's last step, before its evaluation.
+    steps = ["--checkpoint.every_n_train_steps", "90", "--checkpoint.save_top_k", "-1"]
+    crash = ["--trainer.callbacks+=sequence_runs.CrashAtTaskStart", "--trainer.callbacks.task", "2",
+             "--trainer.callbacks.only_fresh", "true"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main(fit_args("mcsgd", tmp_path, *steps, *crash))
+    crashed = run_folder(tmp_path, 0)
+    cli_main(["fit", "--config", str(crashed / "config.yaml"),
+              "--ckpt_path", str(crashed / "checkpoints" / "epoch=1-step=180.ckpt")])
+    resumed = run_folder(tmp_path, 1)
+    straight_run, _ = straight["mcsgd"]
+    assert matrix_files(resumed) == matrix_files(straight_run)  # row 2 evaluated, row 3 trained
+    final = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    expected = torch.load(straight_run / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+    assert torch.equal(final["callbacks"]["MCSGD"]["w_bar"], expected["callbacks"]["MCSGD"]["w_bar"])

@@ -1,0 +1,56 @@
+"""Check a run's inputs and output folders before the Trainer creates anything.
+
+Lightning creates the logger's ``version_N`` folder and its events file (``logger.experiment``)
+*before* the datamodule's ``setup`` reads the data (lightning/pytorch/trainer/call.py,
+``_call_setup_hook``), and restores the checkpoint after that. A run that then fails on a missing
+dataset, a damaged data file or a checkpoint of another seed leaves an empty ``version_N`` that
+looks like a run; an unwritable output folder fails deep inside the logger with a traceback.
+:func:`check_run_inputs` does all of these checks first, so a failing run creates nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from cl_lightning.saving import check_writable
+
+
+def check_run_inputs(datamodule: LightningDataModule, trainer_config: dict[str, Any], callbacks: list[Callback],
+                     ckpt_path: str | None) -> None:
+    """Raise the run's :class:`~cl_lightning.errors.UserError` now rather than after its folder exists.
+
+    ``trainer_config`` holds the Trainer's (instantiated) arguments, as LightningCLI passes them.
+    """
+    for folder, option in _output_folders(trainer_config, callbacks):
+        check_writable(folder, option)
+    datamodule.setup("fit")  # reads and checks the data; idempotent, the Trainer's call is then free
+    if ckpt_path and Path(ckpt_path).is_file():
+        _check_datamodule_state(datamodule, ckpt_path)
+
+
+def _output_folders(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[tuple[str, str]]:
+    """(folder, the option that sets it) for every folder the run writes into."""
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    folders = [(str(logger.root_dir), "trainer.logger.init_args.save_dir") for logger in loggers
+               if isinstance(logger, Logger) and logger.root_dir is not None]
+    if not folders:
+        folders.append((str(trainer_config.get("default_root_dir") or "."), "trainer.default_root_dir"))
+    folders += [(str(c.dirpath), "checkpoint.dirpath") for c in callbacks
+                if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
+    return folders
+
+
+def _check_datamodule_state(datamodule: LightningDataModule, ckpt_path: str) -> None:
+    """Apply the checkpoint's datamodule state now: ``load_state_dict`` refuses a checkpoint of
+    another seed. ``mmap`` reads only the small entries, not the weights."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state is not None:
+        datamodule.load_state_dict(state)
