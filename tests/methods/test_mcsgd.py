@@ -272,18 +272,22 @@ def test_resume_between_tasks_gives_the_same_run(tmp_path):
 def demo_runs(tmp_path_factory):
     """The README's offline demo for MC-SGD and the same configuration without it."""
     runs = {}
-    for method in ("naive", "mcsgd"):
-        out = tmp_path_factory.mktemp(method)
+    # full-batch: one step per task needs a larger consolidation lr; measured on seed 0 (average accuracy):
+    # lr 0.005 52.2, 0.05 57.7, 0.5 18.9; naive 44.2, minibatch MC-SGD 61.7
+    full_batch = ["--trainer.callbacks.init_args.steps", "full_batch", "--trainer.callbacks.init_args.lr", "0.05"]
+    for run, method, extra in (("naive", "naive", []), ("mcsgd", "mcsgd", []), ("mcsgd_full_batch", "mcsgd", full_batch)):
+        out = tmp_path_factory.mktemp(run)
         cli_main(["fit", "--config", str(CONFIGS / method / "permuted_digits.yaml"),
                   "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
-                  "--accuracy_matrix.print_table", "false"])
-        runs[method] = out / "lightning_logs" / "version_0"
+                  "--accuracy_matrix.print_table", "false", *extra])
+        runs[run] = out / "lightning_logs" / "version_0"
     return runs
 
 
-def test_mcsgd_beats_naive_sgd_on_the_digits_demo(demo_runs):
+@pytest.mark.parametrize("run", ["mcsgd", "mcsgd_full_batch"])
+def test_mcsgd_beats_naive_sgd_on_the_digits_demo(demo_runs, run):
     naive = json.loads((demo_runs["naive"] / "accuracy_matrix.json").read_text())
-    mcsgd = json.loads((demo_runs["mcsgd"] / "accuracy_matrix.json").read_text())
+    mcsgd = json.loads((demo_runs[run] / "accuracy_matrix.json").read_text())
     assert mcsgd["average_accuracy"] > naive["average_accuracy"] + 5.0
     assert mcsgd["forgetting"] < naive["forgetting"] - 0.1
 
