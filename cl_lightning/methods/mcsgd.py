@@ -18,7 +18,7 @@ optimizer, momentum, no decay). The research code ran two versions of that SGD (
   ``train_task_LMC_offline``; Permuted MNIST and Split CIFAR-100): step i of an epoch sums the
   line gradients of memory batch i (one task's memory) and subset batch i while both exist,
   then whichever remains;
-- ``full_batch`` (177f216, ``core/train_methods.py`` lines 79-85; Rotated MNIST): one step per
+- ``full_batch`` (177f216, ``core/train_methods.py`` lines 77-85; Rotated MNIST): one step per
   epoch on the line gradients over the whole memory plus the whole subset, each line's loss
   the sum over its batches of the batch-mean loss divided by the line's number of examples
   (``core/mode_connectivity.py:get_clf_loss``).
@@ -88,7 +88,7 @@ class MCSGD(TaskAwareCallback):
         steps: ``minibatch``: one SGD step per memory/subset batch pair, the research code from
             137c219 on (Permuted MNIST, Split CIFAR-100). ``full_batch``: one SGD step per epoch
             on the whole memory and the whole subset, each line's loss divided by its number of
-            examples, as at 177f216 (``core/train_methods.py`` lines 79-85), the commit of the
+            examples, as at 177f216 (``core/train_methods.py`` lines 77-85), the commit of the
             Rotated-MNIST configuration. With ``epochs: 1`` that is a single step, so
             ``momentum`` has no effect there.
         memory_per_task: Episodic memory examples drawn per task (research code: 10 on MNIST).
