@@ -116,12 +116,16 @@ class LineGradient:
             return "affine"
         return "loop" if device.type == "cpu" else "vmap"
 
-    def point_weights(self, batch_size: int) -> Tensor:
-        """The factor ``c_j`` multiplying each point's batch-mean gradient, shape ``(K+1,)``."""
+    def point_weights(self, batch_size: int, share: float = 1.0) -> Tensor:
+        """The factor ``c_j`` multiplying each point's batch-mean gradient, shape ``(K+1,)``.
+
+        ``share`` scales every factor: the batch's share of the examples one step's loss is
+        taken over (see ``__call__``).
+        """
         points = self.num_segments + 1
         if self.weighting == "reference":
-            return torch.arange(points, 0, -1, dtype=torch.float64) / batch_size
-        return torch.full((points,), 1.0 / points, dtype=torch.float64)
+            return torch.arange(points, 0, -1, dtype=torch.float64) * share / batch_size
+        return torch.full((points,), share / points, dtype=torch.float64)
 
     def __call__(
         self,
@@ -130,6 +134,7 @@ class LineGradient:
         x: Tensor,
         y: Tensor,
         logit_mask: Tensor | None = None,
+        share: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """Compute the line gradient on one batch.
 
@@ -141,6 +146,14 @@ class LineGradient:
             logit_mask: Optional bool mask of shape ``(num_classes,)`` or ``(N, num_classes)``;
                 logits where it is False are set to ``MASKED_LOGIT`` before the
                 cross-entropy (split CIFAR task masking), so they get no gradient.
+            share: This batch's share ``B / N`` of the ``N`` examples one optimizer step's loss
+                is taken over, when the step spans several batches of a line; the gradient is
+                multiplied by it. With ``weighting="reference"`` it turns the research code's
+                division by the batch size ``B`` into a division by ``N``: its full-batch
+                consolidation (CL-LinearModeConnectivity 177f216, ``get_clf_loss``) divided the
+                sum of the batch-mean losses by the line's number of examples. With
+                ``"uniform"``, summing over the batches gives the mean over the ``N`` examples.
+                1 (the default) is a step on this batch alone.
 
         Returns:
             The combined gradient (flat, shape and dtype of ``start``, to be applied to
@@ -171,7 +184,7 @@ class LineGradient:
                 logit_mask = _outside_inference(logit_mask)
             alphas = torch.arange(self.num_segments + 1, device=start.device, dtype=start.dtype)
             alphas = alphas / self.num_segments
-            weights = self.point_weights(x.shape[0]).to(device=start.device, dtype=start.dtype)
+            weights = self.point_weights(x.shape[0], share).to(device=start.device, dtype=start.dtype)
             backend = self.resolve_backend(start.device)
             if backend != "loop" and _has_active_dropout(self.net):
                 raise RuntimeError(

@@ -12,15 +12,24 @@ along two line segments:
   task's solution must stay connected).
 
 It starts at w_bar_{t-1} + alpha0 (w_hat_t - w_bar_{t-1}) and runs ``epochs`` of SGD (fresh
-optimizer, momentum, no decay) whose step i sums the line gradients of memory batch i (one
-task's memory) and subset batch i while both exist, then whichever remains. Dropout is off.
-The line gradient is :class:`~cl_lightning.methods.line_gradient.LineGradient`.
+optimizer, momentum, no decay). The research code ran two versions of that SGD (``steps``):
+
+- ``minibatch`` (CL-LinearModeConnectivity 137c219 on, ``core/train_methods.py``
+  ``train_task_LMC_offline``; Permuted MNIST and Split CIFAR-100): step i of an epoch sums the
+  line gradients of memory batch i (one task's memory) and subset batch i while both exist,
+  then whichever remains;
+- ``full_batch`` (177f216, ``core/train_methods.py`` lines 77-85; Rotated MNIST): one step per
+  epoch on the line gradients over the whole memory plus the whole subset, each line's loss
+  the sum over its batches of the batch-mean loss divided by the line's number of examples
+  (``core/mode_connectivity.py:get_clf_loss``).
+
+Dropout is off. The line gradient is :class:`~cl_lightning.methods.line_gradient.LineGradient`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
@@ -33,7 +42,7 @@ from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
-from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.metrics.evaluate import task_accuracies
@@ -48,6 +57,16 @@ def load_flat(net: nn.Module, vector: Tensor) -> None:
     for p in net.parameters():
         p.copy_(vector[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+
+
+SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
+                             "subset_size", "subset_per_class", "subset_replacement")
+
+Steps = Literal["minibatch", "full_batch"]
+
+#: One optimizer step of the consolidation: (line, batch index, the batch's share of the step's
+#: examples on that line) for each batch whose line gradient the step sums.
+Step = list[tuple[Literal["memory", "subset"], int, float]]
 
 
 def solution_path(run_folder: Path, kind: Literal["w_hat", "w_bar"], task: int) -> Path:
@@ -65,15 +84,25 @@ class MCSGD(TaskAwareCallback):
         lr: Learning rate of the consolidation SGD.
         momentum: Momentum of the consolidation SGD (a fresh optimizer per task).
         batch_size: Batch size over the current task's subset (line B).
-        epochs: Passes of the consolidation over memory and subset.
+        epochs: Passes of the consolidation over memory and subset (research code: 1).
+        steps: ``minibatch``: one SGD step per memory/subset batch pair, the research code from
+            137c219 on (Permuted MNIST, Split CIFAR-100). ``full_batch``: one SGD step per epoch
+            on the whole memory and the whole subset, each line's loss divided by its number of
+            examples, as at 177f216 (``core/train_methods.py`` lines 77-85), the commit of the
+            Rotated-MNIST configuration. With ``epochs: 1`` that is a single step, so
+            ``momentum`` has no effect there.
         memory_per_task: Episodic memory examples drawn per task (research code: 10 on MNIST).
         memory_per_class: Examples per class instead (research code: 1 on CIFAR-100); set
             ``memory_per_task: null`` with it.
         memory_replacement: Draw ``memory_per_task`` with replacement, as the research code did
             on MNIST (duplicates possible).
-        subset_size: Examples of the current task's training data used by line B (research
-            code: 400 rotated MNIST, 2000 permuted MNIST, 500 CIFAR-100).
-        subset_replacement: Draw the subset with replacement (research code: MNIST yes, CIFAR no).
+        subset_size: Examples of the current task's training data used by line B, drawn
+            uniformly (research code: 200 rotated MNIST at 177f216, 400 from 137c219; 2000
+            permuted MNIST).
+        subset_per_class: Examples per class of the current task instead, without replacement,
+            in a seeded shuffled order (research code: 100 on Split CIFAR-100); set
+            ``subset_size: null`` with it.
+        subset_replacement: Draw ``subset_size`` with replacement (research code: MNIST yes).
         weighting: ``reference``: the research code's gradient, K+1-j times point j's gradient
             divided by the batch size (``.grad`` was never zeroed); ``uniform``: the mean over
             the points. They need different learning rates.
@@ -98,10 +127,12 @@ class MCSGD(TaskAwareCallback):
         momentum: NonNegativeFloat = 0.8,
         batch_size: PositiveInt = 64,
         epochs: PositiveInt = 1,
+        steps: Steps = "minibatch",
         memory_per_task: PositiveInt | None = 10,
         memory_per_class: PositiveInt | None = None,
         memory_replacement: bool = True,
-        subset_size: PositiveInt = 400,
+        subset_size: PositiveInt | None = 400,
+        subset_per_class: PositiveInt | None = None,
         subset_replacement: bool = True,
         weighting: Literal["reference", "uniform"] = "reference",
         next_task_start: Literal["w_hat", "w_bar"] = "w_hat",
@@ -117,9 +148,11 @@ class MCSGD(TaskAwareCallback):
         self.momentum = float(momentum)
         self.batch_size = int(batch_size)
         self.epochs = int(epochs)
+        if steps not in get_args(Steps):
+            raise ConfigError(f"steps must be one of {get_args(Steps)}, got {steps!r}")
+        self.steps = steps
         self.memory = EpisodicMemory(memory_per_task, memory_per_class, memory_replacement)
-        self.subset_size = int(subset_size)
-        self.subset_replacement = subset_replacement
+        self.subset = ExampleDraw(subset_size, subset_per_class, subset_replacement, SUBSET_OPTIONS)
         self.weighting = weighting
         self.next_task_start = next_task_start
         self.backend = backend
@@ -131,6 +164,8 @@ class MCSGD(TaskAwareCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n = trainer.datamodule.num_tasks
+        self.memory.check(trainer.datamodule)
+        self.subset.check(trainer.datamodule)
         self.w_hat_matrix = torch.full((n, n), float("nan"), dtype=torch.float64)
         self.line = LineGradient(pl_module.net, self.num_segments, self.weighting, self.backend)
         self.folder = run_dir(trainer)
@@ -165,27 +200,41 @@ class MCSGD(TaskAwareCallback):
     ) -> tuple[Tensor, dict[str, float]]:
         """w_bar_t from w_bar_{t-1} and w_hat_t; returns it with the mean line losses."""
         device, class_mask = w_hat.device, pl_module.class_mask
-        memory_batches = [self._line_batch(b, device, class_mask) for b in self._memory_batches(dm, task)]
-        subset_batches = [self._line_batch(b, device, class_mask) for b in self._subset_batches(dm, task)]
+        lines = {
+            "memory": (w_bar_prev, [self._line_batch(b, device, class_mask) for b in self._memory_batches(dm, task)]),
+            "subset": (w_hat, [self._line_batch(b, device, class_mask) for b in self._subset_batches(dm, task)]),
+        }
         w = nn.Parameter(w_bar_prev + self.alpha0 * (w_hat - w_bar_prev))
         optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
-        loss_sums = {"memory": torch.zeros((), device=device), "subset": torch.zeros((), device=device)}
+        loss_sums = {name: torch.zeros((), device=device) for name in lines}
+        plan = self._step_plan({name: [len(b[1]) for b in batches] for name, (_, batches) in lines.items()})
         with eval_mode(pl_module.net), torch.inference_mode(False), torch.enable_grad():
             for _ in range(self.epochs):
-                for i in range(max(len(memory_batches), len(subset_batches))):
+                for step in plan:
                     grad = torch.zeros_like(w)
-                    for name, start, batches in (("memory", w_bar_prev, memory_batches), ("subset", w_hat, subset_batches)):
-                        if i < len(batches):
-                            g, point_losses = self.line(start, w.detach(), *batches[i])
-                            grad += g
-                            loss_sums[name] += point_losses.mean()
+                    for name, i, share in step:
+                        start, batches = lines[name]
+                        g, point_losses = self.line(start, w.detach(), *batches[i], share=share)
+                        grad += g
+                        loss_sums[name] += point_losses.mean()
                     w.grad = grad
                     optimizer.step()
-        losses = {
-            f"line_loss_{name}": (total / (self.epochs * len(batches))).item()
-            for (name, total), batches in zip(loss_sums.items(), (memory_batches, subset_batches))
-        }
+        losses = {f"line_loss_{name}": (loss_sums[name] / (self.epochs * len(batches))).item()
+                  for name, (_, batches) in lines.items()}
         return w.detach().clone(), losses
+
+    def _step_plan(self, batch_sizes: dict[str, list[int]]) -> list[Step]:
+        """The optimizer steps of one consolidation epoch, given each line's batch sizes.
+
+        ``minibatch``: step i takes batch i of each line that has one, each at share 1 (its own
+        batch-mean loss). ``full_batch``: one step over every batch of both lines, each batch
+        at its share of its line's examples, so that a line's loss is the sum of its batch-mean
+        losses divided by its number of examples, as at 177f216.
+        """
+        if self.steps == "full_batch":
+            return [[(name, i, size / sum(sizes)) for name, sizes in batch_sizes.items() for i, size in enumerate(sizes)]]
+        longest = max(len(sizes) for sizes in batch_sizes.values())
+        return [[(name, i, 1.0) for name, sizes in batch_sizes.items() if i < len(sizes)] for i in range(longest)]
 
     def _memory_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
         """One batch per task 1..t from the episodic memory, in a seeded order."""
@@ -195,12 +244,19 @@ class MCSGD(TaskAwareCallback):
     def _subset_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
         """The fixed subset of task t's training data, in batches of ``batch_size``."""
         dataset = dm.task_dataset(task, "train")
+        return [dataset.__getitems__(chunk) for chunk in self._subset_index(dm, task).split(self.batch_size)]
+
+    def _subset_index(self, dm: ContinualDataModule, task: int) -> Tensor:
+        """Indices of the subset into task t's training data, seeded by the run and the task.
+
+        A class-balanced subset is shuffled, so that its batches mix classes as the research
+        code's did (a shuffling DataLoader, materialised once).
+        """
         g = generator(dm.resolved_seed, "mcsgd_subset", task)
-        if self.subset_replacement:
-            index = torch.randint(len(dataset), (self.subset_size,), generator=g)
-        else:
-            index = torch.randperm(len(dataset), generator=g)[: self.subset_size]
-        return [dataset.__getitems__(chunk) for chunk in index.split(self.batch_size)]
+        index = self.subset.draw(dm.task_dataset(task, "train"), g, task)
+        if self.subset.per_class is not None:
+            index = index[torch.randperm(len(index), generator=g)]
+        return index
 
     @staticmethod
     def _line_batch(batch: Batch, device: torch.device, class_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

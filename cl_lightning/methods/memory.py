@@ -7,22 +7,37 @@ batch it yields goes through the same task transform as training data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.data.datamodule import Batch, ContinualDataModule, TaskDataset
 from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
 
-class EpisodicMemory:
-    """Examples of past tasks, drawn once per task from that task's whole training set.
+class DrawOptions(NamedTuple):
+    """The user-facing names of a draw's settings, which its errors cite."""
 
-    The draw depends only on the run's seed and the task, never on the order in which batches
-    arrived or on which process draws it, so every process of a multi-process run holds the
-    same memory and a resumed run re-creates it.
+    what: str
+    why: str
+    per_task: str
+    per_class: str
+    replacement: str
+
+
+MEMORY_OPTIONS = DrawOptions("the episodic memory", "a method that rehearses cannot run without a memory",
+                             "memory_per_task", "memory_per_class", "memory_replacement")
+
+
+class ExampleDraw:
+    """A rule for drawing a fixed set of examples from one task's training data.
+
+    Either ``per_task`` examples uniformly (with or without replacement), or exactly
+    ``per_class`` examples of every class present in the task, without replacement. Shared by
+    the episodic memory and MC-SGD's subset of the current task, which differ only in their
+    sizes and generator streams.
 
     Args:
         per_task: Examples per task, drawn uniformly from the task's training data.
@@ -30,19 +45,64 @@ class EpisodicMemory:
             present in the task; without replacement).
         replacement: Draw ``per_task`` examples with replacement (duplicates possible), as the
             research code did for MNIST.
+        options: The names of these settings as the user sets them, for error messages.
     """
 
-    def __init__(self, per_task: int | None = None, per_class: int | None = None, replacement: bool = False) -> None:
+    def __init__(self, per_task: int | None = None, per_class: int | None = None, replacement: bool = False,
+                 options: DrawOptions = MEMORY_OPTIONS) -> None:
         if (per_task is None) == (per_class is None):
-            raise ConfigError("the episodic memory needs a size: set exactly one of `memory_per_task` or `memory_per_class` "
-                              f"(got {per_task!r} and {per_class!r}); a method that rehearses cannot run without a memory")
+            raise ConfigError(f"{options.what} needs a size: set exactly one of `{options.per_task}` or "
+                              f"`{options.per_class}` (got {per_task!r} and {per_class!r}); {options.why}")
         size = per_task if per_task is not None else per_class
         if size < 1:
-            raise ConfigError(f"episodic memory size must be at least 1, got {size}; a method that "
-                              f"rehearses needs a memory")
+            raise ConfigError(f"{options.what} needs at least 1 example, got {size}; raise "
+                              f"`{options.per_task if per_task is not None else options.per_class}`")
         self.per_task = per_task
         self.per_class = per_class
         self.replacement = replacement
+        self.options = options
+
+    def draw(self, dataset: TaskDataset, g: torch.Generator, task: int) -> Tensor:
+        """Indices into ``dataset`` (task ``task``'s training data), drawn with ``g``.
+
+        Per class, the indices come grouped by class, in the order of the class labels.
+        """
+        if self.per_task is not None:
+            return self._draw_uniform(len(dataset), g, task)
+        targets = dataset.base.targets[dataset.base_index]
+        chosen_per_class = []
+        for cls in targets.unique():
+            members = (targets == cls).nonzero().flatten()
+            if self.per_class > len(members):
+                raise ConfigError(f"{self.options.what} takes {self.per_class} examples per class, but class "
+                                  f"{cls.item()} of task {task + 1} has {len(members)}; lower `{self.options.per_class}`")
+            chosen_per_class.append(members[torch.randperm(len(members), generator=g)[: self.per_class]])
+        return torch.cat(chosen_per_class)
+
+    def check(self, dm: ContinualDataModule) -> None:
+        """Fail now, before any training, if some task cannot supply the examples to draw."""
+        for task in range(dm.num_tasks):
+            self.draw(dm.task_dataset(task, "train"), torch.Generator(), task)
+
+    def _draw_uniform(self, n: int, g: torch.Generator, task: int) -> Tensor:
+        if self.replacement:
+            return torch.randint(n, (self.per_task,), generator=g)
+        if self.per_task > n:
+            raise ConfigError(f"{self.options.what} takes {self.per_task} examples per task, but task {task + 1} has "
+                              f"{n}; lower `{self.options.per_task}` or set `{self.options.replacement}: true`")
+        return torch.randperm(n, generator=g)[: self.per_task]
+
+
+class EpisodicMemory(ExampleDraw):
+    """Examples of past tasks, drawn once per task from that task's whole training set.
+
+    The draw depends only on the run's seed and the task, never on the order in which batches
+    arrived or on which process draws it, so every process of a multi-process run holds the
+    same memory and a resumed run re-creates it. The sizes are those of :class:`ExampleDraw`.
+    """
+
+    def __init__(self, per_task: int | None = None, per_class: int | None = None, replacement: bool = False) -> None:
+        super().__init__(per_task, per_class, replacement, MEMORY_OPTIONS)
         self.indices: dict[int, Tensor] = {}
 
     @property
@@ -51,30 +111,8 @@ class EpisodicMemory:
 
     def add_task(self, dm: ContinualDataModule, task: int, seed: int) -> None:
         """Draw ``task``'s examples (a no-op if the task is already in memory)."""
-        if task in self.indices:
-            return
-        dataset = dm.task_dataset(task, "train")
-        g = generator(seed, "episodic_memory", task)
-        if self.per_task is not None:
-            n = len(dataset)
-            if self.replacement:
-                chosen = torch.randint(n, (self.per_task,), generator=g)
-            else:
-                if self.per_task > n:
-                    raise ConfigError(f"memory of {self.per_task} examples per task, but task {task + 1} has {n}; lower "
-                                      "`memory_per_task` or set `memory_replacement: true`")
-                chosen = torch.randperm(n, generator=g)[: self.per_task]
-        else:
-            targets = dataset.base.targets[dataset.base_index]
-            chosen_per_class = []
-            for cls in targets.unique():
-                members = (targets == cls).nonzero().flatten()
-                if self.per_class > len(members):
-                    raise ConfigError(f"memory of {self.per_class} per class, but class {cls.item()} of "
-                                      f"task {task + 1} has {len(members)} examples")
-                chosen_per_class.append(members[torch.randperm(len(members), generator=g)[: self.per_class]])
-            chosen = torch.cat(chosen_per_class)
-        self.indices[task] = chosen
+        if task not in self.indices:
+            self.indices[task] = self.draw(dm.task_dataset(task, "train"), generator(seed, "episodic_memory", task), task)
 
     def batch(self, dm: ContinualDataModule, tasks: int | list[int]) -> Batch:
         """The stored examples of one task (or several, concatenated) as one ``(x, y, task)`` batch."""

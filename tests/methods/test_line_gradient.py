@@ -144,6 +144,34 @@ def test_point_weights() -> None:
         LineGradient(net, 3, "uniform").point_weights(10),
         torch.full((4,), 0.25, dtype=torch.float64),
     )
+    torch.testing.assert_close(  # a batch of 10 in a step over 40 examples: divided by 40
+        LineGradient(net, 5, "reference").point_weights(10, share=0.25),
+        torch.tensor([6.0, 5, 4, 3, 2, 1], dtype=torch.float64) / 40,
+    )
+    torch.testing.assert_close(
+        LineGradient(net, 3, "uniform").point_weights(10, share=0.5),
+        torch.full((4,), 0.125, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("weighting", ["reference", "uniform"])
+@pytest.mark.parametrize("backend", ["loop", "vmap", "affine"])
+def test_share_scales_the_gradient_and_not_the_losses(mlp_case, weighting: str, backend: str) -> None:
+    net, start, end, x, y = mlp_case
+    line = LineGradient(net, K, weighting, backend)
+    grad, losses = line(start, end, x, y)
+    shared_grad, shared_losses = line(start, end, x, y, share=0.3)
+    assert relative_error(shared_grad, 0.3 * grad) <= 1e-6
+    assert torch.equal(shared_losses, losses)
+
+
+@pytest.mark.parametrize("backend", ["loop", "affine"])
+def test_uniform_shares_over_batches_give_the_mean_over_all_examples(mlp_case, backend: str) -> None:
+    # a step over several batches (MC-SGD's full-batch consolidation): batch b at share B_b / N
+    net, start, end, x, y = mlp_case
+    line = LineGradient(net, K, "uniform", backend)
+    parts = [line(start, end, x[i:j], y[i:j], share=(j - i) / len(y))[0] for i, j in ((0, 11), (11, 16))]
+    assert relative_error(parts[0] + parts[1], line(start, end, x, y)[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["loop", "vmap", "affine"])

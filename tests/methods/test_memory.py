@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 
 
 def test_per_task_memory_is_seeded_and_task_transformed(digits):
@@ -57,3 +57,22 @@ def test_state_round_trip(digits):
     restored = EpisodicMemory(per_task=4)
     restored.load_state_dict(memory.state_dict())
     assert restored.tasks == [1] and torch.equal(restored.indices[1], memory.indices[1])
+
+
+def test_errors_name_the_settings_of_the_draw(digits):
+    options = DrawOptions("the subset", "it needs examples", "subset_size", "subset_per_class", "subset_replacement")
+    with pytest.raises(ValueError, match="the subset needs a size: set exactly one of `subset_size` or `subset_per_class`"):
+        ExampleDraw(None, None, options=options)
+    with pytest.raises(ValueError, match="lower `subset_size` or set `subset_replacement: true`"):
+        ExampleDraw(10_000, options=options).draw(digits.task_dataset(0, "train"), torch.Generator(), 0)
+
+
+def test_per_class_draw_takes_exactly_k_of_each_class_without_duplicates():
+    dm = ContinualDataModule(source="digits", benchmark="split", num_tasks=2, classes_per_task=5, seed=0)
+    dm.setup()
+    dataset = dm.task_dataset(1, "train")
+    index = ExampleDraw(per_class=20).draw(dataset, torch.Generator().manual_seed(0), 1)
+    assert len(index.unique()) == len(index) == 100
+    assert dataset.base.targets[dataset.base_index][index].bincount().tolist() == [0] * 5 + [20] * 5
+    with pytest.raises(ValueError, match="class 5 of task 2 has .*; lower `memory_per_class`"):
+        ExampleDraw(per_class=1000).draw(dataset, torch.Generator(), 1)
