@@ -14,6 +14,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cl_lightning.metrics.heatmap import matrix_figure
+
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,22 +42,8 @@ def average_accuracy_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, int]
 
 
 def matrix_heatmap(matrix: np.ndarray, title: str, path: Path) -> Path:
-    """The accuracy matrix a[t][i] (row: after task t, column: task i); entries not evaluated are blank."""
-    size = len(matrix)
-    fig = Figure(figsize=(3.2 + 0.38 * size, 2.6 + 0.34 * size))
-    ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=100)
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
-    ticks = np.arange(size)
-    ax.set_xticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
-    ax.set_yticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
-    ax.set(xlabel="evaluated on task i", ylabel="after training task t")
-    ax.set_title(title, fontsize=9)
-    if size <= 20:
-        for t, i in zip(*np.nonzero(~np.isnan(matrix))):
-            ax.text(i, t, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=6,
-                    color="black" if matrix[t, i] > 60 else "white")
-    return _save(fig, path)
+    """The accuracy matrix a[t][i] (row: after task t, column: task i), as TensorBoard shows it."""
+    return _save(matrix_figure(matrix, title), path)
 
 
 def task_accuracy_evolution(matrix: np.ndarray, title: str, path: Path) -> Path:
