@@ -5,6 +5,10 @@ A whole LightningCLI config flattened (what was logged before) puts plumbing fir
 settings in one long ``trainer/callbacks`` string, so runs cannot be sorted by ``alpha0``. Here
 the method, each of its settings, the model, the benchmark and the seed are separate columns;
 checkpointing, the progress bar, printing, the logger and the trainer's machinery are left out.
+
+TensorBoard orders the columns by name and shows the first five until one picks others, so the
+names sort in reading order: ``method``, ``method/*``, ``model/*``, ``seed``, then the task
+sequence (the config's ``data`` section) as ``sequence/*``.
 """
 
 from __future__ import annotations
@@ -60,9 +64,9 @@ def model_columns(model: dict[str, Any]) -> dict[str, Scalar]:
 
 
 def data_columns(data: dict[str, Any]) -> dict[str, Scalar]:
-    """``data/<setting>`` for :data:`DATA_SETTINGS` and the benchmark's own settings."""
+    """``sequence/<setting>`` for the ``data`` settings in :data:`DATA_SETTINGS` and the benchmark's own."""
     names = DATA_SETTINGS + BENCHMARK_SETTINGS.get(data.get("benchmark"), ())
-    return {f"data/{name}": _scalar(data[name]) for name in names if name in data}
+    return {f"sequence/{name}": _scalar(data[name]) for name in names if name in data}
 
 
 def science(config: dict[str, Any]) -> dict[str, Scalar]:

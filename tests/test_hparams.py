@@ -32,8 +32,8 @@ def test_method_named_from_its_callback_or_the_data(config, method):
 
 def test_benchmark_settings_only_for_their_benchmark():
     rotated = science(parsed("naive/permuted_digits.yaml", "--data.benchmark", "rotated"))
-    assert rotated["data/degrees_per_task"] == 9.0 and "data/classes_per_task" not in rotated
-    assert "data/degrees_per_task" not in science(parsed("naive/permuted_digits.yaml"))
+    assert rotated["sequence/degrees_per_task"] == 9.0 and "sequence/classes_per_task" not in rotated
+    assert "sequence/degrees_per_task" not in science(parsed("naive/permuted_digits.yaml"))
 
 
 def test_every_column_is_a_scalar_tensorboard_accepts():

@@ -135,7 +135,8 @@ class AccuracyMatrix(Callback):
     replaces the model at the task end (MC-SGD's w_bar_t) the row measures that model. After
     each task it logs to the logger, with the task number as the step, ``cl/*`` summaries,
     ``matrix/task_XX`` (accuracy of task XX after each task) and, on TensorBoard, the
-    ``cl/accuracy_matrix`` heatmap; it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
+    ``cl/accuracy_matrix`` heatmap (after every task, or every k-th past :data:`MAX_HEATMAPS`
+    tasks, so its cost per task stays flat); it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
     folder. The matrix is part of the checkpoint, so a resumed run continues it.
 
     Args:

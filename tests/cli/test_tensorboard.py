@@ -48,11 +48,14 @@ def test_hparams_are_the_science_one_column_each(events):
     assert values["method/alpha0"] == 0.3 and values["method/lr"] == 0.005 and values["method/weighting"] == "reference"
     assert values["model/lr"] == 0.1 and values["model/lr_decay"] == 0.8 and values["model/momentum"] == 0.8
     assert values["model/net"] == "MLP" and values["model/net/dropout"] == 0.25
-    assert values["data/benchmark"] == "permuted" and values["data/source"] == "digits"
-    assert values["data/num_tasks"] == 2 and values["data/epochs_per_task"] == 1 and values["data/batch_size"] == 16
+    assert values["sequence/benchmark"] == "permuted" and values["sequence/source"] == "digits"
+    assert values["sequence/num_tasks"] == 2 and values["sequence/epochs_per_task"] == 1
+    assert values["sequence/batch_size"] == 16
     assert values["seed"] == 0
     assert metrics == ["hp/average_accuracy", "hp/forgetting"]
     plumbing = [name for name in values if name.split("/")[0] in
                 ("trainer", "checkpoint", "progress_bar", "accuracy_matrix", "finite_guard", "num_threads", "ckpt_path")]
     assert plumbing == []
     assert events.Scalars("hp/average_accuracy")[-1].step == 2  # the final metrics' values
+    shown_first = sorted(values)[:5]  # TensorBoard sorts the columns by name and shows five at first
+    assert shown_first == ["method", "method/alpha0", "method/backend", "method/batch_size", "method/epochs"]
