@@ -27,6 +27,7 @@ from cl_lightning.checkpoints import check_checkpoint, finished_run_message
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import UserError
 from cl_lightning.guards import FiniteGuard
+from cl_lightning.hparams import METRICS, science
 from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
@@ -39,27 +40,15 @@ from cl_lightning.signals import CheckpointOnSignal
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config → ``{"a/b/c": scalar}`` as TensorBoard's HParams tab wants it."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{name}/")
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder and shows the whole config in TensorBoard's HParams
-    tab, method (callback) settings included, which Lightning does not log by itself."""
+    """Saves ``config.yaml`` in the run folder and shows the run's science in TensorBoard's HParams
+    tab, one column per method, model and data setting (:mod:`cl_lightning.hparams`)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, TensorBoardLogger):
             config = self.parser.dump(self.config, skip_none=False, format="json")
             trainer.logger.log_hyperparams(
-                _flatten(json.loads(config)), metrics={"hp/average_accuracy": 0.0, "hp/forgetting": 0.0}
+                science(json.loads(config)), metrics=dict.fromkeys(METRICS, 0.0)
             )
 
 

@@ -121,6 +121,37 @@ def describe(results: Sequence[PathResult]) -> str:
     return "\n".join(lines)
 
 
+def run_folder_of(endpoint: Path) -> Path:
+    """The run folder an endpoint file belongs to: the folder above ``checkpoints/`` or
+    ``solutions/``, else the file's own folder."""
+    folder = endpoint.absolute().parent
+    return folder.parent if folder.name in ("checkpoints", "solutions") else folder
+
+
+def endpoint_names(start: Path, end: Path) -> tuple[str, str]:
+    """Names that tell two endpoints apart: the parts of their run folders that differ (e.g.
+    ``version_3`` vs ``version_4``, ``mcsgd/seed_0`` vs ``naive/seed_0``; the run folder's own name when
+    both are in one run), then the file's stem. Two ``last.ckpt`` are ``version_3/last`` and
+    ``version_4/last``, not both ``last``."""
+    runs = [run_folder_of(p).parts for p in (start, end)]
+    differ = [i for i, (a, b) in enumerate(zip(*runs)) if a != b] if len(runs[0]) == len(runs[1]) else []
+    names = []
+    for parts, path in zip(runs, (start, end)):
+        prefix = "/".join(parts[i] for i in differ) if differ else parts[-1]
+        names.append(f"{prefix}/{path.stem}")
+    return names[0], names[1]
+
+
+def check_new(files: Sequence[Path], overwrite: bool) -> str | None:
+    """The problem with writing ``files``, if one exists already and ``overwrite`` is off: an earlier
+    analysis is never replaced silently."""
+    existing = [str(f) for f in files if f.exists()]
+    if existing and not overwrite:
+        return (f"{', '.join(existing)} already exist{'s' * (len(existing) == 1)} (an earlier `path` call): pass "
+                "--overwrite to replace, or --out <folder> to write elsewhere")
+    return None
+
+
 def build(parser: ArgumentParser, argv: list[str]) -> tuple:
     """Parse ``argv`` (with ``--config`` reduced to its model/data/seed sections) into the arguments,
     the module and the set-up datamodule."""
@@ -176,6 +207,8 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str, default="cpu", help="torch device to evaluate on, e.g. cuda")
     parser.add_argument("--out", type=Path | None, default=None,
                         help="folder for the CSV and the PNG (default: <config's folder>/linear_path)")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace the CSV and PNG of an earlier call with the same endpoints (default: refuse)")
     parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="the run's seed (from its config)")
     parser.add_class_arguments(ContinualModule, "model")
     parser.add_class_arguments(ContinualDataModule, "data")
@@ -206,21 +239,25 @@ def run(argv: Sequence[str]) -> list[Path]:
         stem = f"solutions_{t1 + 1:02d}_{t2 + 1:02d}"
     else:
         tasks = [t - 1 for t in args.tasks] if args.tasks else list(range(dm.num_tasks))
-        endpoints = [(f"{args.start.stem} -> {args.end.stem}", args.start, args.end)]
-        stem = f"path_{args.start.stem}_to_{args.end.stem}"
+        start, end = endpoint_names(args.start, args.end)
+        endpoints = [(f"{start} -> {end}", args.start, args.end)]
+        stem = f"path_{start}_to_{end}".replace("/", "-")
     if not all(0 <= t < dm.num_tasks for t in tasks):
         parser.error(f"--tasks must be in 1..{dm.num_tasks}, got {[t + 1 for t in tasks]}")
+    files = [out / f"{stem}.csv", out / f"{stem}.png"]
+    if problem := check_new(files, args.overwrite):
+        parser.error(problem)
     results = [interpolate(module, dm, load_endpoint(a, module), load_endpoint(b, module), tasks, args.points, args.split, label)
                for label, a, b in endpoints]
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.csv").write_text(to_csv(results))
+    files[0].write_text(to_csv(results))
     series = [(f"{r.label}, task {task + 1}" if len(r.tasks) > 1 or len(results) == 1 else r.label,
                r.loss[:, k].numpy(), r.accuracy[:, k].numpy()) for r in results for k, task in enumerate(r.tasks)]
     shown = "" if len(tasks) > 4 else f", task{'s' * (len(tasks) > 1)} {', '.join(str(t + 1) for t in tasks)}"
     title = f"linear path, {args.split} split{shown}"
-    plots.linear_path(np.asarray(results[0].alphas), series, title, out / f"{stem}.png")
+    plots.linear_path(np.asarray(results[0].alphas), series, title, files[1])
     print(describe(results))
-    return [out / f"{stem}.csv", out / f"{stem}.png"]
+    return files
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from cl_lightning.metrics.heatmap import matrix_figure
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -40,37 +41,39 @@ def average_accuracy_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, int]
 
 
 def matrix_heatmap(matrix: np.ndarray, title: str, path: Path) -> Path:
-    """The accuracy matrix a[t][i] (row: after task t, column: task i); entries not evaluated are blank."""
-    size = len(matrix)
-    fig = Figure(figsize=(3.2 + 0.38 * size, 2.6 + 0.34 * size))
-    ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=100)
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
-    ticks = np.arange(size)
-    ax.set_xticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
-    ax.set_yticks(ticks, [str(i + 1) for i in ticks], fontsize=7)
-    ax.set(xlabel="evaluated on task i", ylabel="after training task t")
-    ax.set_title(title, fontsize=9)
-    if size <= 20:
-        for t, i in zip(*np.nonzero(~np.isnan(matrix))):
-            ax.text(i, t, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=6,
-                    color="black" if matrix[t, i] > 60 else "white")
-    return _save(fig, path)
+    """The accuracy matrix a[t][i] (row: after task t, column: task i), as TensorBoard shows it."""
+    return _save(matrix_figure(matrix, title), path)
+
+
+#: Panels per row of the small-multiples figure.
+PANEL_COLUMNS = 5
 
 
 def task_accuracy_evolution(matrix: np.ndarray, title: str, path: Path) -> Path:
-    """Accuracy of each task i after every later task t (column i of the matrix from row i on)."""
+    """Accuracy of each task i after every later task t (column i of the matrix from row i on), as
+    small multiples: one panel per task, its line in colour over the other tasks' lines in light grey,
+    so each task's forgetting can be read off, which one panel of 10+ viridis lines did not allow."""
     size = len(matrix)
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    cmap = colormaps["viridis"]
-    for i in range(size):
-        tasks = np.arange(i + 1, size + 1)
-        ax.plot(tasks, matrix[i:, i], marker="o", markersize=2.5, color=cmap(i / max(size - 1, 1)), label=f"task {i + 1}")
-    ax.set(xlabel="after task t", ylabel="accuracy on task i (%)", title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2 if size > 10 else 1, loc="lower left")
+    columns = min(size, PANEL_COLUMNS)
+    rows = -(-size // columns)
+    fig = Figure(figsize=(2.1 * columns + 0.6, 1.6 * rows + 0.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
+    curves = [(np.arange(i + 1, size + 1), matrix[i:, i]) for i in range(size)]
+    for i, ax in enumerate(axes):
+        if i >= size:
+            ax.set_axis_off()
+            continue
+        for tasks, accuracy in curves:
+            ax.plot(tasks, accuracy, color="0.85", linewidth=0.8)
+        ax.plot(*curves[i], marker="o", markersize=2.5, color="C0")
+        ax.set_title(f"task {i + 1}", fontsize=8, pad=2)
+        ax.set(ylim=(0, 100), xlim=(0.5, size + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax.tick_params(labelsize=7, labelbottom=i + columns >= size)  # the lowest panel of each column
+        ax.grid(alpha=0.3)
+    fig.supxlabel("after task t", fontsize=9)
+    fig.supylabel("accuracy on task i (%)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -265,8 +265,16 @@ class MCSGD(TaskAwareCallback):
         return x, y, (class_mask[task_ids] if class_mask is not None else None)
 
     # ------------------------------------------------------------------ reporting
-    @rank_zero_only
     def _publish(self, trainer: Trainer, task: int, losses: dict[str, float], distance: float) -> None:
+        """Log the task's consolidation and write its w_hat row, once the task is known not to have
+        diverged: the guard checks here (on every process: its check is collective) instead of at the
+        validation that follows, so a run stopped by a divergence leaves no w_hat row that looks like a result."""
+        from cl_lightning.guards import FiniteGuard
+
+        for guard in (c for c in trainer.callbacks if isinstance(c, FiniteGuard)):
+            guard.check(trainer, trainer.lightning_module)
+        if not trainer.is_global_zero:
+            return
         metrics = {f"mcsgd/{name}": value for name, value in losses.items()}
         metrics["mcsgd/distance_w_hat_w_bar"] = distance
         if self.evaluate_w_hat:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,30 +20,53 @@ from torch import Tensor
 
 from cl_lightning.errors import CheckpointError, ResultsWriteError
 from cl_lightning.metrics.continual import summary
+from cl_lightning.metrics.heatmap import matrix_figure, pixels
 from cl_lightning.models.module import accuracy_key
 
-#: Anchor colours of matplotlib's viridis, so the heatmap needs no plotting library.
-_VIRIDIS = torch.tensor(
-    [[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
-)
+#: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
+#: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
+MAX_HEATMAPS = 50
+#: The console table shows at most this many rows and columns (the paper's 20-task sequences whole);
+#: past it the first and last half.
+MAX_TABLE_TASKS = 20
 
 
-def heatmap(matrix: Tensor, cell: int = 16) -> Tensor:
-    """RGB image (3, T*cell, T*cell) of a matrix of accuracies in %, NaN drawn grey."""
-    values = (matrix.float() / 100).clamp(0, 1).nan_to_num(0.0) * (len(_VIRIDIS) - 1)
-    low = values.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (values - low).unsqueeze(-1)
-    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
-    rgb[matrix.isnan()] = 0.5
-    return rgb.permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+def heatmap_due(task: int, num_tasks: int) -> bool:
+    """Whether the heatmap is logged after ``task`` (0-based): every task, or every k-th for long sequences."""
+    every = math.ceil(num_tasks / MAX_HEATMAPS)
+    return (task + 1) % every == 0 or task + 1 == num_tasks
 
 
-def format_table(matrix: Tensor, rows: int, title: str) -> str:
-    """The first ``rows`` rows of the matrix as a fixed-width table with their summaries."""
-    width = matrix.shape[1]
-    lines = [title, "after \\ on " + "".join(f"{f'T{i + 1}':>7}" for i in range(width))]
-    for t in range(rows):
-        cells = "".join("      ." if math.isnan(v) else f"{v:7.1f}" for v in matrix[t].tolist())
+def heatmap(matrix: Tensor, task: int) -> np.ndarray:
+    """RGB image (height, width, 3) of rows 1..task+1 of a matrix of accuracies in %, with task labels,
+    a colour bar and a title with the average accuracy and forgetting after ``task``; at most
+    :data:`~cl_lightning.metrics.heatmap.MAX_PIXELS`, whatever the number of tasks."""
+    s = summary(matrix, task)
+    title = (f"after task {task + 1}/{matrix.shape[0]}: average accuracy {s['average_accuracy']:.2f} %, "
+             f"forgetting {s['forgetting']:.3f}")
+    return pixels(matrix_figure(matrix.numpy(), title))
+
+
+def _shown(count: int) -> list[int | None]:
+    """Indices shown of ``count`` rows or columns: all, or the first and last halves of
+    :data:`MAX_TABLE_TASKS` with ``None`` where the rest are left out."""
+    if count <= MAX_TABLE_TASKS:
+        return list(range(count))
+    half = MAX_TABLE_TASKS // 2
+    return [*range(half), None, *range(count - half, count)]
+
+
+def format_table(matrix: Tensor, rows: int, title: str, full: str = "the run's accuracy_matrix.csv") -> str:
+    """The first ``rows`` rows of the matrix as a fixed-width table with their summaries. A long
+    sequence shows its first and last tasks only and says where the full matrix (``full``) is."""
+    columns = _shown(matrix.shape[1])
+    lines = [title, "after \\ on " + "".join("    ..." if i is None else f"{f'T{i + 1}':>7}" for i in columns)]
+    for t in _shown(rows):
+        if t is None:
+            lines.append("...")
+            continue
+        row = matrix[t].tolist()
+        cells = "".join("    ..." if i is None else "      ." if math.isnan(row[i]) else f"{row[i]:7.1f}" for i in columns)
         lines.append(f"task {t + 1:<6}" + cells)
     if rows:
         s = summary(matrix, rows - 1)
@@ -50,6 +74,8 @@ def format_table(matrix: Tensor, rows: int, title: str) -> str:
             f"average accuracy {s['average_accuracy']:.2f} %  forgetting {s['forgetting']:.3f}  "
             f"learning accuracy {s['learning_accuracy']:.2f} %  BWT {s['backward_transfer']:+.2f}"
         )
+    if max(rows, matrix.shape[1]) > MAX_TABLE_TASKS:
+        lines.append(f"(first and last {MAX_TABLE_TASKS // 2} tasks of {matrix.shape[1]} shown; the full matrix: {full})")
     return "\n".join(lines)
 
 
@@ -109,7 +135,8 @@ class AccuracyMatrix(Callback):
     replaces the model at the task end (MC-SGD's w_bar_t) the row measures that model. After
     each task it logs to the logger, with the task number as the step, ``cl/*`` summaries,
     ``matrix/task_XX`` (accuracy of task XX after each task) and, on TensorBoard, the
-    ``cl/accuracy_matrix`` heatmap; it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
+    ``cl/accuracy_matrix`` heatmap (after every task, or every k-th past :data:`MAX_HEATMAPS`
+    tasks, so its cost per task stays flat); it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
     folder. The matrix is part of the checkpoint, so a resumed run continues it.
 
     Args:
@@ -173,8 +200,9 @@ class AccuracyMatrix(Callback):
             metrics |= {f"matrix/task_{i + 1:02d}": v for i, v in enumerate(self.matrix[task].tolist()) if not math.isnan(v)}
             metrics |= {"hp/average_accuracy": scores["average_accuracy"], "hp/forgetting": scores["forgetting"]}
             logger.log_metrics(metrics, step=step)
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("cl/accuracy_matrix", heatmap(self.matrix), global_step=step)
+            if isinstance(logger, TensorBoardLogger) and heatmap_due(task, self.matrix.shape[0]):
+                logger.experiment.add_image("cl/accuracy_matrix", heatmap(self.matrix, task), global_step=step,
+                                            dataformats="HWC")
         self.write(self.folder, task)
 
     def write(self, folder: Path, task: int) -> None:
@@ -186,7 +214,7 @@ class AccuracyMatrix(Callback):
         rows = self.completed_tasks
         if self.print_table and rows:
             title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
-            print(format_table(self.matrix, rows, title))
+            print(format_table(self.matrix, rows, title, full=str(self.folder / "accuracy_matrix.csv")))
             print(f"written to {self.folder / 'accuracy_matrix.csv'} (and .json); "
                   f"TensorBoard: tensorboard --logdir {self.folder.parent}")
 
@@ -209,7 +237,7 @@ class AccuracyMatrix(Callback):
                 print(format_table(self.matrix, self.completed_tasks,
                                    f"Accuracy matrix stored in the checkpoint ({self.split} split)"))
             print("Test accuracy (%) of this model on every task:")
-            print("  ".join(f"T{i + 1} {a:.1f}" for i, a in enumerate(accuracy)))
+            print("  ".join("..." if i is None else f"T{i + 1} {accuracy[i]:.1f}" for i in _shown(num_tasks)))
             print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
 
     # ------------------------------------------------------------------ checkpoint

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from cl_lightning.analysis.linear_path import build, interpolate, load_endpoint, main, make_parser
+from cl_lightning.analysis.linear_path import build, endpoint_names, interpolate, load_endpoint, main, make_parser
 from cl_lightning.cli import cli_main
 from cl_lightning.methods.mcsgd import load_flat
 
@@ -114,3 +115,31 @@ def test_endpoint_vector_matches_the_checkpoint_module(run):
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     module.net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     assert torch.equal(parameters_to_vector(module.net.parameters()), load_endpoint(run / "checkpoints" / "last.ckpt", module))
+
+
+def test_two_last_checkpoints_are_named_from_their_runs_and_never_overwritten_silently(run, tmp_path, capsys):
+    other = run.parent / "seed_1"  # a second run of the same network: its folder, config and last.ckpt
+    (other / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "config.yaml", other / "config.yaml")
+    shutil.copy(next((run / "checkpoints").glob("epoch=0-*.ckpt")), other / "checkpoints" / "last.ckpt")
+    call = ["--config", str(run / "config.yaml"), "--start", str(run / "checkpoints" / "last.ckpt"),
+            "--end", str(other / "checkpoints" / "last.ckpt"), "--tasks", "1", "--points", "2", "--out", str(tmp_path)]
+    main(call)
+    written = tmp_path / "path_seed_0-last_to_seed_1-last.csv"
+    assert {r["path"] for r in read_rows(written)} == {"seed_0/last -> seed_1/last"}
+    before = written.read_bytes()
+    with pytest.raises(SystemExit):
+        main(call)
+    assert f"{written}, {written.with_suffix('.png')} already exist (an earlier `path` call): pass --overwrite" in (
+        capsys.readouterr().err)
+    assert written.read_bytes() == before
+    main([*call, "--overwrite", "true"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written.name, written.with_suffix(".png").name]
+
+
+def test_endpoints_of_one_run_are_named_by_the_run_folder():
+    checkpoints = Path("runs/version_3/checkpoints")
+    assert endpoint_names(checkpoints / "epoch=0-step=90.ckpt", checkpoints / "last.ckpt") == (
+        "version_3/epoch=0-step=90", "version_3/last")
+    assert endpoint_names(Path("runs/version_3/checkpoints/last.ckpt"), Path("runs/version_4/solutions/w_bar_02.pt")) == (
+        "version_3/last", "version_4/w_bar_02")

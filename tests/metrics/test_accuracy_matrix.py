@@ -1,18 +1,49 @@
 import json
 
+import numpy as np
+import pytest
 import torch
 
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix, format_table, heatmap
+from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix, format_table, heatmap, heatmap_due
+from cl_lightning.metrics.heatmap import MAX_PIXELS, matrix_figure, tick_positions
 
 NAN = float("nan")
 MATRIX = torch.tensor([[90.0, NAN, NAN], [70.0, 80.0, NAN], [60.0, 75.0, 85.0]], dtype=torch.float64)
 
 
-def test_heatmap_shape_and_missing_cells_grey():
-    image = heatmap(MATRIX, cell=4)
-    assert image.shape == (3, 12, 12)
-    assert torch.all(image[:, 0, 4] == 0.5)  # row 1, column 2: not evaluated
-    assert image.min() >= 0 and image.max() <= 1
+def test_heatmap_is_a_labelled_figure_with_missing_cells_grey():
+    image = heatmap(MATRIX, 1)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and 300 <= image.shape[0] <= MAX_PIXELS[0]
+    assert (image == 0xE6).all(axis=2).sum() > 1000  # the cells not evaluated yet, light grey
+
+
+@pytest.mark.parametrize("num_tasks", [20, 100, 1000])
+def test_heatmap_stays_within_the_pixel_cap_for_long_sequences(num_tasks):
+    matrix = torch.rand(num_tasks, num_tasks, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 100
+    image = heatmap(matrix.tril() + torch.triu(torch.full_like(matrix, NAN), 1), num_tasks - 1)
+    assert image.shape[:2] <= MAX_PIXELS
+
+
+def test_long_sequences_label_every_kth_task_and_print_no_numbers():
+    assert tick_positions(10).tolist() == list(range(10))
+    assert tick_positions(1000).tolist() == [0, *range(49, 1000, 50)]  # tasks 1, 50, 100, ..., 1000
+    assert len(matrix_figure(MATRIX.numpy(), "t").axes[0].texts) == 6  # every evaluated cell
+    assert len(matrix_figure(torch.full((30, 30), 50.0).numpy(), "t").axes[0].texts) == 0
+
+
+def test_heatmap_logged_every_task_then_every_kth_past_fifty_tasks():
+    assert [t for t in range(10) if heatmap_due(t, 10)] == list(range(10))
+    due = [t + 1 for t in range(1000) if heatmap_due(t, 1000)]
+    assert len(due) == 50 and due[:2] == [20, 40] and due[-1] == 1000
+    assert [t + 1 for t in range(75) if heatmap_due(t, 75)] == [*range(2, 75, 2), 75]
+
+
+def test_long_table_shows_first_and_last_tasks_and_names_the_full_csv():
+    matrix = torch.full((1000, 1000), 50.0, dtype=torch.float64)
+    lines = format_table(matrix, 1000, "title", full="run/accuracy_matrix.csv").splitlines()
+    assert len(lines) < 30 and max(len(line) for line in lines) < 160
+    assert "T10" in lines[1] and "T991" in lines[1] and "T11" not in lines[1] and "..." in lines[1]
+    assert lines[-1].endswith("the full matrix: run/accuracy_matrix.csv)")
 
 
 def test_table_lists_rows_and_summary():
