@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from cl_lightning.errors import CheckpointError, ResultsWriteError
-from cl_lightning.metrics.continual import summary
+from cl_lightning.metrics.continual import summaries, summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
 from cl_lightning.models.module import accuracy_key
 
@@ -112,6 +112,7 @@ def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str)
     """Write rows 1..task+1 of ``matrix`` with their summaries as ``<stem>.csv`` and ``<stem>.json``."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = matrix[: task + 1].tolist()
+    per_task = summaries(matrix, task)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(matrix.shape[1])])
@@ -122,8 +123,8 @@ def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str)
         "tasks_completed": task + 1,
         "num_tasks": matrix.shape[0],
         "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
-        "per_task": [summary(matrix, t) for t in range(task + 1)],
-        **summary(matrix, task),
+        "per_task": per_task,
+        **per_task[-1],
     }
     _write_atomically({folder / f"{stem}.csv": out.getvalue(), folder / f"{stem}.json": json.dumps(record, indent=1)})
 

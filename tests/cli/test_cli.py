@@ -133,9 +133,11 @@ def test_default_root_dir_moves_the_run_unless_the_logger_has_its_own_save_dir(t
 
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])
 def test_split_cifar100_runs_end_to_end(method, cifar_root, tmp_path):
-    """Task-masked logits, ResNet with batch statistics, per-class memory (MC-SGD) on real pickles."""
+    """Task-masked logits, the ResNet as each config sets it (batch or running BatchNorm statistics),
+    per-class memory and class-balanced subset (MC-SGD; the fake data have 20 images per class) on real pickles."""
+    subset = ["--trainer.callbacks.init_args.subset_per_class", "10"] if method == "mcsgd" else []
     cli_main(["fit", *tiny_run_args(f"{method}/split_cifar100.yaml", cifar_root, tmp_path),
-              "--model.net.init_args.width", "4", "--data.eval_batch_size", "50"])
+              "--model.net.init_args.width", "4", "--data.eval_batch_size", "50", *subset])
     run = tmp_path / "lightning_logs" / "version_0"
     record = json.loads((run / "accuracy_matrix.json").read_text())
     assert record["tasks_completed"] == 3

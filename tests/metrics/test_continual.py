@@ -8,6 +8,7 @@ from cl_lightning.metrics.continual import (
     backward_transfer,
     forgetting,
     learning_accuracy,
+    summaries,
     summary,
 )
 from cl_lightning.metrics.task_accuracy import TaskAccuracy
@@ -55,3 +56,16 @@ def test_task_accuracy_metric_per_task_and_nan_for_unseen():
     assert acc[0].item() == pytest.approx(100.0)
     assert acc[1].item() == pytest.approx(100 / 3)
     assert math.isnan(acc[2].item())
+
+
+@pytest.mark.parametrize("future_tasks_evaluated", [False, True])
+def test_all_summaries_at_once_equal_each_task_summary(future_tasks_evaluated):
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.rand(12, 12, generator=g, dtype=torch.float64) * 100
+    if not future_tasks_evaluated:
+        matrix[torch.ones(12, 12, dtype=torch.bool).triu(1)] = float("nan")
+    for t in range(12):
+        expected = [summary(matrix, k) for k in range(t + 1)]
+        for got, want in zip(summaries(matrix, t), expected, strict=True):
+            assert got.keys() == want.keys()
+            assert all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want)
