@@ -312,7 +312,10 @@ def test_agem_forgets_less_than_naive_sgd(runs, tmp_path):
     last = NUM_TASKS - 1
     print(f"forgetting naive {forgetting(naive, last):.3f} agem {forgetting(agem, last):.3f}; "
           f"average accuracy naive {average_accuracy(naive, last):.1f} agem {average_accuracy(agem, last):.1f}")
-    assert forgetting(agem, last) < forgetting(naive, last)
+    # measured: forgetting 0.431 vs 0.616, average accuracy 55.9 vs 41.1 (seed 1: 0.359 vs 0.614); far
+    # below Kirkpatrick's EWC with the same lam here (0.233), and lam 100 diverges (lr * 2 lam > 2)
+    assert forgetting(agem, last) < forgetting(naive, last) - 0.1
+    assert average_accuracy(agem, last) > average_accuracy(naive, last)
 
 
 class AgemRankAgreement(TaskAwareCallback):
