@@ -188,7 +188,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
         # The module's own per-task SGD (`ContinualModule.configure_optimizers`) is the paper's:
         # no --optimizer/--lr_scheduler groups that would replace it and list every torch class.
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION, **{
+        parser_kwargs={"usage": usage(), "description": DESCRIPTION, **{
             name: {"usage": usage, "description": f"{summary[0].upper()}{summary[1:]}. {advice}"}
             for name, (usage, summary, advice) in TRAINER_COMMANDS.items()
         }},
@@ -234,13 +234,19 @@ def main(args: ArgsType = None) -> None:
         sys.exit(f"error: {cause}")
 
 
+def usage() -> str:
+    """The top-level usage line, with every command: LightningCLI's own (shown when no command is
+    given) would name only its trainer commands."""
+    return f"cl-lightning <command> [options]   (commands: {', '.join([*TRAINER_COMMANDS, *ANALYSIS_COMMANDS])})"
+
+
 def overview() -> str:
     """``cl-lightning --help``: what the tool is and its commands, one line each. LightningCLI's
     own top-level help knows only its trainer commands, with the Trainer's docstrings."""
     summaries = {name: summary for name, (_, summary, _) in TRAINER_COMMANDS.items()}
     summaries |= {name: summary for name, (_, summary) in ANALYSIS_COMMANDS.items()}
     lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
-    return "\n".join(["usage: cl-lightning <command> [options]", "", *textwrap.wrap(DESCRIPTION, 100), "",
+    return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
                       "commands:", *lines])
 
 

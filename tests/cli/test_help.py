@@ -34,6 +34,13 @@ def test_top_level_help_describes_the_tool_and_lists_our_commands(capsys):
     assert "predict" not in out and "Lightning Trainer command line tool" not in out
 
 
+def test_no_command_names_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert f"(commands: {', '.join(COMMANDS)})" in capsys.readouterr().err
+
+
 def test_predict_is_not_a_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml")])
