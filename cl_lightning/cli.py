@@ -2,7 +2,8 @@
 
 ``cl-lightning fit --config configs/<method>/<benchmark>.yaml`` runs a whole task sequence in
 one ``fit``; ``cl-lightning test --config ... --ckpt_path ...`` evaluates a checkpoint on every
-task. Everything else (overrides, ``--print_config``, ``--help``) is LightningCLI's.
+task. Everything else (overrides, ``--print_config``, each command's ``--help``) is LightningCLI's;
+``cl-lightning --help`` lists them with the analysis commands (grid, report, path, sweep).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import textwrap
 import warnings
 from typing import Any, Optional
 
@@ -68,6 +70,35 @@ def logger_follows_default_root_dir(trainer: Namespace) -> None:
         init_args.save_dir = str(root)
 
 
+#: What ``cl-lightning --help`` says the tool is, before its list of commands.
+DESCRIPTION = (
+    "Continual learning on task sequences with PyTorch Lightning: MC-SGD (Mirzadeh et al., ICLR 2021) and its "
+    "baselines on permuted/rotated MNIST, Fashion-MNIST and split CIFAR-100, run, resumed, compared and analysed. "
+    "See README.md; each command's options: cl-lightning <command> --help."
+)
+
+#: LightningCLI's commands that a task sequence uses: name -> (usage line, what it does, where to start).
+#: The usage line stands for Lightning's ~90-line list of every option, which the help lists below anyway.
+TRAINER_COMMANDS = {
+    "fit": (
+        "cl-lightning fit --config configs/<method>/<benchmark>.yaml [--<section>.<option> VALUE ...]",
+        "train a method on a whole task sequence (or resume it with --ckpt_path <run>/checkpoints/last.ckpt)",
+        "Start from a shipped config; --print_config shows the whole resolved config, and any option below "
+        "overrides it, e.g. --data.num_tasks 5 --trainer.accelerator gpu",
+    ),
+    "validate": (
+        "cl-lightning validate --config <run>/config.yaml --ckpt_path <checkpoint> [--<section>.<option> VALUE ...]",
+        "evaluate a checkpoint on the tasks it has seen, on the validation split (test split if data.val_fraction is 0)",
+        "Give the run's own config.yaml (next to its checkpoints/); --print_config shows the resolved config",
+    ),
+    "test": (
+        "cl-lightning test --config <run>/config.yaml --ckpt_path <checkpoint> [--<section>.<option> VALUE ...]",
+        "evaluate a checkpoint on every task's test split",
+        "Give the run's own config.yaml (next to its checkpoints/); --print_config shows the resolved config",
+    ),
+}
+
+
 class ContinualCLI(LightningCLI):
     """LightningCLI with the task sequence wired in.
 
@@ -80,6 +111,11 @@ class ContinualCLI(LightningCLI):
       so is the stop on SIGTERM/SIGINT with a checkpoint and the resume command (``signals.py``).
     - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands but ``predict``: a task sequence has no prediction step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # No prefix abbreviations (the main parser and each subcommand's): `--data.num_task 5` in
@@ -149,6 +185,13 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
         ContinualDataModule,
         args=args,
         save_config_callback=LoggerSaveConfigCallback,
+        # The module's own per-task SGD (`ContinualModule.configure_optimizers`) is the paper's:
+        # no --optimizer/--lr_scheduler groups that would replace it and list every torch class.
+        auto_configure_optimizers=False,
+        parser_kwargs={"usage": usage(), "description": DESCRIPTION, **{
+            name: {"usage": usage, "description": f"{summary[0].upper()}{summary[1:]}. {advice}"}
+            for name, (usage, summary, advice) in TRAINER_COMMANDS.items()
+        }},
         trainer_defaults={
             "reload_dataloaders_every_n_epochs": 1,  # the datamodule picks the task at each epoch
             "num_sanity_val_steps": 0,
@@ -160,7 +203,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
     )
 
 
-#: Commands beside LightningCLI's fit/validate/test/predict: name -> (module with ``main(argv)``, what it does).
+#: Commands beside LightningCLI's: name -> (module with ``main(argv)``, what it does).
 ANALYSIS_COMMANDS = {
     "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
     "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std over seeds) and plots from a folder of runs"),
@@ -180,18 +223,31 @@ def main(args: ArgsType = None) -> None:
         if command in ANALYSIS_COMMANDS:
             importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(argv[1:])
             return
-        try:
-            cli_main(args)
-        finally:
-            if command in ("-h", "--help"):
-                print("\nanalysis commands (each with --help):")
-                for name, (_, summary) in ANALYSIS_COMMANDS.items():
-                    print(f"  {name:<8} {summary}")
+        if command in ("-h", "--help"):
+            print(overview())
+            sys.exit(0)  # as every parser's --help
+        cli_main(args)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
             raise
         sys.exit(f"error: {cause}")
+
+
+def usage() -> str:
+    """The top-level usage line, with every command: LightningCLI's own (shown when no command is
+    given) would name only its trainer commands."""
+    return f"cl-lightning <command> [options]   (commands: {', '.join([*TRAINER_COMMANDS, *ANALYSIS_COMMANDS])})"
+
+
+def overview() -> str:
+    """``cl-lightning --help``: what the tool is and its commands, one line each. LightningCLI's
+    own top-level help knows only its trainer commands, with the Trainer's docstrings."""
+    summaries = {name: summary for name, (_, summary, _) in TRAINER_COMMANDS.items()}
+    summaries |= {name: summary for name, (_, summary) in ANALYSIS_COMMANDS.items()}
+    lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
+    return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
+                      "commands:", *lines])
 
 
 def user_error(err: BaseException) -> UserError | None:

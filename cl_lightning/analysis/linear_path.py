@@ -16,12 +16,14 @@ batches of ``data.eval_batch_size`` as the accuracy matrix is).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,9 @@ from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
 from cl_lightning.methods.mcsgd import load_flat, solution_path
 from cl_lightning.metrics.evaluate import task_metrics
 from cl_lightning.models.module import ContinualModule
+
+#: Data split the path is evaluated on.
+Split = Literal["train", "val", "test"]
 
 ENDPOINT_HELP = "a Lightning checkpoint (.ckpt) or a flat vector saved by MC-SGD's save_solutions (solutions/w_hat_XX.pt)"
 
@@ -187,23 +192,24 @@ def build(parser: ArgumentParser, argv: list[str]) -> tuple:
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="cl-lightning path",
-        description="Loss and accuracy along the straight line between two solutions, on chosen tasks' test data; writes "
-        "a CSV (path, alpha, task, loss, accuracy) and a PNG. Either --start/--end (any two endpoints), or --solutions "
-        "T1 T2 (the paper's §5 picture: loss on task T1 along w_hat_T1 -> w_hat_T2 and w_hat_T1 -> w_bar_T2, from an "
-        "MC-SGD run with --trainer.callbacks.init_args.save_solutions true). Any --model.* or --data.* option overrides "
-        "the config, e.g. --data.root where the dataset is now.",
+        allow_abbrev=False,  # a typo must not silently set another option
+        usage="cl-lightning path --config <run>/config.yaml (--start A --end B | --solutions T1 T2) [options]",
+        description="Loss and accuracy along the straight line between two solutions, on chosen tasks' data: a CSV "
+        "(path, alpha, task, loss, accuracy) and a PNG. --solutions T1 T2 is the paper's §5 picture (an MC-SGD run "
+        "with --trainer.callbacks.init_args.save_solutions true). The --model.* and --data.* options of "
+        "`cl-lightning fit --help` override the config, e.g. --data.root.",
     )
     parser.add_argument("--config", action=ActionConfigFile,
                         help="the run's config.yaml (only its model, data and seed_everything sections are used)")
     parser.add_argument("--start", type=Path | None, default=None, help=f"start of the line (α = 0): {ENDPOINT_HELP}")
-    parser.add_argument("--end", type=Path | None, default=None, help=f"end of the line (α = 1): {ENDPOINT_HELP}")
+    parser.add_argument("--end", type=Path | None, default=None, help="end of the line (α = 1), as --start")
     parser.add_argument("--solutions", type=PositiveInt, nargs=2, default=None, metavar=("T1", "T2"),
-                        help="two tasks (1-based, T1 < T2), e.g. 1 2: compare w_hat_T1 -> w_hat_T2 with "
-                        "w_hat_T1 -> w_bar_T2, read from <config's folder>/solutions/")
+                        help="two tasks T1 < T2 (1-based): w_hat_T1 -> w_hat_T2 against w_hat_T1 -> w_bar_T2, "
+                        "read from <config's folder>/solutions/")
     parser.add_argument("--tasks", type=PositiveInt, nargs="+", default=None,
-                        help="tasks (1-based) to evaluate, e.g. 1 2; default: all tasks, or T1 with --solutions")
+                        help="tasks (1-based) to evaluate; default: all, or T1 with --solutions")
     parser.add_argument("--points", type=PositiveInt, default=41, help="number of evenly spaced α in [0, 1] (paper: 41)")
-    parser.add_argument("--split", type=str, default="test", choices=["train", "val", "test"], help="data split to evaluate")
+    parser.add_argument("--split", type=Split, default="test", help="data split to evaluate")
     parser.add_argument("--device", type=str, default="cpu", help="torch device to evaluate on, e.g. cuda")
     parser.add_argument("--out", type=Path | None, default=None,
                         help="folder for the CSV and the PNG (default: <config's folder>/linear_path)")
@@ -212,7 +218,17 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="the run's seed (from its config)")
     parser.add_class_arguments(ContinualModule, "model")
     parser.add_class_arguments(ContinualDataModule, "data")
+    hide_from_help(parser, "model", "data")
     return parser
+
+
+def hide_from_help(parser: ArgumentParser, *sections: str) -> None:
+    """Keep the ``--<section>.*`` options but leave them out of ``--help``: they are the run's own
+    ``fit`` options, documented by ``cl-lightning fit --help``, and listed here (130 lines) they
+    would push this command's own options off the screen."""
+    for section in sections:
+        for action in parser.groups[section]._group_actions:
+            action.help = argparse.SUPPRESS
 
 
 def run(argv: Sequence[str]) -> list[Path]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.seeding import generator
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
@@ -64,8 +65,10 @@ class ContinualModule(LightningModule):
     """Network + loss + per-task evaluation for a task sequence.
 
     Args:
-        net: The network, e.g. ``cl_lightning.models.nets.MLP`` or ``...nets.ResNet18``; it maps
-            images to logits over all classes.
+        net: The network, ``cl_lightning.models.nets.MLP`` or ``...nets.ResNet18`` (the paper's); it
+            maps images to logits over all classes. Typed with these two so that the command line
+            offers them, not every ``torch.nn.Module``; a new network joins the union (or
+            subclasses one of them).
         lr: SGD learning rate of task 1.
         momentum: SGD momentum. The momentum buffer is cleared at each task start, as the paper's
             code re-created the optimizer for every task.
@@ -76,7 +79,7 @@ class ContinualModule(LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: MLP | ResNet18,
         lr: PositiveFloat = 0.1,
         momentum: NonNegativeFloat = 0.8,
         lr_decay: PositiveFloat = 1.0,
