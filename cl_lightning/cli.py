@@ -40,6 +40,9 @@ from cl_lightning.signals import CheckpointOnSignal
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
 # inter-process copies, so Lightning's advice to add workers does not apply.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# Lightning (2.6) still builds torch's deprecated pytree LeafSpec: a notice about Lightning's own code
+# that the user cannot act on, printed at every resume and stop, where it buried the line that matters.
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):

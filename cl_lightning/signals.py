@@ -10,6 +10,7 @@ the program is, e.g. in the middle of an optimizer step or of MC-SGD's consolida
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -132,6 +133,7 @@ class CheckpointOnSignal(Callback):
         trainer.save_checkpoint(partial, weights_only=False)
         if trainer.is_global_zero:
             os.replace(partial, ckpt)
+            self._update_last(trainer, ckpt)
         trainer.strategy.barrier("CheckpointOnSignal")
         signum = self._signal if self._signal is not None else signal.SIGTERM  # a signal another process got
         message = (f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
@@ -139,6 +141,19 @@ class CheckpointOnSignal(Callback):
         if trainer.is_global_zero:
             print(message, file=sys.stderr, flush=True)
         return RunInterrupted(signum, message)
+
+    @staticmethod
+    def _update_last(trainer: Trainer, ckpt: Path) -> None:
+        """Make ``last.ckpt`` this state too, so the README's resume command (and ``grid``/``sweep``,
+        which resume from ``last.ckpt``) go on from here. A copy renamed into place, never a
+        half-written ``last.ckpt``."""
+        checkpoint = trainer.checkpoint_callback
+        if not (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last):
+            return
+        last = ckpt.with_name(checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        copy = last.with_name(last.name + ".partial")
+        shutil.copyfile(ckpt, copy)
+        os.replace(copy, last)
 
     @staticmethod
     def _folder(trainer: Trainer) -> Path:

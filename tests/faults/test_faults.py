@@ -1,0 +1,138 @@
+"""Fault injection: a real ``cl-lightning fit`` killed (SIGKILL) or stopped (SIGTERM) at each
+point of a task, then resumed with the README's command, ends exactly as the uninterrupted run.
+
+Each case runs MC-SGD on three permuted-digits tasks in a child process with
+:class:`injector.FaultInjector`, checks what the user saw (exit status, last line) and what
+survived (checkpoints that load, the accuracy matrix so far), resumes with
+``fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`` and compares the
+final accuracy-matrix files and weights with the uninterrupted run's, bitwise. Every case adds
+a row to the fault table (``CL_FAULT_TABLE=<file> pytest tests/faults`` writes it; it is the
+table of docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIG = Path(__file__).parents[2] / "configs" / "mcsgd" / "permuted_digits.yaml"
+POINTS = ("mid_task", "last_step", "consolidation", "evaluation", "checkpoint_write")
+EXIT_STATUS = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 128 + signal.SIGTERM}
+
+
+SETTINGS = ("--data.num_tasks", "3", "--trainer.deterministic", "true", "--trainer.enable_model_summary", "false",
+            "--accuracy_matrix.print_table", "false")
+
+
+def cl_lightning(*args: str) -> subprocess.CompletedProcess:
+    """``cl-lightning <args>`` in a child process that can import the injector."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "cl_lightning", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def fit(out: Path, *extra: str, config: Path = CONFIG) -> subprocess.CompletedProcess:
+    """``cl-lightning fit`` of three deterministic permuted-digits tasks (or a run's saved ``config``)."""
+    settings = (*SETTINGS, "--trainer.logger.init_args.save_dir", str(out)) if config == CONFIG else ()
+    return cl_lightning("fit", "--config", str(config), *settings, *extra)
+
+
+def inject(point: str, signal_name: str, *extra: str) -> tuple[str, ...]:
+    """The overrides that add the injector, firing at ``point`` of the second task."""
+    return ("--trainer.callbacks+=injector.FaultInjector", "--trainer.callbacks.point", point,
+            "--trainer.callbacks.task", "1", "--trainer.callbacks.signal", signal_name, *extra)
+
+
+def run_folder(out: Path, version: int) -> Path:
+    return out / "lightning_logs" / f"version_{version}"
+
+
+def matrix_files(run: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(run.glob("*accuracy_matrix.*"))}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The model's weights and MC-SGD's w_bar and w_hat in the run's ``last.ckpt``."""
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    mcsgd = checkpoint["callbacks"]["MCSGD"]
+    return {**checkpoint["state_dict"], "w_bar": mcsgd["w_bar"], "w_hat": mcsgd["w_hat"]}
+
+
+def same_result(run: Path, reference: Path) -> bool:
+    """Same accuracy-matrix files (every digit) and bitwise-equal final weights, w_bar and w_hat."""
+    expected, got = final_weights(reference), final_weights(run)
+    return (matrix_files(run) == matrix_files(reference) and expected.keys() == got.keys()
+            and all(torch.equal(got[k], v) for k, v in expected.items()))
+
+
+def last_line(process: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (process.stdout + process.stderr).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(nothing)"
+
+
+def loadable(checkpoint: Path) -> bool:
+    try:
+        torch.load(checkpoint, weights_only=True)
+        return True
+    except Exception:  # noqa: BLE001 (any failure to load is what this reports)
+        return False
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    assert fit(out).returncode == 0
+    return run_folder(out, 0)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("point", POINTS)
+def test_interrupted_run_resumes_to_the_same_result(point, signal_name, straight, tmp_path, fault_table):
+    faulted = fit(tmp_path, *inject(point, signal_name))
+    run = run_folder(tmp_path, 0)
+    assert faulted.returncode == EXIT_STATUS[signal_name], faulted.stdout + faulted.stderr
+
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints and all(loadable(c) for c in checkpoints), "a checkpoint a resume could pick does not load"
+    tasks_done = json.loads((run / "accuracy_matrix.json").read_text())["tasks_completed"]
+
+    resumed = fit(tmp_path, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=run / "config.yaml")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    final = run_folder(tmp_path, 1)
+    identical = same_result(final, straight)
+    fault_table.append({
+        "fault": signal_name, "where": f"{point.replace('_', ' ')}, task 2 of 3",
+        "user sees": f"exit {faulted.returncode}; `{last_line(faulted)[:120]}`",
+        "survives": f"{len(checkpoints)} checkpoint(s), all loadable; matrix rows for {tasks_done} task(s)",
+        "resumed result identical": "yes (bitwise)" if identical else "NO",
+    })
+    assert identical
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_grid_child_interrupted_then_grid_rerun_gives_the_same_result(signal_name, straight, tmp_path, fault_table):
+    configs = tmp_path / "configs" / "mcsgd"
+    configs.mkdir(parents=True)
+    (configs / "permuted_digits.yaml").write_text(CONFIG.read_text())
+    grid = ("grid", "--methods", "mcsgd", "--benchmarks", "permuted_digits", "--seeds", "0", "--root",
+            str(tmp_path / "runs"), "--configs", str(tmp_path / "configs"), "--", *SETTINGS,
+            *inject("mid_task", signal_name, "--trainer.callbacks.once_file", str(tmp_path / "fired")))
+    interrupted = cl_lightning(*grid)
+    assert interrupted.returncode == 1 and (tmp_path / "fired").exists(), interrupted.stdout + interrupted.stderr
+    rerun = cl_lightning(*grid)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    identical = same_result(tmp_path / "runs" / "permuted_digits" / "mcsgd" / "seed_0", straight)
+    fault_table.append({
+        "fault": f"{signal_name} to a `grid` child", "where": "mid task, task 2 of 3",
+        "user sees": f"grid exit {interrupted.returncode}; `{last_line(interrupted)[:120]}`",
+        "survives": "the other runs; the run's folder, then the rerun completes it",
+        "resumed result identical": "yes (bitwise)" if identical else "NO",
+    })
+    assert identical
