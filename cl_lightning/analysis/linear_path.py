@@ -35,9 +35,10 @@ from torch.nn.utils import parameters_to_vector
 from cl_lightning.analysis import plots
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
-from cl_lightning.methods.mcsgd import load_flat, solution_path
+from cl_lightning.methods.mcsgd import solution_path
 from cl_lightning.metrics.evaluate import task_metrics
 from cl_lightning.models.module import ContinualModule
+from cl_lightning.models.params import load_flat
 
 ENDPOINT_HELP = "a Lightning checkpoint (.ckpt) or a flat vector saved by MC-SGD's save_solutions (solutions/w_hat_XX.pt)"
 

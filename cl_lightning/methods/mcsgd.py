@@ -46,17 +46,8 @@ from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.metrics.evaluate import task_accuracies
-from cl_lightning.models.module import eval_mode
+from cl_lightning.models.params import eval_mode, load_flat
 from cl_lightning.seeding import generator
-
-
-@torch.no_grad()
-def load_flat(net: nn.Module, vector: Tensor) -> None:
-    """Copy a flat parameter vector into ``net``'s parameters (copies, never shares storage)."""
-    offset = 0
-    for p in net.parameters():
-        p.copy_(vector[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +19,6 @@ from cl_lightning.seeding import generator
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
 MASKED_LOGIT = -1e11
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run a block with ``module`` in eval mode (dropout off), then restore every submodule's mode."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
 
 
 def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
