@@ -26,9 +26,9 @@ import cl_lightning.methods  # noqa: F401  (registers the method callbacks' shor
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import UserError
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.hparams import METRICS, science
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from cl_lightning.models.module import accuracy_key
+from cl_lightning.metrics.task_accuracy import accuracy_key
 
 
 class TaskProgressBar(TQDMProgressBar):

@@ -21,7 +21,7 @@ from torch import Tensor
 from cl_lightning.errors import CheckpointError, ResultsWriteError
 from cl_lightning.metrics.continual import summaries, summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
-from cl_lightning.models.module import accuracy_key
+from cl_lightning.metrics.task_accuracy import accuracy_key
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.

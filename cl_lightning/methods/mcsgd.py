@@ -40,12 +40,12 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.evaluation.accuracy_matrix import run_dir, write_matrix
+from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
-from cl_lightning.metrics.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.metrics.continual import average_accuracy
-from cl_lightning.metrics.evaluate import task_accuracies
 from cl_lightning.models.params import eval_mode, load_flat
 from cl_lightning.seeding import generator
 

@@ -7,6 +7,11 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def accuracy_key(stage: str, task: int) -> str:
+    """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
+    return f"{stage}/acc/task_{task + 1:02d}"
+
+
 class TaskAccuracy(Metric):
     """Accuracy (%) per task from ``(preds, target, task)`` triples.
 

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.seeding import generator
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
@@ -25,11 +25,6 @@ def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
     """Give the classes outside each example's task (``mask`` False) the logit ``MASKED_LOGIT``:
     zero probability and zero gradient. ``mask`` broadcasts against ``logits``; None: no mask."""
     return logits if mask is None else logits.masked_fill(~mask, MASKED_LOGIT)
-
-
-def accuracy_key(stage: str, task: int) -> str:
-    """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
-    return f"{stage}/acc/task_{task + 1:02d}"
 
 
 class TaskLRFactor:

@@ -10,9 +10,9 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.cli import cli_main, main
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
-from cl_lightning.metrics.evaluate import task_accuracies
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 
