@@ -42,6 +42,7 @@ from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
 from cl_lightning.evaluation.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.evaluation.evaluate import task_accuracies
+from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
@@ -260,8 +261,6 @@ class MCSGD(TaskAwareCallback):
         """Log the task's consolidation and write its w_hat row, once the task is known not to have
         diverged: the guard checks here (on every process: its check is collective) instead of at the
         validation that follows, so a run stopped by a divergence leaves no w_hat row that looks like a result."""
-        from cl_lightning.guards import FiniteGuard
-
         for guard in (c for c in trainer.callbacks if isinstance(c, FiniteGuard)):
             guard.check(trainer, trainer.lightning_module)
         if not trainer.is_global_zero:
