@@ -64,6 +64,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
@@ -190,6 +191,7 @@ class EWC(TaskAwareCallback):
         return self.lam if self.variant == "kirkpatrick" else 2 * self.lam
 
     # ------------------------------------------------------------------ task events
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task in self.tasks:  # never count a task twice (e.g. a task end replayed by a resume)
             return
@@ -278,6 +280,7 @@ class EWC(TaskAwareCallback):
             self._views = list(zip(_split_like(self.fisher_sum, params), _split_like(self.fisher_anchor, params)))
         return self._views
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """agem: first track the loss gradient's square; then ``grad += c * (F_sum * theta -
         sum_t F_t * theta*_t)``: in place, no host sync."""
@@ -405,6 +408,7 @@ class EWC(TaskAwareCallback):
             trainer.logger.log_metrics(metrics, step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         def cpu(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().cpu().clone()
@@ -414,6 +418,7 @@ class EWC(TaskAwareCallback):
                 "running_fisher": cpu(self.running_fisher), "fisher_window": cpu(self.fisher_window),
                 "task_steps": self.task_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fisher_sum = state_dict["fisher_sum"]
         self.fisher_anchor = state_dict["fisher_anchor"]

@@ -37,6 +37,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
@@ -154,6 +155,7 @@ class MCSGD(TaskAwareCallback):
         self.w_hat: Tensor | None = None
         self.w_hat_matrix: Tensor | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n = trainer.datamodule.num_tasks
         self.memory.check(trainer.datamodule)
@@ -163,14 +165,16 @@ class MCSGD(TaskAwareCallback):
         self.folder = run_dir(trainer)
 
     # ------------------------------------------------------------------ task events
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task > 0 and self.next_task_start == "w_hat":
             load_flat(pl_module.net, self.w_hat.to(pl_module.device))
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         dm: ContinualDataModule = trainer.datamodule
         w_hat = parameters_to_vector(pl_module.net.parameters()).detach().clone()
-        self.memory.add_task(dm, task, dm.resolved_seed)
+        self.memory.add_task(dm, task)
         if task == 0:
             w_bar, losses = w_hat.clone(), {}
         else:
@@ -284,10 +288,12 @@ class MCSGD(TaskAwareCallback):
             torch.save(vector.cpu(), path)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"w_bar": self.w_bar, "w_hat": self.w_hat, "w_hat_matrix": self.w_hat_matrix,
                 "memory": self.memory.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.w_bar, self.w_hat = state_dict["w_bar"], state_dict["w_hat"]
         self.w_hat_matrix = state_dict["w_hat_matrix"]
