@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from jsonargparse import Namespace
@@ -23,14 +23,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from typing_extensions import override
 
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
-from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.data.datamodule import ContinualDataModule, sequence_trainer_settings
 from cl_lightning.errors import UserError
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.hparams import METRICS, science
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar
@@ -49,6 +50,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the run folder and shows the run's science in TensorBoard's HParams
     tab, one column per method, model and data setting (:mod:`cl_lightning.hparams`)."""
 
+    @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, TensorBoardLogger):
             config = self.parser.dump(self.config, skip_none=False, format="json")
@@ -102,6 +104,27 @@ TRAINER_COMMANDS = {
 }
 
 
+#: The task sequence's trainer settings that follow from the data section: linked, so they cannot be
+#: set by hand. The others of :func:`sequence_trainer_settings` are the CLI's trainer defaults.
+LINKED_TRAINER_SETTINGS = ("max_epochs", "check_val_every_n_epoch")
+
+
+def linked_trainer_setting(name: str) -> Callable[[int, int], int]:
+    """``compute_fn`` of the link from ``(data.num_tasks, data.epochs_per_task)`` to ``trainer.<name>``."""
+
+    def compute(num_tasks: int, epochs_per_task: int) -> int:
+        return sequence_trainer_settings(int(num_tasks), int(epochs_per_task))[name]
+
+    compute.__name__ = sequence_trainer_settings.__name__  # what `fit --help` shows for the link
+    return compute
+
+
+def sequence_trainer_defaults() -> dict[str, int]:
+    """The task sequence's trainer settings that do not depend on its length (defaults one may override)."""
+    settings = sequence_trainer_settings(num_tasks=1, epochs_per_task=1)
+    return {name: value for name, value in settings.items() if name not in LINKED_TRAINER_SETTINGS}
+
+
 class ContinualCLI(LightningCLI):
     """LightningCLI with the task sequence wired in.
 
@@ -115,21 +138,23 @@ class ContinualCLI(LightningCLI):
     - ``--ckpt_path`` is checked against the config before anything runs (``checkpoints.py``).
     """
 
+    @override
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """LightningCLI's subcommands but ``predict``: a task sequence has no prediction step."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
 
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # No prefix abbreviations (the main parser and each subcommand's): `--data.num_task 5` in
         # a long sweep command must be refused, not silently taken for `--data.num_tasks`.
         return super().init_parser(**{"allow_abbrev": False, **kwargs})
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(
-            ("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=lambda t, e: int(t) * int(e)
-        )
-        parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch", compute_fn=int)
+        for name in LINKED_TRAINER_SETTINGS:
+            parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), f"trainer.{name}",
+                                  compute_fn=linked_trainer_setting(name))
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
@@ -147,6 +172,7 @@ class ContinualCLI(LightningCLI):
         # After the accuracy matrix: the checkpoint it writes on a signal holds the task's row.
         parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")
 
+    @override
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here: check the file and that it
         # belongs to this config first, so a bad one fails with a clear message and writes nothing.
@@ -159,12 +185,14 @@ class ContinualCLI(LightningCLI):
             sys.exit(0)
         super()._parse_ckpt_path()
 
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         logger_follows_default_root_dir(config.trainer)
 
+    @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         # `--trainer.enable_checkpointing false` / `enable_progress_bar false` switch the
         # always-on checkpoint / progress bar off rather than making Lightning refuse a callback
@@ -196,8 +224,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
             for name, (usage, summary, advice) in TRAINER_COMMANDS.items()
         }},
         trainer_defaults={
-            "reload_dataloaders_every_n_epochs": 1,  # the datamodule picks the task at each epoch
-            "num_sanity_val_steps": 0,
+            **sequence_trainer_defaults(),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": DEFAULT_SAVE_DIR, "default_hp_metric": False},

@@ -16,6 +16,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from typing_extensions import override
 
 from cl_lightning.errors import ConfigError, TrainingDivergedError
 
@@ -57,6 +58,7 @@ class FiniteGuard(Callback):
         self._losses: list[Tensor] = []  # their training losses, detached, where they were computed
 
     # ------------------------------------------------------------------ recording
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -69,13 +71,16 @@ class FiniteGuard(Callback):
             self.check(trainer, pl_module, weights=False)
 
     # ------------------------------------------------------------------ checking
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self.check(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.check(trainer, pl_module)
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Runs while the checkpoint is assembled, before it is written: raising keeps the old file.
         if trainer.state.fn == TrainerFn.FITTING:

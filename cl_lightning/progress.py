@@ -9,8 +9,9 @@ import time
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
-from cl_lightning.models.module import accuracy_key
+from cl_lightning.metrics.task_accuracy import accuracy_key
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -39,16 +40,19 @@ class TaskProgressBar(TQDMProgressBar):
         self._first_step = 0
         self._resumed_mid_task = False
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if not self.interactive:
             self.disable()
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start_counting(trainer)
         self._resumed_mid_task = trainer.global_step > 0  # a task start, if it is one, restarts the count
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         dm = trainer.datamodule
@@ -61,6 +65,7 @@ class TaskProgressBar(TQDMProgressBar):
             label += f" epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task}"
         self.train_progress_bar.set_description(label)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         dm = trainer.datamodule

@@ -38,6 +38,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 from cl_lightning.errors import ConfigError, UserError
 
@@ -94,6 +95,7 @@ class TaskCheckpoint(ModelCheckpoint):
         self._every_n_epochs = 1 if every_n_epochs is None else every_n_epochs
         self._step_save_due = False
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -103,6 +105,7 @@ class TaskCheckpoint(ModelCheckpoint):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         due, self._step_save_due = self._step_save_due, False
@@ -111,6 +114,7 @@ class TaskCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # `every_n_epochs` > 1 may skip the last epoch: `last.ckpt` must still be the final model.
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -129,6 +133,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous file as it was, and no partial ``.ckpt``. A failed write is one
     :class:`OutputWriteError` naming the file and the fix; remote paths keep Lightning's writer."""
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)

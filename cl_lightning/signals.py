@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 #: The signals that stop a run with a checkpoint: a scheduler's stop (SLURM preemption, ``kill``) and Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -72,6 +73,7 @@ class CheckpointOnSignal(Callback):
         self._previous: dict[int, Callable | int | None] = {}
         self._stop: RunInterrupted | None = None
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._signal, self._stop = None, None
         if threading.current_thread() is not threading.main_thread():  # only there can Python set handlers
@@ -91,9 +93,11 @@ class CheckpointOnSignal(Callback):
                 signal.signal(signum, handler)
         self._previous = {}
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
 
@@ -102,6 +106,7 @@ class CheckpointOnSignal(Callback):
         """Whether any process got a stop signal (every process calls this at the same points)."""
         return trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._stop is not None:  # saved at the evaluation before
@@ -111,6 +116,7 @@ class CheckpointOnSignal(Callback):
         if self._asked(trainer) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             raise self._save(trainer)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
@@ -120,6 +126,7 @@ class CheckpointOnSignal(Callback):
             # epoch's end, or after this callback here) still writes its file and last.ckpt.
             self._stop = self._save(trainer)
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._stop is not None:
             raise self._stop

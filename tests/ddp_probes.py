@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch import Callback
 from torch.nn.utils import parameters_to_vector
 
+from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
-from cl_lightning.metrics.evaluate import task_accuracies
-from cl_lightning.models.module import accuracy_key
+from cl_lightning.metrics.task_accuracy import accuracy_key
 
 
 class RankAgreement(TaskAwareCallback):

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 

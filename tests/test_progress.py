@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 from cl_lightning.progress import TaskProgressBar

@@ -37,9 +37,10 @@ from torch.nn.utils import parameters_to_vector
 from cl_lightning.analysis import plots
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
-from cl_lightning.methods.mcsgd import load_flat, solution_path
-from cl_lightning.metrics.evaluate import task_metrics
+from cl_lightning.evaluation.evaluate import task_metrics
+from cl_lightning.methods.mcsgd import solution_path
 from cl_lightning.models.module import ContinualModule
+from cl_lightning.models.params import load_flat
 
 #: Data split the path is evaluated on.
 Split = Literal["train", "val", "test"]

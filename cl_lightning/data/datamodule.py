@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from cl_lightning.data.sources import NUM_CLASSES, ImageSet, load_source
 from cl_lightning.data.tasks import apply_pixel_map, apply_pixel_maps, check_split, permutation_maps, rotation_maps, split_classes
@@ -123,6 +124,20 @@ class TaskBatches:
             self._skip = state["batches"]
 
 
+def sequence_trainer_settings(num_tasks: int, epochs_per_task: int) -> dict[str, int]:
+    """The Trainer arguments a task sequence needs, the one place that says them (the CLI links and
+    defaults these, Python code passes ``ContinualDataModule.trainer_settings()``): one ``fit`` over
+    every task, validation once per task (after its last epoch), the loaders rebuilt every epoch
+    because the datamodule derives the task from the epoch, and no sanity check (it would
+    evaluate an untrained model on task 1)."""
+    return {
+        "max_epochs": num_tasks * epochs_per_task,
+        "check_val_every_n_epoch": epochs_per_task,
+        "reload_dataloaders_every_n_epochs": 1,
+        "num_sanity_val_steps": 0,
+    }
+
+
 def _whole_batch(batch: Batch) -> Batch:
     """``collate_fn`` for :class:`TaskDataset`: ``__getitems__`` already returns the batch."""
     return batch
@@ -211,6 +226,9 @@ class ContinualDataModule(LightningDataModule):
         self.joint = joint
         self.eval_future_tasks = eval_future_tasks
         self.seed = seed
+        # The seed every random choice of the data derives from: ``seed``, or the run's
+        # ``seed_everything`` when None; known once ``setup`` has run.
+        self.resolved_seed: int | None = None
         self._pools: dict[str, list[Tensor]] | None = None
         self._training_data: tuple[tuple[int, ...], TaskDataset] | None = None
 
@@ -225,13 +243,8 @@ class ContinualDataModule(LightningDataModule):
         return (epoch + 1) % self.epochs_per_task == 0
 
     def trainer_settings(self) -> dict[str, int]:
-        """The Trainer arguments the task sequence needs (the CLI links the same values)."""
-        return {
-            "max_epochs": self.num_tasks * self.epochs_per_task,
-            "check_val_every_n_epoch": self.epochs_per_task,
-            "reload_dataloaders_every_n_epochs": 1,
-            "num_sanity_val_steps": 0,
-        }
+        """The Trainer arguments this task sequence needs (:func:`sequence_trainer_settings`)."""
+        return sequence_trainer_settings(self.num_tasks, self.epochs_per_task)
 
     @property
     def current_task(self) -> int:
@@ -240,6 +253,7 @@ class ContinualDataModule(LightningDataModule):
         return self.task_of_epoch(trainer.current_epoch) if trainer is not None else 0
 
     # ----------------------------------------------------------------- data
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self._pools is not None:  # idempotent: Lightning may call setup for several stages
             return
@@ -341,6 +355,7 @@ class ContinualDataModule(LightningDataModule):
         return "val" if self.val_fraction > 0 else "test"
 
     # ----------------------------------------------------------------- loaders
+    @override
     def train_dataloader(self) -> TaskBatches:
         t = self.current_task
         tasks = tuple(range(t + 1)) if self.joint else (t,)
@@ -360,10 +375,12 @@ class ContinualDataModule(LightningDataModule):
                            world_size=trainer.world_size if trainer is not None else 1)
 
     # ----------------------------------------------------------------- checkpoint
+    @override
     def state_dict(self) -> dict[str, int]:
         """The seed every task was derived from: a resumed run must derive the same tasks."""
         return {"seed": self.resolved_seed}
 
+    @override
     def load_state_dict(self, state: dict[str, int]) -> None:
         # Lightning restores this after `setup`, so both seeds are known here.
         if state["seed"] != self.resolved_seed:
@@ -377,10 +394,12 @@ class ContinualDataModule(LightningDataModule):
         """Training batches of the current epoch the loop has finished (saved for mid-epoch resume)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
         seen = self.num_tasks if self.eval_future_tasks else self.current_task + 1
         return [self._eval_loader(self.task_dataset(t, self.eval_split)) for t in range(seen)]
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(self.task_dataset(t, "test")) for t in range(self.num_tasks)]
 
@@ -403,10 +422,3 @@ class ContinualDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
                           collate_fn=_whole_batch, generator=torch.Generator())
 
-    @staticmethod
-    def _loader(dataset: TaskDataset, batch_size: int) -> DataLoader:
-        # An own generator: otherwise every iter() draws a seed from torch's global RNG, and
-        # Lightning calls iter() a different number of times in a resumed run (dropout masks
-        # would then differ from the uninterrupted run).
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch,
-                          generator=torch.Generator())

@@ -30,6 +30,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
@@ -94,14 +95,17 @@ class AGEM(TaskAwareCallback):
         self._cache: tuple[list[int], Batch] | None = None
 
     # ------------------------------------------------------------------ task events
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         self.projected, self.steps = None, 0
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         dm: ContinualDataModule = trainer.datamodule
         self._publish(trainer, task)
-        self.memory.add_task(dm, task, dm.resolved_seed)
+        self.memory.add_task(dm, task)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
 
@@ -131,6 +135,7 @@ class AGEM(TaskAwareCallback):
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if not self.memory.tasks:
             return
@@ -158,10 +163,12 @@ class AGEM(TaskAwareCallback):
         trainer.logger.log_metrics(metrics, step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         projected = None if self.projected is None else self.projected.detach().cpu().clone()
         return {"memory": self.memory.state_dict(), "projected": projected, "steps": self.steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.memory.load_state_dict(state_dict["memory"])
         self.projected = state_dict["projected"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 
 class TaskAwareCallback(Callback):
@@ -31,11 +32,13 @@ class TaskAwareCallback(Callback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         """Called after the last training batch of ``task`` (0-based), before its evaluation."""
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
         if dm.is_task_start(trainer.current_epoch):
             self.on_task_start(trainer, pl_module, dm.task_of_epoch(trainer.current_epoch))
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -46,6 +46,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch
 from cl_lightning.errors import ConfigError
@@ -101,6 +102,7 @@ class ER(TaskAwareCallback):
         #: M/(B+M) of the running step: the memory's share of the joined batch (0: no replay).
         self._memory_share = 0.0
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Created once (a later fit/test with the same callback keeps the memory); a checkpoint
         # is loaded after `setup` and overwrites both.
@@ -110,18 +112,21 @@ class ER(TaskAwareCallback):
             self.sampler = generator(seed, "er_sample")
 
     # ------------------------------------------------------------------ training
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int) -> None:
         """The joined batch's make-up for this step: B current (global) and M replayed examples."""
         replayed = min(self.memory_batch_size, len(self.buffer))
         current = batch[0].shape[0] * trainer.world_size
         self._memory_share = replayed / (current + replayed)
 
+    @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         """Weight the current batch's mean loss by its share B/(B+M) of the joined batch."""
         if self._memory_share > 0.0:
             current_share = 1.0 - self._memory_share
             loss.register_hook(lambda grad: grad * current_share)
 
+    @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add M/(B+M) times the gradient of the memory batch's mean loss."""
         if self._memory_share == 0.0:
@@ -139,6 +144,7 @@ class ER(TaskAwareCallback):
                 loss = scaler.scale(loss)
             loss.backward()
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int
     ) -> None:
@@ -154,6 +160,7 @@ class ER(TaskAwareCallback):
         return tuple(trainer.strategy.all_gather(t).flatten(0, 1) for t in batch)
 
     # ------------------------------------------------------------------ reporting
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         self._publish(trainer, task)
 
@@ -173,10 +180,12 @@ class ER(TaskAwareCallback):
         return torch.bincount(task.cpu(), minlength=num_tasks).double() / len(self.buffer)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict() if self.buffer is not None else None,
                 "sampler": self.sampler.get_state() if self.sampler is not None else None}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["buffer"] is None:
             return

@@ -64,20 +64,17 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.models.module import eval_mode, mask_logits
+from cl_lightning.models.module import mask_logits
+from cl_lightning.models.params import eval_mode, outside_inference
 from cl_lightning.seeding import generator
 
 FisherKind = Literal["empirical", "true"]
 Variant = Literal["kirkpatrick", "agem"]
-
-
-def _outside_inference(t: Tensor) -> Tensor:
-    """A tensor usable by autograd even if it was made under ``torch.inference_mode``."""
-    return t.clone() if t.is_inference() else t
 
 
 def min_max(flat: Tensor) -> Tensor:
@@ -194,6 +191,7 @@ class EWC(TaskAwareCallback):
         return self.lam if self.variant == "kirkpatrick" else 2 * self.lam
 
     # ------------------------------------------------------------------ task events
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task in self.tasks:  # never count a task twice (e.g. a task end replayed by a resume)
             return
@@ -282,6 +280,7 @@ class EWC(TaskAwareCallback):
             self._views = list(zip(_split_like(self.fisher_sum, params), _split_like(self.fisher_anchor, params)))
         return self._views
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """agem: first track the loss gradient's square; then ``grad += c * (F_sum * theta -
         sum_t F_t * theta*_t)``: in place, no host sync."""
@@ -340,7 +339,7 @@ class EWC(TaskAwareCallback):
         of the squared per-example gradient of the log-likelihood (non-negative)."""
         net = pl_module.net
         device = pl_module.device
-        params = {name: _outside_inference(p.detach()) for name, p in net.named_parameters()}
+        params = {name: outside_inference(p.detach()) for name, p in net.named_parameters()}
         class_mask = getattr(pl_module, "class_mask", None)
         dataset = dm.task_dataset(task, "train")
         indices = self.fisher_indices(dm, task)
@@ -348,7 +347,7 @@ class EWC(TaskAwareCallback):
         total = {name: torch.zeros_like(p) for name, p in params.items()}
         with eval_mode(net), torch.inference_mode(False), torch.no_grad():
             for chunk in indices.split(self.fisher_batch_size):
-                x, y, task_ids = (_outside_inference(v.to(device)) for v in dataset.__getitems__(chunk))
+                x, y, task_ids = (outside_inference(v.to(device)) for v in dataset.__getitems__(chunk))
                 mask = class_mask[task_ids] if class_mask is not None else None
                 if self.fisher == "true":
                     # Gumbel-max sampling from the predictive distribution; the noise comes from
@@ -366,7 +365,7 @@ class EWC(TaskAwareCallback):
     def _squared_grads_vmap(
         net: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None
     ) -> dict[str, Tensor]:
-        buffers = {name: _outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
+        buffers = {name: outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
 
         def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor, mi: Tensor | None) -> Tensor:
             logits = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
@@ -384,7 +383,7 @@ class EWC(TaskAwareCallback):
         net: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None
     ) -> dict[str, Tensor]:
         leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
-        buffers = {name: _outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
+        buffers = {name: outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
         total = {name: torch.zeros_like(p) for name, p in params.items()}
         with torch.enable_grad():
             for i in range(len(x)):
@@ -409,6 +408,7 @@ class EWC(TaskAwareCallback):
             trainer.logger.log_metrics(metrics, step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         def cpu(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().cpu().clone()
@@ -418,6 +418,7 @@ class EWC(TaskAwareCallback):
                 "running_fisher": cpu(self.running_fisher), "fisher_window": cpu(self.fisher_window),
                 "task_steps": self.task_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fisher_sum = state_dict["fisher_sum"]
         self.fisher_anchor = state_dict["fisher_anchor"]

@@ -28,6 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from cl_lightning.errors import ConfigError
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.nets import MLP
+from cl_lightning.models.params import Unflatten, outside_inference
 
 __all__ = ["LineGradient"]
 
@@ -179,9 +180,9 @@ class LineGradient:
             )
         with torch.inference_mode(False), torch.enable_grad():
             # Tensors made under inference mode cannot be saved for backward; clones can.
-            start, end, x, y = (_outside_inference(t.detach()) for t in (start, end, x, y))
+            start, end, x, y = (outside_inference(t.detach()) for t in (start, end, x, y))
             if logit_mask is not None:
-                logit_mask = _outside_inference(logit_mask)
+                logit_mask = outside_inference(logit_mask)
             alphas = torch.arange(self.num_segments + 1, device=start.device, dtype=start.dtype)
             alphas = alphas / self.num_segments
             weights = self.point_weights(x.shape[0], share).to(device=start.device, dtype=start.dtype)
@@ -205,7 +206,7 @@ class LineGradient:
         y: Tensor,
         logit_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        unflatten = _Unflatten(self.net)
+        unflatten = Unflatten(self.net)
         buffers = _buffer_clones(self.net)
 
         def point_loss(point: Tensor) -> Tensor:
@@ -226,7 +227,7 @@ class LineGradient:
         y: Tensor,
         logit_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        unflatten = _Unflatten(self.net)
+        unflatten = Unflatten(self.net)
         buffers = _buffer_clones(self.net)
         total = torch.zeros_like(start)
         losses = []
@@ -251,7 +252,7 @@ class LineGradient:
     ) -> tuple[Tensor, Tensor]:
         first: nn.Linear = self.net.layers[0]
         rest: nn.Sequential = self.net.layers[1:]  # shares the modules; keys stay "1", "2", ...
-        unflatten_rest = _Unflatten(rest)
+        unflatten_rest = Unflatten(rest)
         buffers = _buffer_clones(rest)
         first_sizes = [first.weight.numel(), first.bias.numel()]
         sizes = [*first_sizes, start.numel() - sum(first_sizes)]
@@ -277,20 +278,6 @@ class LineGradient:
         return grad, losses
 
 
-class _Unflatten:
-    """Split a flat parameter vector into ``{name: view}`` in ``module.parameters()`` order."""
-
-    def __init__(self, module: nn.Module) -> None:
-        named = list(module.named_parameters())
-        self.names = [name for name, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.numels = [p.numel() for _, p in named]
-
-    def __call__(self, flat: Tensor) -> dict[str, Tensor]:
-        chunks = flat.split(self.numels)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
-
-
 def _is_plain_mlp(net: nn.Module) -> bool:
     """Whether ``net`` is an ``MLP`` running ``MLP.forward``, which the affine path assumes."""
     return isinstance(net, MLP) and type(net).forward is MLP.forward
@@ -304,10 +291,6 @@ def _has_active_dropout(net: nn.Module) -> bool:
 def _buffer_clones(module: nn.Module) -> dict[str, Tensor]:
     """Clones of the module's buffers, so in-place updates during the line search stay local."""
     return {name: b.clone() for name, b in module.named_buffers()}
-
-
-def _outside_inference(t: Tensor) -> Tensor:
-    return t.clone() if t.is_inference() else t
 
 
 def _masked_cross_entropy(logits: Tensor, y: Tensor, logit_mask: Tensor | None) -> Tensor:

@@ -37,26 +37,19 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
+from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.evaluation.accuracy_matrix import run_dir, write_matrix
+from cl_lightning.evaluation.evaluate import task_accuracies
+from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
-from cl_lightning.metrics.accuracy_matrix import run_dir, write_matrix
 from cl_lightning.metrics.continual import average_accuracy
-from cl_lightning.metrics.evaluate import task_accuracies
-from cl_lightning.models.module import eval_mode
+from cl_lightning.models.params import eval_mode, load_flat
 from cl_lightning.seeding import generator
-
-
-@torch.no_grad()
-def load_flat(net: nn.Module, vector: Tensor) -> None:
-    """Copy a flat parameter vector into ``net``'s parameters (copies, never shares storage)."""
-    offset = 0
-    for p in net.parameters():
-        p.copy_(vector[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
@@ -162,6 +155,7 @@ class MCSGD(TaskAwareCallback):
         self.w_hat: Tensor | None = None
         self.w_hat_matrix: Tensor | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n = trainer.datamodule.num_tasks
         self.memory.check(trainer.datamodule)
@@ -171,14 +165,16 @@ class MCSGD(TaskAwareCallback):
         self.folder = run_dir(trainer)
 
     # ------------------------------------------------------------------ task events
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task > 0 and self.next_task_start == "w_hat":
             load_flat(pl_module.net, self.w_hat.to(pl_module.device))
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         dm: ContinualDataModule = trainer.datamodule
         w_hat = parameters_to_vector(pl_module.net.parameters()).detach().clone()
-        self.memory.add_task(dm, task, dm.resolved_seed)
+        self.memory.add_task(dm, task)
         if task == 0:
             w_bar, losses = w_hat.clone(), {}
         else:
@@ -269,8 +265,6 @@ class MCSGD(TaskAwareCallback):
         """Log the task's consolidation and write its w_hat row, once the task is known not to have
         diverged: the guard checks here (on every process: its check is collective) instead of at the
         validation that follows, so a run stopped by a divergence leaves no w_hat row that looks like a result."""
-        from cl_lightning.guards import FiniteGuard
-
         for guard in (c for c in trainer.callbacks if isinstance(c, FiniteGuard)):
             guard.check(trainer, trainer.lightning_module)
         if not trainer.is_global_zero:
@@ -294,10 +288,12 @@ class MCSGD(TaskAwareCallback):
             torch.save(vector.cpu(), path)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"w_bar": self.w_bar, "w_hat": self.w_hat, "w_hat_matrix": self.w_hat_matrix,
                 "memory": self.memory.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.w_bar, self.w_hat = state_dict["w_bar"], state_dict["w_hat"]
         self.w_hat_matrix = state_dict["w_hat_matrix"]

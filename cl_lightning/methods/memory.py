@@ -109,10 +109,11 @@ class EpisodicMemory(ExampleDraw):
     def tasks(self) -> list[int]:
         return sorted(self.indices)
 
-    def add_task(self, dm: ContinualDataModule, task: int, seed: int) -> None:
-        """Draw ``task``'s examples (a no-op if the task is already in memory)."""
+    def add_task(self, dm: ContinualDataModule, task: int) -> None:
+        """Draw ``task``'s examples from the run's seed (a no-op if the task is already in memory)."""
         if task not in self.indices:
-            self.indices[task] = self.draw(dm.task_dataset(task, "train"), generator(seed, "episodic_memory", task), task)
+            dataset = dm.task_dataset(task, "train")  # sets the datamodule up, resolving its seed
+            self.indices[task] = self.draw(dataset, generator(dm.resolved_seed, "episodic_memory", task), task)
 
     def batch(self, dm: ContinualDataModule, tasks: int | list[int]) -> Batch:
         """The stored examples of one task (or several, concatenated) as one ``(x, y, task)`` batch."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +13,9 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from typing_extensions import override
 
-from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.seeding import generator
 
@@ -24,27 +23,10 @@ from cl_lightning.seeding import generator
 MASKED_LOGIT = -1e11
 
 
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run a block with ``module`` in eval mode (dropout off), then restore every submodule's mode."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
-
-
 def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
     """Give the classes outside each example's task (``mask`` False) the logit ``MASKED_LOGIT``:
     zero probability and zero gradient. ``mask`` broadcasts against ``logits``; None: no mask."""
     return logits if mask is None else logits.masked_fill(~mask, MASKED_LOGIT)
-
-
-def accuracy_key(stage: str, task: int) -> str:
-    """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
-    return f"{stage}/acc/task_{task + 1:02d}"
 
 
 class TaskLRFactor:
@@ -112,6 +94,7 @@ class ContinualModule(LightningModule):
             super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ wiring
+    @override
     def setup(self, stage: str) -> None:
         """Take the task structure from the datamodule (it is derived from the run's seed)."""
         dm = self.trainer.datamodule
@@ -119,6 +102,7 @@ class ContinualModule(LightningModule):
         self.val_accuracy = TaskAccuracy(dm.num_tasks)
         self.test_accuracy = TaskAccuracy(dm.num_tasks)
 
+    @override
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
         """Logits; on split benchmarks the classes of other tasks are masked out."""
         mask = self.class_mask[task] if self.class_mask is not None and task is not None else None
@@ -131,6 +115,7 @@ class ContinualModule(LightningModule):
         x, y, task = batch
         return F.cross_entropy(self(x, task), y)
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
         # Only on the steps the logger writes (every `log_every_n_steps`): `self.log` costs about
@@ -139,6 +124,7 @@ class ContinualModule(LightningModule):
             self.log("train/loss", loss)
         return loss
 
+    @override
     def configure_optimizers(self):
         dm = self.trainer.datamodule
         hp = self.hparams
@@ -148,6 +134,7 @@ class ContinualModule(LightningModule):
         factor = TaskLRFactor(hp.lr, hp.lr_decay, hp.lr_floor, dm.epochs_per_task)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
 
+    @override
     def on_train_epoch_start(self) -> None:
         dm = self.trainer.datamodule
         # Lightning checkpoints no RNG state: seeding the epoch's random draws (dropout) from
@@ -160,6 +147,7 @@ class ContinualModule(LightningModule):
                 optimizer.state.clear()
 
     # ------------------------------------------------------------------ exact resume
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Epoch starts re-seed torch (above), but a checkpoint written in the middle of an epoch
         # (`--checkpoint.every_n_train_steps`) must also carry where the dropout stream stands.
@@ -167,6 +155,7 @@ class ContinualModule(LightningModule):
         if torch.cuda.is_available():
             checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
@@ -178,9 +167,11 @@ class ContinualModule(LightningModule):
         x, y, task = batch
         metric.update(self(x, task).argmax(dim=1), y, task)
 
+    @override
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(self.val_accuracy, batch)
 
+    @override
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(self.test_accuracy, batch)
 
@@ -192,8 +183,10 @@ class ContinualModule(LightningModule):
                 self.log(accuracy_key(stage, task), acc, sync_dist=True)
         metric.reset()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_task_accuracies(self.val_accuracy, "val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_task_accuracies(self.test_accuracy, "test")

@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.analysis.linear_path import build, endpoint_names, interpolate, load_endpoint, main, make_parser
 from cl_lightning.cli import cli_main
-from cl_lightning.methods.mcsgd import load_flat
+from cl_lightning.models.params import load_flat
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

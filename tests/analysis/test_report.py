@@ -10,7 +10,7 @@ import torch
 
 from cl_lightning.analysis.report import main, write_report
 from cl_lightning.analysis.runs import FAILED_MARKER, MatrixFileError, read_matrix
-from cl_lightning.metrics.accuracy_matrix import write_matrix
+from cl_lightning.evaluation.accuracy_matrix import write_matrix
 
 nan = math.nan
 

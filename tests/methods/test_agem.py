@@ -30,7 +30,7 @@ def hook_setup(digits, **agem_args):
     torch.manual_seed(0)
     module = ContinualModule(MLP(64, [32], 10))  # no dropout: the reference gradient is reproducible
     agem = AGEM(**agem_args)
-    agem.memory.add_task(digits, 0, digits.resolved_seed)
+    agem.memory.add_task(digits, 0)
     trainer = SimpleNamespace(datamodule=digits, current_epoch=1)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     return agem, module, trainer, optimizer
@@ -76,7 +76,7 @@ def test_reference_gradient_uses_each_examples_task_mask():
     module = ContinualModule(MLP(64, [16], 10))
     module.class_mask = dm.class_mask  # what ContinualModule.setup provides
     agem = AGEM()
-    agem.memory.add_task(dm, 0, dm.resolved_seed)
+    agem.memory.add_task(dm, 0)
     params = list(module.parameters())
     reference = agem.reference_gradient(module, params, agem.memory_batch(dm, module.device, 1, 0))
     out_bias = reference[-1]  # classes of task 2 are masked out for task 1's memory
@@ -101,7 +101,7 @@ def test_memory_batches_are_seeded_per_step(digits):
     assert len(a[1]) == 4 and all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], c[0])
     whole = AGEM(memory_batch_size=64)
-    whole.memory.add_task(digits, 0, digits.resolved_seed)
+    whole.memory.add_task(digits, 0)
     assert len(whole.memory_batch(digits, module.device, 1, 0)[1]) == 10  # smaller memory: all of it
 
 
@@ -116,7 +116,7 @@ def test_nothing_happens_without_memory(digits):
 
 def test_state_survives_a_weights_only_round_trip(digits, tmp_path):
     agem, module, trainer, optimizer = hook_setup(digits, memory_batch_size=4)
-    agem.memory.add_task(digits, 1, digits.resolved_seed)
+    agem.memory.add_task(digits, 1)
     run_hook(agem, module, trainer, optimizer, [torch.randn_like(p) for p in module.parameters()])
     torch.save(agem.state_dict(), tmp_path / "agem.pt")
     restored = AGEM(memory_batch_size=4)

@@ -10,9 +10,9 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.cli import cli_main, main
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
-from cl_lightning.metrics.evaluate import task_accuracies
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 
@@ -101,7 +101,7 @@ def test_consolidation_lowers_the_line_losses(tmp_path):
     trainer = type("TrainerStandIn", (), {"datamodule": dm, "log_dir": str(tmp_path), "default_root_dir": tmp_path})
     mcsgd.setup(trainer, module, "fit")
     for task in (0, 1):
-        mcsgd.memory.add_task(dm, task, dm.resolved_seed)
+        mcsgd.memory.add_task(dm, task)
     start = w_bar_prev + 0.5 * (w_hat - w_bar_prev)
 
     def line_losses(w):
@@ -128,7 +128,7 @@ def consolidation_case(tmp_path, **mcsgd_args):
     trainer = type("TrainerStandIn", (), {"datamodule": dm, "log_dir": str(tmp_path), "default_root_dir": tmp_path})
     mcsgd.setup(trainer, module, "fit")
     for task in range(3):
-        mcsgd.memory.add_task(dm, task, dm.resolved_seed)
+        mcsgd.memory.add_task(dm, task)
     return mcsgd, dm, module, w_bar_prev, w_hat
 
 

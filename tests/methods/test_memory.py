@@ -5,12 +5,18 @@ from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 
 
+def permuted_digits(seed: int) -> ContinualDataModule:
+    """As the ``digits`` fixture with another seed."""
+    return ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, seed=seed)
+
+
 def test_per_task_memory_is_seeded_and_task_transformed(digits):
     a, b, c = EpisodicMemory(per_task=10, replacement=True), EpisodicMemory(per_task=10, replacement=True), EpisodicMemory(per_task=10)
+    other_seed = permuted_digits(seed=1)
     for t in range(3):
-        a.add_task(digits, t, seed=0)
-        b.add_task(digits, t, seed=0)
-        c.add_task(digits, t, seed=1)
+        a.add_task(digits, t)
+        b.add_task(digits, t)
+        c.add_task(other_seed, t)
     assert all(torch.equal(a.indices[t], b.indices[t]) for t in range(3))
     assert not all(torch.equal(a.indices[t], c.indices[t]) for t in range(3))
     x, y, task = a.batch(digits, 2)
@@ -22,9 +28,9 @@ def test_per_task_memory_is_seeded_and_task_transformed(digits):
 
 def test_adding_a_task_twice_keeps_the_first_draw(digits):
     memory = EpisodicMemory(per_task=5)
-    memory.add_task(digits, 0, seed=0)
+    memory.add_task(digits, 0)
     first = memory.indices[0].clone()
-    memory.add_task(digits, 0, seed=123)
+    memory.add_task(permuted_digits(seed=123), 0)
     assert torch.equal(memory.indices[0], first)
 
 
@@ -33,7 +39,7 @@ def test_per_class_memory_holds_exactly_one_per_class():
     dm.setup()
     memory = EpisodicMemory(per_class=1)
     for t in range(2):
-        memory.add_task(dm, t, seed=0)
+        memory.add_task(dm, t)
     _, y, task = memory.batch(dm, [0, 1])
     assert sorted(y.tolist()) == list(range(10))
     assert task.tolist() == [0] * 5 + [1] * 5
@@ -41,7 +47,7 @@ def test_per_class_memory_holds_exactly_one_per_class():
 
 def test_without_replacement_no_duplicates(digits):
     memory = EpisodicMemory(per_task=200)
-    memory.add_task(digits, 0, seed=0)
+    memory.add_task(digits, 0)
     assert len(memory.indices[0].unique()) == 200
 
 
@@ -53,7 +59,7 @@ def test_bad_sizes_are_refused(kwargs):
 
 def test_state_round_trip(digits):
     memory = EpisodicMemory(per_task=4)
-    memory.add_task(digits, 1, seed=0)
+    memory.add_task(digits, 1)
     restored = EpisodicMemory(per_task=4)
     restored.load_state_dict(memory.state_dict())
     assert restored.tasks == [1] and torch.equal(restored.indices[1], memory.indices[1])

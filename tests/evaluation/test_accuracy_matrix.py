@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix, format_table, heatmap, heatmap_due
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix, format_table, heatmap, heatmap_due
 from cl_lightning.metrics.heatmap import MAX_PIXELS, matrix_figure, tick_positions
 
 NAN = float("nan")

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.models.module import eval_mode
+from cl_lightning.models.params import eval_mode
 
 
 @torch.inference_mode()

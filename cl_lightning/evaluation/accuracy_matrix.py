@@ -17,11 +17,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from typing_extensions import override
 
 from cl_lightning.errors import CheckpointError, ResultsWriteError
 from cl_lightning.metrics.continual import summaries, summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
-from cl_lightning.models.module import accuracy_key
+from cl_lightning.metrics.task_accuracy import accuracy_key
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
@@ -155,6 +156,7 @@ class AccuracyMatrix(Callback):
         """Number of rows filled in so far."""
         return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=1).sum())
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         self.matrix = torch.full((dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
@@ -170,13 +172,16 @@ class AccuracyMatrix(Callback):
                 f"data.num_tasks is {num_tasks}: resume or test with the run's own config.yaml"
             )
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_restored(trainer)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_restored(trainer)
 
     # ------------------------------------------------------------------ fit
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -210,6 +215,7 @@ class AccuracyMatrix(Callback):
         """Write rows 1..task+1 as ``accuracy_matrix.csv`` and ``accuracy_matrix.json``."""
         write_matrix(folder, "accuracy_matrix", self.matrix, task, self.split)
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = self.completed_tasks
@@ -220,6 +226,7 @@ class AccuracyMatrix(Callback):
                   f"TensorBoard: tensorboard --logdir {self.folder.parent}")
 
     # ------------------------------------------------------------------ test
+    @override
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         num_tasks = trainer.datamodule.num_tasks
@@ -242,9 +249,11 @@ class AccuracyMatrix(Callback):
             print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"matrix": self.matrix, "split": self.split}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.matrix = state_dict["matrix"]
         self.split = state_dict["split"]
