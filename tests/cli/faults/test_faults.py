@@ -6,7 +6,7 @@ Each case runs MC-SGD on three permuted-digits tasks in a child process with
 survived (checkpoints that load, the accuracy matrix so far), resumes with
 ``fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`` and compares the
 final accuracy-matrix files and weights with the uninterrupted run's, bitwise. Every case adds
-a row to the fault table (``CL_FAULT_TABLE=<file> pytest tests/faults`` writes it; it is the
+a row to the fault table (``CL_FAULT_TABLE=<file> pytest tests/cli/faults`` writes it; it is the
 table of docs/reliability.md).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIG = Path(__file__).parents[2] / "configs" / "mcsgd" / "permuted_digits.yaml"
+CONFIG = Path(__file__).parents[3] / "configs" / "mcsgd" / "permuted_digits.yaml"
 POINTS = ("mid_task", "last_step", "consolidation", "evaluation", "checkpoint_write")
 EXIT_STATUS = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 128 + signal.SIGTERM}
 

@@ -1,7 +1,7 @@
 """A callback that interrupts its own ``cl-lightning fit`` process at a named point of a task.
 
 It is added to a real run on the command line (``--trainer.callbacks+=injector.FaultInjector``,
-with ``tests/faults`` on ``PYTHONPATH``) and sends ``signal`` to its own process when the run
+with ``tests/cli/faults`` on ``PYTHONPATH``) and sends ``signal`` to its own process when the run
 reaches ``point`` of ``task`` (0-based). The resume command reuses the run's ``config.yaml``,
 which still lists the injector: it only fires in a run started from scratch, and with
 ``once_file`` only in the first such run (a rerun of ``grid`` starts its runs afresh too).
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 Point = Literal["mid_task", "last_step", "consolidation", "evaluation", "checkpoint_write"]
 
@@ -40,6 +41,7 @@ class FaultInjector(Callback):
         self.armed = False
         self.trainer: Trainer | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Whether this run was resumed is known only later (`trainer.ckpt_path`): see `fire`.
         self.armed, self.trainer = stage == "fit", trainer
@@ -61,6 +63,7 @@ class FaultInjector(Callback):
         return trainer.datamodule.task_of_epoch(trainer.current_epoch) == self.task
 
     # ------------------------------------------------------------------ training and evaluation
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._in_task(trainer):
             return
@@ -68,6 +71,7 @@ class FaultInjector(Callback):
         if (self.point == "mid_task" and batch_idx == last // 2) or (self.point == "last_step" and batch_idx == last):
             self.fire()
 
+    @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
