@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
 import warnings
 from typing import Any, Optional
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
@@ -161,7 +163,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
 
 
 #: Commands beside LightningCLI's fit/validate/test/predict: name -> (module with ``main(argv)``, what it does).
-ANALYSIS_COMMANDS = {
+EXTRA_COMMANDS = {
     "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
     "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std over seeds) and plots from a folder of runs"),
     "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
@@ -170,23 +172,28 @@ ANALYSIS_COMMANDS = {
 
 
 def main(args: ArgsType = None) -> None:
-    """Console entry point of ``cl-lightning``: the analysis commands go to their modules, the rest
+    """Console entry point of ``cl-lightning``: the extra commands go to their modules, the rest
     to LightningCLI. Problems with the user's input (data, settings, checkpoint, a diverged run, a
-    failed write) end with the message that names the fix, not a traceback
-    (:mod:`cl_lightning.errors`); argument errors are reported by LightningCLI itself."""
+    failed write, for every command) end with the message that names the fix, not a traceback
+    (:mod:`cl_lightning.errors`); argument errors are reported by the commands' parsers. A stop by
+    SIGTERM exits 143 whatever the command (``fit`` stops with a checkpoint, ``signals.py``)."""
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv else ""
     try:
-        if command in ANALYSIS_COMMANDS:
-            importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(argv[1:])
+        if command in EXTRA_COMMANDS:
+            importlib.import_module(EXTRA_COMMANDS[command][0]).main(argv[1:])
             return
         try:
             cli_main(args)
         finally:
             if command in ("-h", "--help"):
                 print("\nanalysis commands (each with --help):")
-                for name, (_, summary) in ANALYSIS_COMMANDS.items():
+                for name, (_, summary) in EXTRA_COMMANDS.items():
                     print(f"  {name:<8} {summary}")
+    except SIGTERMException as stop:
+        # Lightning's own SIGTERM handling (test, validate) raises it with exit status 0: a batch
+        # scheduler would count a preempted job as a success.
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from stop
     except Exception as err:
         cause = user_error(err)
         if cause is None:

@@ -34,15 +34,16 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.analysis import plots
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
-from cl_lightning.methods.mcsgd import load_flat, solution_path
+from cl_lightning.errors import UserError
+from cl_lightning.methods.mcsgd import load_flat
 from cl_lightning.metrics.evaluate import task_metrics
 from cl_lightning.models.module import ContinualModule
+from cl_lightning.rundir import solution_path
 
 ENDPOINT_HELP = "a Lightning checkpoint (.ckpt) or a flat vector saved by MC-SGD's save_solutions (solutions/w_hat_XX.pt)"
 
 
-class EndpointError(ValueError):
+class EndpointError(UserError, ValueError):
     """An endpoint file that is not a solution of the configured network."""
 
 
@@ -187,6 +188,7 @@ def build(parser: ArgumentParser, argv: list[str]) -> tuple:
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="cl-lightning path",
+        allow_abbrev=False,  # a typo must not silently set another option
         description="Loss and accuracy along the straight line between two solutions, on chosen tasks' test data; writes "
         "a CSV (path, alpha, task, loss, accuracy) and a PNG. Either --start/--end (any two endpoints), or --solutions "
         "T1 T2 (the paper's §5 picture: loss on task T1 along w_hat_T1 -> w_hat_T2 and w_hat_T1 -> w_bar_T2, from an "
@@ -262,8 +264,5 @@ def run(argv: Sequence[str]) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``cl-lightning path``; ``argv`` are the arguments after ``path`` (default: ``sys.argv[2:]``)."""
-    try:
-        files = run(sys.argv[2:] if argv is None else argv)
-    except (EndpointError, DatasetNotFoundError, DatasetCorruptError) as err:
-        sys.exit(f"error: {err}")
+    files = run(sys.argv[2:] if argv is None else argv)
     print(f"written: {', '.join(map(str, files))}")
