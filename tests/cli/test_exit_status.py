@@ -14,11 +14,12 @@ REPO = Path(__file__).parents[2]
 
 def test_validate_stopped_by_sigterm_exits_143_not_0(tmp_path):
     """Lightning ends an evaluation on SIGTERM with ``SIGTERMException``, a ``SystemExit`` of status 0:
-    a preempted job would count as a success. The process pauses itself in the evaluation
-    (``signal_probes.PauseAt``), gets SIGTERM there and goes on."""
+    a preempted job would count as a success. The process pauses itself at the first of the
+    evaluation's batches (``signal_probes.PauseAt``), gets SIGTERM there and goes on; Lightning stops
+    the evaluation at that batch (it finishes one stopped at its last batch)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "cl_lightning", "validate", "--config", str(REPO / "configs" / "naive" / "permuted_digits.yaml"),
-               "--data.num_tasks", "2", "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar",
+               "--data.num_tasks", "2", "--data.eval_batch_size", "32", "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar",
                "false", "--trainer.callbacks+=signal_probes.PauseAt", "--trainer.callbacks.where", "evaluation",
                "--trainer.callbacks.step", "0"]
     with open(tmp_path / "validate.log", "w") as log:
@@ -31,4 +32,5 @@ def test_validate_stopped_by_sigterm_exits_143_not_0(tmp_path):
         assert process.wait(timeout=300) == 128 + signal.SIGTERM
     finally:
         process.kill()
-    assert "Traceback" not in (tmp_path / "validate.log").read_text()
+    output = (tmp_path / "validate.log").read_text()
+    assert "Traceback" not in output and "Validate metric" not in output  # stopped, no results

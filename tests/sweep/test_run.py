@@ -4,6 +4,7 @@ Each trial is a ``cl-lightning fit`` process (seconds of imports on a busy 2-cor
 grids are as small as the properties allow.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -200,7 +201,8 @@ def test_ctrl_c_ends_the_sweep_with_one_line_naming_the_rerun(tmp_path, ray_addr
         os.kill(process.pid, signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=120) == 130
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when the sweep ended as it should
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     output = (tmp_path / "sweep.log").read_text()
     assert "Traceback" not in output and "FAILED" not in output
