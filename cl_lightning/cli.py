@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
 import textwrap
 import warnings
@@ -23,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
@@ -234,7 +236,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
 
 
 #: Commands beside LightningCLI's: name -> (module with ``main(argv)``, what it does).
-ANALYSIS_COMMANDS = {
+EXTRA_COMMANDS = {
     "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
     "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std over seeds) and plots from a folder of runs"),
     "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
@@ -243,20 +245,25 @@ ANALYSIS_COMMANDS = {
 
 
 def main(args: ArgsType = None) -> None:
-    """Console entry point of ``cl-lightning``: the analysis commands go to their modules, the rest
+    """Console entry point of ``cl-lightning``: the extra commands go to their modules, the rest
     to LightningCLI. Problems with the user's input (data, settings, checkpoint, a diverged run, a
-    failed write) end with the message that names the fix, not a traceback
-    (:mod:`cl_lightning.errors`); argument errors are reported by LightningCLI itself."""
+    failed write, for every command) end with the message that names the fix, not a traceback
+    (:mod:`cl_lightning.errors`); argument errors are reported by the commands' parsers. A stop by
+    SIGTERM exits 143 whatever the command (``fit`` stops with a checkpoint, ``signals.py``)."""
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv else ""
     try:
-        if command in ANALYSIS_COMMANDS:
-            importlib.import_module(ANALYSIS_COMMANDS[command][0]).main(argv[1:])
+        if command in EXTRA_COMMANDS:
+            importlib.import_module(EXTRA_COMMANDS[command][0]).main(argv[1:])
             return
         if command in ("-h", "--help"):
             print(overview())
             sys.exit(0)  # as every parser's --help
         cli_main(args)
+    except SIGTERMException as stop:
+        # Lightning's own SIGTERM handling (test, validate) raises it with exit status 0: a batch
+        # scheduler would count a preempted job as a success.
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from stop
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -267,14 +274,14 @@ def main(args: ArgsType = None) -> None:
 def usage() -> str:
     """The top-level usage line, with every command: LightningCLI's own (shown when no command is
     given) would name only its trainer commands."""
-    return f"cl-lightning <command> [options]   (commands: {', '.join([*TRAINER_COMMANDS, *ANALYSIS_COMMANDS])})"
+    return f"cl-lightning <command> [options]   (commands: {', '.join([*TRAINER_COMMANDS, *EXTRA_COMMANDS])})"
 
 
 def overview() -> str:
     """``cl-lightning --help``: what the tool is and its commands, one line each. LightningCLI's
     own top-level help knows only its trainer commands, with the Trainer's docstrings."""
     summaries = {name: summary for name, (_, summary, _) in TRAINER_COMMANDS.items()}
-    summaries |= {name: summary for name, (_, summary) in ANALYSIS_COMMANDS.items()}
+    summaries |= {name: summary for name, (_, summary) in EXTRA_COMMANDS.items()}
     lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
     return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
                       "commands:", *lines])

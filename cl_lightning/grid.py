@@ -4,94 +4,55 @@ Each run is ``cl-lightning fit --config <configs>/<method>/<benchmark>.yaml --se
 with the TensorBoard logger pointed at ``<root>/<benchmark>/<method>/seed_<n>/`` (plain
 LightningCLI overrides, printed by ``--dry_run`` to reuse in a job script), in its own process,
 so a crash or an out-of-memory kill ends that run only. Its console output goes to ``run.log``
-in its folder.
+in its folder (:mod:`cl_lightning.rundir` owns the layout and the launch, shared with ``sweep``).
 
 Rerunning the same command resumes the grid: finished runs (all T rows of the accuracy matrix)
-are skipped; a failed or interrupted run is run again from scratch after its folder is moved
-aside to ``.seed_<n>.attempt<k>`` (hidden, so ``cl-lightning report`` ignores it). A failed run
-leaves a ``FAILED`` marker and the grid goes on; the exit status is 1 when any run failed.
+are skipped; an interrupted run resumes from its ``checkpoints/last.ckpt``; a failed run, or one
+stopped before its first checkpoint, is run again from scratch after its folder is moved aside to
+``.seed_<n>.attempt<k>`` (hidden, so ``cl-lightning report`` ignores it). A failed run leaves a
+``FAILED`` marker and the grid goes on; the exit status is 1 when any run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, inspect_run, run_folder, wall_time_line
-from cl_lightning.metrics.continual import average_accuracy
+from cl_lightning.errors import UserError
+from cl_lightning.rundir import (
+    LOG_FILE,
+    interrupted_exit,
+    is_finished,
+    launch,
+    placement,
+    prepare,
+    read_result,
+    run_folder,
+)
+
+
+class GridError(UserError):
+    """A grid that cannot start (a config missing) or whose runs failed."""
 
 
 def fit_command(config: Path, root: Path, benchmark: str, method: str, seed: int, overrides: Sequence[str]) -> list[str]:
-    """The ``cl-lightning fit`` arguments of one run (after ``python -m cl_lightning``)."""
-    return [
-        "fit", "--config", str(config), "--seed_everything", str(seed),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.logger.init_args.name", f"{benchmark}/{method}",
-        "--trainer.logger.init_args.version", f"seed_{seed}",
-        *overrides,
-    ]
+    """The ``cl-lightning fit`` arguments of one run (the user's overrides last: they win)."""
+    return ["fit", "--config", str(config), *placement(root, benchmark, method, seed), *overrides]
 
 
-def set_aside(folder: Path) -> Path:
-    """Move a failed or interrupted run's folder to ``.seed_<n>.attempt<k>`` next to it."""
-    k = 1
-    while (target := folder.with_name(f".{folder.name}.attempt{k}")).exists():
-        k += 1
-    folder.rename(target)
-    return target
-
-
-def wait_passing_on_ctrl_c(child: subprocess.Popen) -> int:
-    """The child's exit status. Ctrl-C (SIGINT) reaches only the grid, the child running in a
-    session of its own: it is passed on, once per Ctrl-C, so that the child stops as ``fit`` does
-    (a checkpoint at its next consistent point; a second Ctrl-C stops it at once) rather than being
-    killed mid-write, and re-raised once the child has ended."""
-    interrupted = False
-    while True:
-        try:
-            code = child.wait()
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-            child.send_signal(signal.SIGINT)
-    if interrupted:
-        raise KeyboardInterrupt
-    return code
-
-
-def run_one(command: list[str], folder: Path) -> tuple[bool, str]:
-    """Run one fit in a child process; on failure leave the ``FAILED`` marker. Returns (ok, summary).
-    An interrupted run (Ctrl-C) gets no marker: it is unfinished, and the next grid command reruns it."""
-    folder.mkdir(parents=True)
-    start = time.monotonic()
-    with open(folder / LOG_FILE, "w") as log:
-        log.write("$ cl-lightning " + " ".join(command[3:]) + "\n\n")
-        log.flush()
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = wait_passing_on_ctrl_c(child)
-        finally:
-            seconds = time.monotonic() - start
-            log.write(wall_time_line(seconds, child.returncode))
-    run = inspect_run(folder, "", "", 0)
-    if code == 0 and run.status == "finished":
-        return True, f"done in {seconds:.0f} s, average accuracy {average_accuracy(run.matrix, run.matrix.shape[0] - 1):.2f} %"
-    lines = (folder / LOG_FILE).read_text().splitlines()
-    reason = f"exit code {code}" if code else f"exit code 0 but the run is {run.status}: {run.problem}"
-    last_error = next((line for line in reversed(lines) if "Error" in line or "error:" in line), "")
-    (folder / FAILED_MARKER).write_text(f"{reason}: {last_error}\n\nlast lines of {LOG_FILE}:\n" + "\n".join(lines[-30:]) + "\n")
-    return False, f"FAILED ({reason}) after {seconds:.0f} s, see {folder / LOG_FILE}"
-
-
-def is_finished(folder: Path) -> bool:
-    """A run whose folder holds an accuracy matrix with all T rows and no failure marker."""
-    return (folder / MATRIX_FILE).exists() and inspect_run(folder, "", "", 0).status == "finished"
+def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool, str]:
+    """Run one fit into ``folder`` (resumed with ``resume``, see :func:`~cl_lightning.rundir.prepare`).
+    Returns (ok, summary); a stop by a signal is not ok but leaves no ``FAILED`` marker: the next grid
+    command resumes it."""
+    outcome = launch(folder, fit_args, resume)
+    if outcome.failure is None and not outcome.stopped:
+        result = read_result(folder)
+        return True, f"done in {outcome.seconds:.0f} s, average accuracy {result['average_accuracy']:.2f} %"
+    state = "stopped" if outcome.stopped else "FAILED"
+    return False, f"{state} ({outcome.failure or f'exit code {outcome.code}'}) after {outcome.seconds:.0f} s, see {folder / LOG_FILE}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,9 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         usage="cl-lightning grid --methods M [M ...] --benchmarks B [B ...] --seeds N [N ...] [options] [-- fit overrides]",
         description="Run every method x benchmark x seed, one `cl-lightning fit` process at a time, with the configs "
         "<configs>/<method>/<benchmark>.yaml, into <root>/<benchmark>/<method>/seed_<n>/ (console output in run.log). "
-        "Finished runs are skipped, so rerunning the command completes a grid; failed or interrupted runs are moved "
-        "aside to .seed_<n>.attempt<k> and run again. Anything after `--` is passed to every run, e.g. "
-        "`-- --trainer.accelerator gpu --data.root /data`. Then: cl-lightning report <root>.",
+        "Finished runs are skipped and interrupted ones resume from their last checkpoint, so rerunning the command "
+        "completes a grid; failed runs are moved aside to .seed_<n>.attempt<k> and run again. Anything after `--` is "
+        "passed to every run, e.g. `-- --trainer.accelerator gpu --data.root /data`. Then: cl-lightning report <root>.",
     )
     parser.add_argument("--methods", nargs="+", required=True, help="config folders, e.g. naive mcsgd")
     parser.add_argument("--benchmarks", nargs="+", required=True, help="config names, e.g. permuted_mnist rotated_mnist")
@@ -121,41 +82,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     absent = sorted(str(path) for path in set(configs.values()) if not path.is_file())
     if absent:
         available = sorted(str(p.relative_to(args.configs)) for p in args.configs.glob("*/*.yaml"))
-        sys.exit(f"error: no config {', '.join(absent)}; --configs {args.configs} holds: {', '.join(available) or 'nothing'} "
-                 "(run from the repository root, or point --configs at the configs folder)")
+        raise GridError(f"no config {', '.join(absent)}; --configs {args.configs} holds: {', '.join(available) or 'nothing'} "
+                        "(run from the repository root, or point --configs at the configs folder)")
 
     try:
         run_grid(args, grid, configs, overrides)
     except KeyboardInterrupt:
-        print(f"interrupted (Ctrl-C); finished runs are kept and the interrupted one starts again when you rerun: "
-              f"cl-lightning grid {shlex.join(argv)}", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}")
 
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],
              overrides: list[str]) -> None:
     """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order."""
-    failed = []
+    unfinished = []
     for i, (benchmark, method, seed) in enumerate(grid, 1):
         folder = run_folder(args.root, benchmark, method, seed)
-        command = [sys.executable, "-m", "cl_lightning",
-                   *fit_command(configs[benchmark, method], args.root, benchmark, method, seed, overrides)]
+        command = fit_command(configs[benchmark, method], args.root, benchmark, method, seed, overrides)
         prefix = f"[{i}/{len(grid)}] {benchmark}/{method}/seed_{seed}:"
         if is_finished(folder):
             print(f"{prefix} finished already, skipped", flush=True)
             continue
         if args.dry_run:
-            print(f"{prefix} cl-lightning {' '.join(command[3:])}")
+            print(f"{prefix} cl-lightning {' '.join(command)}")
             continue
-        if folder.exists():
-            print(f"{prefix} previous attempt moved to {set_aside(folder)}", flush=True)
-        print(f"{prefix} running ...", flush=True)
-        ok, summary = run_one(command, folder)
+        resume = prepare(folder)
+        print(f"{prefix} {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
+        ok, summary = run_one(folder, command, resume)
         print(f"{prefix} {summary}", flush=True)
         if not ok:
-            failed.append(folder)
-    if failed:
-        sys.exit(f"{len(failed)} run(s) failed: {', '.join(map(str, failed))}. Fix the cause and run the same command again.")
+            unfinished.append(folder)
+    if unfinished:
+        raise GridError(f"{len(unfinished)} run(s) did not finish: {', '.join(map(str, unfinished))}. Fix the cause "
+                        "(see their run.log) and run the same command again: finished runs are kept, stopped ones resume")
     if not args.dry_run:
         print(f"grid complete: cl-lightning report {args.root}")
 

@@ -36,11 +36,11 @@ from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.analysis import plots
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.data.sources import DatasetCorruptError, DatasetNotFoundError
+from cl_lightning.errors import UserError
 from cl_lightning.evaluation.evaluate import task_metrics
-from cl_lightning.methods.mcsgd import solution_path
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.params import load_flat
+from cl_lightning.rundir import solution_path
 
 #: Data split the path is evaluated on.
 Split = Literal["train", "val", "test"]
@@ -48,7 +48,7 @@ Split = Literal["train", "val", "test"]
 ENDPOINT_HELP = "a Lightning checkpoint (.ckpt) or a flat vector saved by MC-SGD's save_solutions (solutions/w_hat_XX.pt)"
 
 
-class EndpointError(ValueError):
+class EndpointError(UserError, ValueError):
     """An endpoint file that is not a solution of the configured network."""
 
 
@@ -279,8 +279,5 @@ def run(argv: Sequence[str]) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``cl-lightning path``; ``argv`` are the arguments after ``path`` (default: ``sys.argv[2:]``)."""
-    try:
-        files = run(sys.argv[2:] if argv is None else argv)
-    except (EndpointError, DatasetNotFoundError, DatasetCorruptError) as err:
-        sys.exit(f"error: {err}")
+    files = run(sys.argv[2:] if argv is None else argv)
     print(f"written: {', '.join(map(str, files))}")

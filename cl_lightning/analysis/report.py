@@ -31,7 +31,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from cl_lightning.analysis import plots
-from cl_lightning.analysis.runs import Run, benchmark_order, find_runs, method_order
+from cl_lightning.analysis.runs import NoRunsError, Run, benchmark_order, find_runs, method_order
 from cl_lightning.metrics.continual import average_accuracy, summary
 
 #: Summaries of the final row of each matrix (``metrics/continual.py``), as columns of ``report.csv``.
@@ -352,7 +352,7 @@ def write_report(root: Path, out: Path | None = None, draw: bool = True, baselin
     if not runs:
         hint = (f" ({len(ignored)} folder(s) with an accuracy matrix outside that layout, e.g. {ignored[0]}: "
                 "rename them or rerun with `cl-lightning grid`)" if ignored else "")
-        raise FileNotFoundError(f"no run folders <benchmark>/<method>/seed_<n>/ below {Path(root).resolve()}{hint}")
+        raise NoRunsError(f"no run folders <benchmark>/<method>/seed_<n>/ below {Path(root).resolve()}{hint}")
     report = Report(Path(root).resolve(), runs, ignored, baseline)
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``cl-lightning report``; ``argv`` are the arguments after ``report`` (default: ``sys.argv[2:]``)."""
     parser = argparse.ArgumentParser(
         prog="cl-lightning report",
+        allow_abbrev=False,  # a typo must not silently set another option
         description="Turn a folder of runs into the paper's table (mean ± std and 95 %% t interval over seeds), a "
         "paired comparison of each method with a baseline over the same seeds, and plots. Runs are found "
         "as <folder>/<benchmark>/<method>/seed_<n>/ (the layout `cl-lightning grid` writes); the grid expected is "
@@ -383,10 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--baseline", default=BASELINE,
                         help="the method every other one is compared with, seed by seed (default: %(default)s)")
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
-    try:
-        report, files = write_report(args.folder, args.out, args.plots, args.baseline)
-    except (FileNotFoundError, NotADirectoryError) as err:
-        sys.exit(f"error: {err}")
+    report, files = write_report(args.folder, args.out, args.plots, args.baseline)
     print("Final average accuracy A_T (%) ± std [95 % interval of the mean] / forgetting F_T ± std [95 % interval]\n")
     print(report.table())
     print(f"\nA_T against {report.baseline} over the same seeds (separated: the 95 % interval of the difference excludes 0)"

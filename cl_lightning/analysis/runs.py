@@ -1,8 +1,7 @@
 """The runs of a grid below a folder, each with its accuracy matrix and its state.
 
-A run folder is ``<root>/<benchmark>/<method>/seed_<n>/``: the layout ``cl-lightning grid``
-writes (Lightning's TensorBoardLogger with ``name=<benchmark>/<method>`` and
-``version=seed_<n>``). Method, benchmark and seed are read from that layout, so a run is
+A run folder is ``<root>/<benchmark>/<method>/seed_<n>/``: the layout of
+:mod:`cl_lightning.rundir`, which ``cl-lightning grid`` and ``sweep`` write. Method, benchmark and seed are read from that layout, so a run is
 identified without parsing its config, and folders outside the layout (``version_0``) are
 reported as ignored rather than guessed at.
 
@@ -17,31 +16,31 @@ A run is
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-MATRIX_FILE = "accuracy_matrix.json"
-#: Written by ``cl-lightning grid`` into the folder of a run whose process failed.
-FAILED_MARKER = "FAILED"
-#: Written by ``cl-lightning grid`` and ``sweep``: the run's console output.
-LOG_FILE = "run.log"
-#: Ends each process's part of ``run.log`` (``wall_time_line``); a resumed run has several.
-WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
-SEED_FOLDER = re.compile(r"seed_(\d+)")
+from cl_lightning.errors import UserError
+from cl_lightning.rundir import (
+    FAILED_MARKER,
+    LOG_FILE,
+    MATRIX_FILE,
+    SEED_FOLDER,
+    WALL_TIME_LINE,
+    MatrixFileError,
+    is_hidden,
+    read_matrix,
+    run_folder,
+)
 
 Status = Literal["finished", "incomplete", "failed", "missing"]
 
 
-class MatrixFileError(ValueError):
-    """An ``accuracy_matrix.json`` that cannot be read as an accuracy matrix."""
+class NoRunsError(UserError, FileNotFoundError):
+    """No folder, or no run folder in the layout, where runs were expected."""
 
 
 @dataclass
@@ -75,36 +74,6 @@ class Run:
         return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=1).sum())
 
 
-def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
-    """Where the run of (benchmark, method, seed) lives below ``root``."""
-    return Path(root) / benchmark / method / f"seed_{seed}"
-
-
-def read_matrix(path: Path) -> Tensor:
-    """The (T, T) accuracy matrix of an ``accuracy_matrix.json`` (rows not reached are NaN)."""
-    fix = "rerun the run, or move its folder out of the report's folder"
-    try:
-        record = json.loads(Path(path).read_text())
-        num_tasks, rows = int(record["num_tasks"]), record["matrix"]
-        matrix = torch.full((num_tasks, num_tasks), float("nan"), dtype=torch.float64)
-        if not isinstance(rows, list) or len(rows) > num_tasks:
-            raise ValueError(f"'matrix' must be a list of at most num_tasks={num_tasks} rows")
-        for t, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != num_tasks:
-                raise ValueError(f"row {t + 1} must be a list of num_tasks={num_tasks} values")
-            matrix[t] = torch.tensor([math.nan if v is None else float(v) for v in row], dtype=torch.float64)
-            if math.isnan(matrix[t, t]):
-                raise ValueError(f"row {t + 1} has no accuracy on task {t + 1}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise MatrixFileError(f"cannot read the accuracy matrix {path}: {err}; {fix}") from err
-    return matrix
-
-
-def wall_time_line(seconds: float, exit_code: int) -> str:
-    """The line that ``grid`` and ``sweep`` append to ``run.log`` after each ``fit`` process (read by ``Run.wall_time_s``)."""
-    return f"\nwall time of the whole command: {seconds:.1f} s (exit code {exit_code})\n"
-
-
 def inspect_run(folder: Path, benchmark: str, method: str, seed: int) -> Run:
     """The state of the run in ``folder``, with its matrix when one is readable."""
     run = Run(benchmark, method, seed, "failed", folder)
@@ -117,22 +86,17 @@ def inspect_run(folder: Path, benchmark: str, method: str, seed: int) -> Run:
         run.problem = f"no {MATRIX_FILE}: the run stopped (or is still) before the end of its first task"
         return run
     try:
-        run.matrix = read_matrix(folder / MATRIX_FILE)
+        run.matrix = read_matrix(folder / MATRIX_FILE).matrix
     except MatrixFileError as err:
         run.problem = str(err)
         return run
     done, total = run.tasks_completed, run.matrix.shape[0]
     if done < total:
         run.status = "incomplete"
-        run.problem = f"{done} of {total} tasks done: still running, or interrupted (rerun `cl-lightning grid` to redo it)"
+        run.problem = f"{done} of {total} tasks done: still running, or interrupted (rerun `cl-lightning grid` to resume it)"
     else:
         run.status = "finished"
     return run
-
-
-def _visible(folder: Path, root: Path) -> bool:
-    """Hidden folders (``cl-lightning grid`` keeps previous attempts as ``.seed_<n>.attempt<k>``) are skipped."""
-    return not any(part.startswith(".") for part in folder.relative_to(root).parts)
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
@@ -140,16 +104,16 @@ def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
     stable order; plus the folders holding an accuracy matrix outside the layout (ignored)."""
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder: pass the folder holding <benchmark>/<method>/seed_<n>/ run folders")
+        raise NoRunsError(f"{root} is not a folder: pass the folder holding <benchmark>/<method>/seed_<n>/ run folders")
     seed_folders = [root] if SEED_FOLDER.fullmatch(root.name) else []
-    seed_folders += [p for p in root.rglob("seed_*") if p.is_dir() and SEED_FOLDER.fullmatch(p.name) and _visible(p, root)]
+    seed_folders += [p for p in root.rglob("seed_*") if p.is_dir() and SEED_FOLDER.fullmatch(p.name) and not is_hidden(p, root)]
     found = {}
     for folder in seed_folders:
         key = (folder.parent.parent.name, folder.parent.name, int(SEED_FOLDER.fullmatch(folder.name).group(1)))
         found[key] = inspect_run(folder, *key)
     ignored = sorted(
         p.parent for p in root.rglob(MATRIX_FILE)
-        if _visible(p.parent, root) and p.parent not in seed_folders and not SEED_FOLDER.fullmatch(p.parent.name)
+        if not is_hidden(p.parent, root) and p.parent not in seed_folders and not SEED_FOLDER.fullmatch(p.parent.name)
     )
     benchmarks = {k[0] for k in found}
     methods = {k[1] for k in found}

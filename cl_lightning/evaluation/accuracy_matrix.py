@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +16,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.errors import CheckpointError, ResultsWriteError
-from cl_lightning.metrics.continual import summaries, summary
+from cl_lightning.errors import CheckpointError
+from cl_lightning.metrics.continual import summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
 from cl_lightning.metrics.task_accuracy import accuracy_key
+from cl_lightning.rundir import write_atomically, write_matrix
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
@@ -80,54 +78,10 @@ def format_table(matrix: Tensor, rows: int, title: str, full: str = "the run's a
     return "\n".join(lines)
 
 
-def _write_atomically(files: dict[Path, str]) -> None:
-    """Write every file to a temporary file first, then rename them all into place: a failed
-    write (disk full, no permission) leaves every previous file as it was, and the set of files
-    (``.csv`` and ``.json`` of one matrix) is never left half updated, except by a failed rename."""
-    written: list[Path] = []
-    try:
-        for path, text in files.items():
-            tmp = path.with_name(path.name + ".tmp")
-            written.append(tmp)
-            tmp.write_text(text)
-        for path in files:
-            os.replace(path.with_name(path.name + ".tmp"), path)
-    except OSError as err:
-        for tmp in written:
-            tmp.unlink(missing_ok=True)
-        names = ", ".join(str(p) for p in files)
-        raise ResultsWriteError(
-            f"could not write {names} ({err}); the previous version of the results is kept. Free disk space "
-            "(or fix the folder's permissions), then resume from the run's last checkpoint: cl-lightning fit "
-            "--config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt"
-        ) from err
-
-
 def run_dir(trainer: Trainer) -> Path:
     """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
     broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str) -> None:
-    """Write rows 1..task+1 of ``matrix`` with their summaries as ``<stem>.csv`` and ``<stem>.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = matrix[: task + 1].tolist()
-    per_task = summaries(matrix, task)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(matrix.shape[1])])
-    for t, row in enumerate(rows):
-        writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
-    record = {
-        "split": split,
-        "tasks_completed": task + 1,
-        "num_tasks": matrix.shape[0],
-        "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
-        "per_task": per_task,
-        **per_task[-1],
-    }
-    _write_atomically({folder / f"{stem}.csv": out.getvalue(), folder / f"{stem}.json": json.dumps(record, indent=1)})
 
 
 class AccuracyMatrix(Callback):
@@ -239,7 +193,7 @@ class AccuracyMatrix(Callback):
         }
         folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically({folder / "test_accuracy.json": json.dumps(record, indent=1)})
+        write_atomically({folder / "test_accuracy.json": json.dumps(record, indent=1)})
         if self.print_table:
             if self.completed_tasks:
                 print(format_table(self.matrix, self.completed_tasks,

@@ -28,7 +28,6 @@ Dropout is off. The line gradient is :class:`~cl_lightning.methods.line_gradient
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -41,7 +40,7 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.evaluation.accuracy_matrix import run_dir, write_matrix
+from cl_lightning.evaluation.accuracy_matrix import run_dir
 from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.base import TaskAwareCallback
@@ -49,6 +48,7 @@ from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.models.params import eval_mode, load_flat
+from cl_lightning.rundir import solution_path, write_matrix
 from cl_lightning.seeding import generator
 
 
@@ -60,11 +60,6 @@ Steps = Literal["minibatch", "full_batch"]
 #: One optimizer step of the consolidation: (line, batch index, the batch's share of the step's
 #: examples on that line) for each batch whose line gradient the step sums.
 Step = list[tuple[Literal["memory", "subset"], int, float]]
-
-
-def solution_path(run_folder: Path, kind: Literal["w_hat", "w_bar"], task: int) -> Path:
-    """Where ``save_solutions`` puts w_hat or w_bar of ``task`` (0-based; the file name is 1-based)."""
-    return Path(run_folder) / "solutions" / f"{kind}_{task + 1:02d}.pt"
 
 
 class MCSGD(TaskAwareCallback):

@@ -9,7 +9,6 @@ Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through ``pyplo
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from matplotlib import colormaps

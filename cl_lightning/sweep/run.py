@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -33,9 +34,8 @@ from typing import Any
 import yaml
 
 from cl_lightning.analysis.report import write_report
-from cl_lightning.analysis.runs import FAILED_MARKER
 from cl_lightning.errors import UserError
-from cl_lightning.grid import is_finished
+from cl_lightning.rundir import has_failed, interrupted_exit, is_finished
 from cl_lightning.sweep.grid_file import (
     Grid,
     GridFileError,
@@ -126,10 +126,6 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def has_failed(spec: TrialSpec) -> bool:
-    return (spec.folder / FAILED_MARKER).exists()
-
-
 def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, storage: Path) -> None:
     """Run the specs neither finished nor failed yet (failed too with ``--retry_failed``) as Ray
     Tune trials, printing the live status. A failure is a result of the search (a learning rate
@@ -143,12 +139,15 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
         controller_log.addFilter(KnownTrialFailures())
 
     finished = [spec for spec in specs if is_finished(spec.folder)]
-    failed = [spec for spec in specs if not is_finished(spec.folder) and has_failed(spec) and not args.retry_failed]
+    failed = [spec for spec in specs if not is_finished(spec.folder) and has_failed(spec.folder) and not args.retry_failed]
     pending = [spec for spec in specs if spec not in finished and spec not in failed]
     print(f"[{phase}] {len(specs)} trial(s): {len(finished)} finished and {len(failed)} failed already"
           + (" (--retry_failed runs them again)" if failed else ""), flush=True)
     if not pending:
         return
+    # Ctrl-C is the sweep's (main): Tune's own handler would stop the trials and print how to
+    # restore its experiment, while a rerun of the same command is what resumes a sweep.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     by_name = {spec.name: spec for spec in pending}
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     tuner = tune.Tuner(
@@ -264,8 +263,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``cl-lightning sweep``; ``argv`` are the arguments after ``sweep`` (default: ``sys.argv[2:]``)."""
-    args, extra = parse_args(list(sys.argv[2:] if argv is None else argv))
+    """``cl-lightning sweep``; ``argv`` are the arguments after ``sweep`` (default: ``sys.argv[2:]``).
+    Ctrl-C ends it with one line naming the rerun, which resumes the sweep."""
+    argv = list(sys.argv[2:] if argv is None else argv)
+    try:
+        sweep(*parse_args(argv))
+    except KeyboardInterrupt:
+        interrupted_exit(f"cl-lightning sweep {shlex.join(argv)}")
+
+
+def sweep(args: argparse.Namespace, extra: list[str]) -> None:
+    """The sweep's phases, from the parsed arguments and the ``fit`` overrides after ``--``."""
     grid = load_grid(args.grid)
     if not args.config.is_file():
         raise SweepError(f"no base config {args.config}: pass one of configs/<method>/<benchmark>.yaml "
@@ -277,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     search = search_specs(grid, config, method, benchmark, root, extra)
     if args.dry_run:
         for spec in (s for specs in search.values() for s in specs):
-            state = ("finished already" if is_finished(spec.folder) else "failed already" if has_failed(spec) and not
+            state = ("finished already" if is_finished(spec.folder) else "failed already" if has_failed(spec.folder) and not
                      args.retry_failed else "cl-lightning " + " ".join(spec.fit_args()))
             print(f"{spec.name}: {state}")
         return

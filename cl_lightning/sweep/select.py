@@ -13,10 +13,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cl_lightning.analysis.runs import FAILED_MARKER
 from cl_lightning.errors import UserError
+from cl_lightning.rundir import FAILED_MARKER, read_result
 from cl_lightning.sweep.grid_file import Setting
-from cl_lightning.sweep.trial import TrialSpec, read_result
+from cl_lightning.sweep.trial import TrialSpec
 
 OBJECTIVE_SPLIT = "val"
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cl_lightning.analysis.runs import FAILED_MARKER
-from cl_lightning.sweep.trial import TrialSpec, read_result
+from cl_lightning.rundir import FAILED_MARKER, read_result
+from cl_lightning.sweep.trial import TrialSpec
 
 
 class StatusLine(Callback):

@@ -6,7 +6,8 @@ report`` reads, with the TensorBoard logs, ``config.yaml``, checkpoints and accu
 to ``run.log``, so a crash ends that trial only and Ray records it as failed.
 
 The run folder, not Ray's experiment state, says what is left to do, so a sweep rerun after a
-crash or a kill picks up exactly where the runs are:
+crash or a kill picks up exactly where the runs are (:func:`cl_lightning.rundir.prepare`, as
+``cl-lightning grid`` does):
 
 - finished (all T rows of the accuracy matrix): not run again, its result is reported as is;
 - interrupted with a ``checkpoints/last.ckpt``: resumed from it with ``--ckpt_path``;
@@ -20,26 +21,18 @@ average accuracy so far), so the sweep's status shows progress inside trials too
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_lightning.analysis.runs import FAILED_MARKER, LOG_FILE, MATRIX_FILE, wall_time_line
-from cl_lightning.grid import is_finished, set_aside
-
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-#: Seconds between two looks at a running trial's accuracy matrix.
-POLL_SECONDS = 1.0
+from cl_lightning.rundir import LOG_FILE, is_finished, launch, placement, prepare, read_result, run_folder
 
 
 class TrialFailedError(RuntimeError):
-    """The trial's run failed; the message is the reason and the run's last error line."""
+    """The trial's run failed (or was stopped); the message is the reason and the run's last error line."""
 
 
 @dataclass(frozen=True)
@@ -59,99 +52,42 @@ class TrialSpec:
 
     @property
     def folder(self) -> Path:
-        return self.phase_root / self.benchmark / self.label / f"seed_{self.seed}"
+        return run_folder(self.phase_root, self.benchmark, self.label, self.seed)
 
     def fit_args(self) -> list[str]:
-        """``fit`` arguments with the run folder set through the TensorBoard logger, as ``cl-lightning grid`` does."""
+        """``fit`` arguments with the run folder set (the folder's settings win over ``args``)."""
         return [
-            "fit", *self.args, "--seed_everything", str(self.seed),
-            "--trainer.logger.init_args.save_dir", str(self.phase_root),
-            "--trainer.logger.init_args.name", f"{self.benchmark}/{self.label}",
-            "--trainer.logger.init_args.version", f"seed_{self.seed}",
+            "fit", *self.args, *placement(self.phase_root, self.benchmark, self.label, self.seed),
             "--trainer.enable_progress_bar", "false",  # the output is a log file, not a terminal
         ]
 
 
-def read_result(folder: Path) -> dict[str, Any] | None:
-    """The summaries of the rows written so far (``accuracy_matrix.json``), or None before the first."""
-    try:
-        record = json.loads((folder / MATRIX_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return {
-        "tasks_completed": int(record["tasks_completed"]), "num_tasks": int(record["num_tasks"]),
-        "average_accuracy": float(record["average_accuracy"]), "forgetting": float(record["forgetting"]),
-        "split": str(record["split"]),
-    }
-
-
-def prepare(spec: TrialSpec) -> list[str]:
-    """Decide from the run folder how the run starts: the extra ``fit`` arguments (``--ckpt_path``
-    to resume), after moving a failed or checkpoint-less attempt aside."""
-    folder = spec.folder
-    if not folder.exists():
-        return []
-    if not (folder / FAILED_MARKER).exists() and (folder / LAST_CHECKPOINT).exists():
-        # The resumed run writes its config.yaml again (the same settings plus --ckpt_path); LightningCLI
-        # refuses to overwrite one.
-        (folder / "config.yaml").unlink(missing_ok=True)
-        return ["--ckpt_path", str(folder / LAST_CHECKPOINT)]
-    set_aside(folder)
-    return []
-
-
-def failure_reason(code: int, folder: Path) -> str:
-    """Why a run failed: its exit code and the last error of its log (with the indented lines
-    that continue it, where LightningCLI puts the reason of a bad value)."""
-    lines = (folder / LOG_FILE).read_text(errors="replace").splitlines() if (folder / LOG_FILE).exists() else []
-    last = next((i for i in reversed(range(len(lines))) if "Error" in lines[i] or "error:" in lines[i]), None)
-    error = ""
-    if last is not None:
-        block = [lines[last].strip()]
-        for line in lines[last + 1:last + 4]:
-            if not line.startswith((" ", "\t")):
-                break
-            block.append(line.strip())
-        error = " ".join(block)
-    result = read_result(folder)
-    reason = f"exit code {code}" if code else f"exit code 0 but only {result and result['tasks_completed']} task(s) done"
-    return f"{reason}: {error}" if error else reason
-
-
 def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume, or skip) the trial; ``report(metrics)`` gets each new row's summaries.
-    Returns the final summaries; raises :class:`TrialFailedError` after leaving a ``FAILED`` marker."""
+    Returns the final summaries; raises :class:`TrialFailedError` when the run did not finish
+    (after leaving a ``FAILED`` marker, unless it was stopped by a signal)."""
     folder = spec.folder
     if is_finished(folder):
         result = read_result(folder)
         if report is not None:
             report(result)
         return result
-    resume = prepare(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()), *spec.fit_args(), *resume]
     reported = 0
-    with open(folder / LOG_FILE, "a") as log:
-        log.write(("\n--- resumed ---\n" if resume else "") + "$ cl-lightning " + " ".join(command[4:]) + "\n\n")
-        log.flush()
-        start = time.monotonic()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=spec.cwd)
-        while True:
-            code = process.poll()
-            result = read_result(folder)
-            if result is not None and result["tasks_completed"] > reported and report is not None:
-                reported = result["tasks_completed"]
-                report(result)
-            if code is not None:
-                break
-            time.sleep(POLL_SECONDS)
-        log.write(wall_time_line(time.monotonic() - start, code))
-    if code == 0 and is_finished(folder):
-        return read_result(folder)
-    reason = failure_reason(code, folder)
-    tail = (folder / LOG_FILE).read_text(errors="replace").splitlines()[-30:]
-    (folder / FAILED_MARKER).write_text(f"{reason}\n\nlast lines of {LOG_FILE}:\n" + "\n".join(tail) + "\n")
-    raise TrialFailedError(f"{spec.name}: {reason} (log: {folder / LOG_FILE})")
+
+    def report_new_rows() -> None:
+        nonlocal reported
+        result = read_result(folder)
+        if result is not None and result["tasks_completed"] > reported and report is not None:
+            reported = result["tasks_completed"]
+            report(result)
+
+    entry = (sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()))
+    outcome = launch(folder, spec.fit_args(), prepare(folder), entry=entry, cwd=spec.cwd, on_poll=report_new_rows)
+    if outcome.failure is not None or outcome.stopped:
+        reason = outcome.failure or f"stopped by a signal (exit code {outcome.code}); a rerun resumes it"
+        raise TrialFailedError(f"{spec.name}: {reason} (log: {folder / LOG_FILE})")
+    report_new_rows()
+    return read_result(folder)
 
 
 def ray_trainable(config: dict[str, str], specs: dict[str, TrialSpec]) -> None:

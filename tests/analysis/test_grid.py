@@ -14,7 +14,7 @@ from processes import command_lines
 from signal_probes import has_pending, is_paused, wait_until
 
 from cl_lightning.analysis.report import write_report
-from cl_lightning.grid import fit_command, main, set_aside
+from cl_lightning.grid import GridError, fit_command, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false"]
@@ -41,7 +41,7 @@ def test_grid_runs_names_folders_goes_on_after_a_failure_and_skips_finished_runs
     grid = ["--methods", "naive", "broken", "--benchmarks", "permuted_digits", "--seeds", "1",
             "--root", str(root), "--configs", str(configs), *TINY]
 
-    with pytest.raises(SystemExit, match="1 run\\(s\\) failed"):
+    with pytest.raises(GridError, match="1 run\\(s\\) did not finish"):
         main(grid)
     naive, broken = root / "permuted_digits" / "naive" / "seed_1", root / "permuted_digits" / "broken" / "seed_1"
     record = json.loads((naive / "accuracy_matrix.json").read_text())
@@ -50,7 +50,7 @@ def test_grid_runs_names_folders_goes_on_after_a_failure_and_skips_finished_runs
     assert (naive / "checkpoints" / "last.ckpt").exists() and (naive / "run.log").exists()
     assert "MNIST" in (broken / "FAILED").read_text()  # the data error that made it fail, named
     out = capsys.readouterr().out
-    assert "naive/seed_1: done in" in out and "broken/seed_1: FAILED (exit code 1)" in out
+    assert "naive/seed_1: done in" in out and "broken/seed_1: FAILED (exit code 1: error: " in out
 
     # the same command again skips the finished run and would rerun the failed one (a dry run: no third process)
     before = (naive / "accuracy_matrix.json").stat().st_mtime_ns
@@ -62,22 +62,10 @@ def test_grid_runs_names_folders_goes_on_after_a_failure_and_skips_finished_runs
     assert [(r.method, r.status) for r in report.runs] == [("naive", "finished"), ("broken", "failed")]
 
 
-def test_a_failed_run_is_set_aside_hidden_from_the_report(tmp_path):
-    broken = tmp_path / "permuted_digits" / "naive" / "seed_0"
-    broken.mkdir(parents=True)
-    (broken / "FAILED").write_text("exit code 1: boom\n")
-    (tmp_path / "permuted_digits" / "naive" / ".seed_0.attempt1").mkdir()
-    assert set_aside(broken) == broken.parent / ".seed_0.attempt2"
-    assert not broken.exists() and (broken.parent / ".seed_0.attempt2" / "FAILED").exists()
-    broken.mkdir()  # the new attempt, not started yet: failed (no matrix); the attempts are not runs
-    report, _ = write_report(tmp_path, draw=False)
-    assert [r.name for r in report.runs] == ["permuted_digits/naive/seed_0"]
-
-
 def test_missing_config_is_named_with_what_exists(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(GridError) as error:
         main(["--methods", "mcsgd", "--benchmarks", "permuted_mnsit", "--seeds", "0", "--configs", str(CONFIGS)])
-    message = str(exit_info.value.code)
+    message = str(error.value)
     assert "mcsgd/permuted_mnsit.yaml" in message and "mcsgd/permuted_mnist.yaml" in message
 
 
@@ -90,10 +78,11 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_names_the_rerun(tmp_path):
+def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_the_rerun_resumes_it(tmp_path, capsys, monkeypatch):
     """Ctrl-C reaches the grid (the terminal's foreground group; the fit runs in a session of its
     own): it is passed to the fit, which stops with a checkpoint, and the grid ends with one line
-    naming the rerun, status 130, no traceback, and no FAILED marker for the unfinished run."""
+    naming the rerun, status 130, no traceback, and no FAILED marker for the unfinished run. The
+    rerun resumes that run from its last.ckpt (the stop's checkpoint), not from scratch."""
     repo = CONFIGS.parent
     root = tmp_path / "runs"
     args = ["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--root", str(root),
@@ -118,9 +107,19 @@ def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_names_the_rerun(tm
         grid.kill()
     output = (tmp_path / "grid.log").read_text()
     assert "Traceback" not in output
-    assert output.splitlines()[-1] == ("interrupted (Ctrl-C); finished runs are kept and the interrupted one starts "
-                                       f"again when you rerun: cl-lightning grid {shlex.join(args)}")
+    assert output.splitlines()[-1] == ("interrupted (Ctrl-C); finished runs are kept and the interrupted ones resume from "
+                                       f"their last checkpoint when you rerun: cl-lightning grid {shlex.join(args)}")
     run = root / "permuted_digits" / "naive" / "seed_0"
     log = (run / "run.log").read_text()
     assert "stopped by SIGINT at epoch 0, step 5: checkpoint" in log and "(exit code 130)" in log
     assert (run / "checkpoints" / "interrupted-epoch=0-step=5.ckpt").exists() and not (run / "FAILED").exists()
+
+    assert (run / "checkpoints" / "last.ckpt").exists()  # the stop's state (else the rerun would start afresh)
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # the rerun's fit loads the probe callback of the config
+    main(args)
+    assert "resuming from" in capsys.readouterr().out
+    log = (run / "run.log").read_text()
+    assert log.count("$ cl-lightning fit") == 2 and "--- resumed ---" in log
+    assert f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in log
+    record = json.loads((run / "accuracy_matrix.json").read_text())
+    assert record["tasks_completed"] == record["num_tasks"] == 2

@@ -11,8 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from cl_lightning.analysis.linear_path import build, endpoint_names, interpolate, load_endpoint, main, make_parser
+from cl_lightning.analysis.linear_path import (
+    EndpointError,
+    build,
+    endpoint_names,
+    interpolate,
+    load_endpoint,
+    main,
+    make_parser,
+)
 from cl_lightning.cli import cli_main
+from cl_lightning.cli import main as cl_lightning
 from cl_lightning.models.params import load_flat
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -95,11 +104,12 @@ def test_section_5_picture_from_the_saved_solutions(run, capsys):
 
 def test_a_checkpoint_of_another_network_is_refused_with_the_fix(run, tmp_path):
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    with pytest.raises(SystemExit, match="(?s)does not fit the network of the config.*pass the config.yaml of the run"):
-        main(["--config", str(run / "config.yaml"), "--model.net.init_args.hidden_sizes", "[32]",
+    # through the console entry point: one `error:` line, no traceback
+    with pytest.raises(SystemExit, match="(?s)^error: the checkpoint .* does not fit the network of the config.*pass the config.yaml of the run"):
+        cl_lightning(["path", "--config", str(run / "config.yaml"), "--model.net.init_args.hidden_sizes", "[32]",
               "--start", ckpt, "--end", ckpt, "--points", "2"])
     torch.save(torch.zeros(10), tmp_path / "short.pt")
-    with pytest.raises(SystemExit, match=r"shape \(10,\), but the network of the config has \d+ parameters"):
+    with pytest.raises(EndpointError, match=r"shape \(10,\), but the network of the config has \d+ parameters"):
         main(["--config", str(run / "config.yaml"), "--start", str(tmp_path / "short.pt"), "--end", ckpt, "--points", "2"])
 
 

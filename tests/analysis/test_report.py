@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cl_lightning.analysis.report import main, write_report
-from cl_lightning.analysis.runs import FAILED_MARKER, MatrixFileError, read_matrix
-from cl_lightning.evaluation.accuracy_matrix import write_matrix
+from cl_lightning.cli import main as cl_lightning
+from cl_lightning.rundir import FAILED_MARKER, MatrixFileError, read_matrix, write_matrix
 
 nan = math.nan
 
@@ -133,9 +133,9 @@ def test_plots_are_written_and_linked(grid, tmp_path_factory):
 def test_folder_without_runs_is_an_error_that_says_what_to_do(tmp_path, capsys):
     put_run(tmp_path, "lightning_logs/version_0", [[50, nan], [50, 50]])
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path)])
+        cl_lightning(["report", str(tmp_path)])  # the console entry point: one `error:` line
     message = str(exit_info.value.code)
-    assert "no run folders <benchmark>/<method>/seed_<n>/" in message and "version_0" in message
+    assert message.startswith("error: no run folders") and "no run folders <benchmark>/<method>/seed_<n>/" in message and "version_0" in message
 
 
 def test_damaged_matrix_file_names_the_file_and_the_fix(tmp_path):

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from cl_lightning.cli import ANALYSIS_COMMANDS, main
+from cl_lightning.cli import EXTRA_COMMANDS, main
 
 
-@pytest.mark.parametrize("command", sorted(ANALYSIS_COMMANDS))
+@pytest.mark.parametrize("command", sorted(EXTRA_COMMANDS))
 def test_entry_point_dispatches_analysis_commands(command, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["cl-lightning", command, "--help"])
     with pytest.raises(SystemExit) as exit_info:
@@ -21,7 +21,7 @@ def test_top_level_help_lists_the_analysis_commands(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     out = capsys.readouterr().out
-    assert "fit" in out and all(f"  {name} " in out for name in ANALYSIS_COMMANDS)
+    assert "fit" in out and all(f"  {name} " in out for name in EXTRA_COMMANDS)
 
 
 def test_report_error_reaches_the_console_without_traceback(tmp_path, monkeypatch):

@@ -102,8 +102,10 @@ DIGITS = str(CONFIGS / "naive" / "permuted_digits.yaml")
         (["grid", "--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--configs", str(CONFIGS),
           "--dry"], "--dry"),
         (["sweep", "--config", DIGITS, "--grid", str(CONFIGS / "grids" / "demo_digits.yaml"), "--dry"], "--dry"),
+        (["report", ".", "--base", "naive"], "--base"),
+        (["path", "--config", DIGITS, "--solutions", "1", "2", "--point", "3"], "--point"),
     ],
-    ids=["fit", "test", "grid", "sweep"],
+    ids=["fit", "test", "grid", "sweep", "report", "path"],
 )
 def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(argv, prefix, capsys, tmp_path, monkeypatch):
     """argparse's prefix matching would take ``--data.num_task`` for ``--data.num_tasks`` (a typo

@@ -4,8 +4,10 @@ Each trial is a ``cl-lightning fit`` process (seconds of imports on a busy 2-cor
 grids are as small as the properties allow.
 """
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from processes import command_lines
 
 from cl_lightning.analysis.report import write_report
 from cl_lightning.cli import cli_main
-from cl_lightning.grid import is_finished
+from cl_lightning.rundir import is_finished
 from cl_lightning.sweep.run import main
 
 ray = pytest.importorskip("ray")
@@ -177,3 +179,34 @@ def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, 
     main([*rerun, "--dry_run", "--retry_failed"])
     out = capsys.readouterr().out
     assert "naive[lr=0.1]/seed_0: finished already" in out and "naive[lr=-1.0]/seed_0: cl-lightning fit" in out
+
+
+def test_ctrl_c_ends_the_sweep_with_one_line_naming_the_rerun(tmp_path, ray_address):
+    """Ctrl-C (SIGINT to the sweep process; the trials' fits run in sessions of their own) while a
+    trial trains: status 130, the last line names the rerun, no traceback, no FAILED marker
+    announced or written, and the trial's fit does not train on as an orphan."""
+    grid = tmp_path / "one.yaml"
+    grid.write_text("params:\n  data.num_tasks: [16]\nseeds: [0]\nfinal_seeds: [0]\n")
+    root = tmp_path / "sweeps"
+    argv = ["--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid), "--root", str(root),
+            "--address", ray_address, "--no-plots", *TINY]
+    run = root / "one" / "search" / "permuted_digits" / "naive[num_tasks=16]" / "seed_0"
+    with open(tmp_path / "sweep.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "cl_lightning", "sweep", *argv], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists() or process.poll() is not None, 240,
+                 "the trial to checkpoint a task", poll=0.02)
+        assert pause_run(root, "permuted_digits/naive[num_tasks=16]"), "the trial ended before its first task's checkpoint"
+        os.kill(process.pid, signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=120) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when the sweep ended as it should
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    output = (tmp_path / "sweep.log").read_text()
+    assert "Traceback" not in output and "FAILED" not in output
+    assert output.splitlines()[-1] == ("interrupted (Ctrl-C); finished runs are kept and the interrupted ones resume from "
+                                       f"their last checkpoint when you rerun: cl-lightning sweep {shlex.join(argv)}")
+    assert not (run / "FAILED").exists() and not is_finished(run)
+    wait_for(lambda: not live_runs(root), 60, "the interrupted trial's fit process to exit")

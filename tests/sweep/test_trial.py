@@ -1,15 +1,12 @@
-"""What a trial does with the run folder it finds."""
+"""Where a trial's run goes: the run folder of :mod:`cl_lightning.rundir`, through the same ``fit`` overrides as ``grid``."""
 
-from cl_lightning.sweep.trial import TrialSpec, prepare
+from cl_lightning.rundir import placement, run_folder
+from cl_lightning.sweep.trial import TrialSpec
 
 
-def test_a_trial_resumes_an_interrupted_run_and_restarts_a_failed_one(tmp_path):
-    spec = TrialSpec(tmp_path, "permuted_digits", "naive[lr=0.1]", 0)
-    (spec.folder / "checkpoints").mkdir(parents=True)
-    (spec.folder / "checkpoints" / "last.ckpt").write_bytes(b"")
-    (spec.folder / "config.yaml").write_text("model: {}\n")
-    assert prepare(spec) == ["--ckpt_path", str(spec.folder / "checkpoints" / "last.ckpt")]
-    assert not (spec.folder / "config.yaml").exists()  # the resumed fit writes it again (LightningCLI would refuse)
-    (spec.folder / "FAILED").write_text("exit code 1: error: boom\n")
-    assert prepare(spec) == []
-    assert not spec.folder.exists() and (spec.folder.parent / ".seed_0.attempt1" / "FAILED").exists()
+def test_a_trial_runs_its_setting_into_the_run_folder_with_the_folder_settings_last(tmp_path):
+    spec = TrialSpec(tmp_path, "permuted_digits", "naive[lr=0.1]", 0, ["--config", "c.yaml", "--model.lr", "0.1"])
+    assert spec.folder == run_folder(tmp_path, "permuted_digits", "naive[lr=0.1]", 0)
+    assert spec.fit_args() == ["fit", "--config", "c.yaml", "--model.lr", "0.1",
+                               *placement(tmp_path, "permuted_digits", "naive[lr=0.1]", 0),
+                               "--trainer.enable_progress_bar", "false"]

@@ -1,0 +1,338 @@
+"""A run folder: where a run lives, the names and format of its files, and launching a fit into it.
+
+One owner for what ``fit`` (the accuracy matrix, MC-SGD's solutions), ``grid`` and ``sweep`` (which
+launch fits into folders) and ``report`` (which reads them) must agree on:
+
+- the layout ``<root>/<benchmark>/<method>/seed_<n>/``: Lightning's TensorBoardLogger with
+  ``save_dir=<root>``, ``name=<benchmark>/<method>``, ``version=seed_<n>`` (:func:`placement`), so
+  a run is identified without parsing its config; hidden folders (``.seed_<n>.attempt<k>``, a
+  previous attempt set aside) are not runs;
+- the files in it: ``config.yaml`` (LightningCLI), ``run.log`` (console output of the launched
+  processes, each part ending with its wall-time line), ``FAILED`` (the reason a launched fit
+  failed), ``accuracy_matrix.json``/``.csv`` and MC-SGD's ``w_hat_accuracy_matrix.*``,
+  ``checkpoints/last.ckpt`` (always the latest state) and ``solutions/w_hat_XX.pt``;
+- the accuracy-matrix file format, written by :func:`write_matrix` and read by :func:`read_matrix`;
+- launching a fit into a folder (:func:`prepare`, :func:`launch`): a finished run is left alone,
+  an interrupted one resumes from ``last.ckpt``, a failed one or one without a checkpoint yet is
+  set aside and starts again; a failure leaves ``FAILED`` with the run's last error, a stop by a
+  signal (exit 130/143, a checkpoint written) does not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cl_lightning.errors import ResultsWriteError, UserError
+from cl_lightning.metrics.continual import summaries, summary
+
+CONFIG_FILE = "config.yaml"
+#: The console output of the fit processes launched into the folder (``grid``, ``sweep``).
+LOG_FILE = "run.log"
+#: Written into the folder of a run whose launched fit failed: the reason, then the log's last lines.
+FAILED_MARKER = "FAILED"
+#: Stems of the accuracy matrices: ``<stem>.json`` (read back) and ``<stem>.csv`` (for people).
+MATRIX_STEM = "accuracy_matrix"
+W_HAT_MATRIX_STEM = "w_hat_accuracy_matrix"
+MATRIX_FILE = f"{MATRIX_STEM}.json"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+SEED_FOLDER = re.compile(r"seed_(\d+)")
+#: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
+WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
+#: Exit statuses of a fit stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``): unfinished, not failed.
+STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+#: ``python -m cl_lightning``: how a fit is launched unless the caller wraps it (the sweep's child).
+FIT_ENTRY = (sys.executable, "-m", "cl_lightning")
+#: Seconds between two looks at a launched fit (its exit, its accuracy matrix for ``on_poll``).
+POLL_SECONDS = 1.0
+
+
+class MatrixFileError(UserError, ValueError):
+    """An ``accuracy_matrix.json`` that cannot be read as an accuracy matrix."""
+
+
+# ---------------------------------------------------------------------------------- layout
+def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
+    """Where the run of (benchmark, method, seed) lives below ``root``."""
+    return Path(root) / benchmark / method / f"seed_{seed}"
+
+
+def placement(root: Path, benchmark: str, method: str, seed: int) -> list[str]:
+    """The ``fit`` overrides that put the run of (benchmark, method, seed) into :func:`run_folder`
+    (plain LightningCLI options, so a job script can use them as they are)."""
+    return [
+        "--seed_everything", str(seed),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.logger.init_args.name", f"{benchmark}/{method}",
+        "--trainer.logger.init_args.version", f"seed_{seed}",
+    ]
+
+
+def solution_path(folder: Path, kind: Literal["w_hat", "w_bar"], task: int) -> Path:
+    """Where MC-SGD's ``save_solutions`` puts w_hat or w_bar of ``task`` (0-based; the file name is 1-based)."""
+    return Path(folder) / "solutions" / f"{kind}_{task + 1:02d}.pt"
+
+
+def is_hidden(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is hidden below ``root`` (a previous attempt set aside): not a run."""
+    return any(part.startswith(".") for part in folder.relative_to(root).parts)
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a failed or checkpoint-less attempt's folder to ``.seed_<n>.attempt<k>`` next to it."""
+    k = 1
+    while (target := folder.with_name(f".{folder.name}.attempt{k}")).exists():
+        k += 1
+    folder.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------- the matrix file
+def write_atomically(files: dict[Path, str]) -> None:
+    """Write every file to a temporary file first, then rename them all into place: a failed
+    write (disk full, no permission) leaves every previous file as it was, and the set of files
+    (``.csv`` and ``.json`` of one matrix) is never left half updated, except by a failed rename."""
+    written: list[Path] = []
+    try:
+        for path, text in files.items():
+            tmp = path.with_name(path.name + ".tmp")
+            written.append(tmp)
+            tmp.write_text(text)
+        for path in files:
+            os.replace(path.with_name(path.name + ".tmp"), path)
+    except OSError as err:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        names = ", ".join(str(p) for p in files)
+        raise ResultsWriteError(
+            f"could not write {names} ({err}); the previous version of the results is kept. Free disk space "
+            "(or fix the folder's permissions), then resume from the run's last checkpoint: cl-lightning fit "
+            "--config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt"
+        ) from err
+
+
+def write_matrix(folder: Path, stem: str, matrix: Tensor, task: int, split: str) -> None:
+    """Write rows 1..task+1 of ``matrix`` with their summaries as ``<stem>.csv`` and ``<stem>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = matrix[: task + 1].tolist()
+    per_task = summaries(matrix, task)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["after_task"] + [f"task_{i + 1}" for i in range(matrix.shape[1])])
+    for t, row in enumerate(rows):
+        writer.writerow([t + 1] + ["" if math.isnan(v) else f"{v:.4f}" for v in row])
+    record = {
+        "split": split,
+        "tasks_completed": task + 1,
+        "num_tasks": matrix.shape[0],
+        "matrix": [[None if math.isnan(v) else v for v in row] for row in rows],
+        "per_task": per_task,
+        **per_task[-1],
+    }
+    write_atomically({folder / f"{stem}.csv": out.getvalue(), folder / f"{stem}.json": json.dumps(record, indent=1)})
+
+
+@dataclass(frozen=True)
+class MatrixFile:
+    """What an ``accuracy_matrix.json`` holds: the (T, T) matrix (rows not reached are NaN) and its split."""
+
+    matrix: Tensor
+    split: str
+
+    @property
+    def num_tasks(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def tasks_completed(self) -> int:
+        return int((~self.matrix.isnan()).any(dim=1).sum())
+
+    @property
+    def finished(self) -> bool:
+        return self.tasks_completed == self.num_tasks
+
+    def result(self) -> dict[str, float | int | str]:
+        """Progress and the summaries after the last row written (average accuracy, forgetting, ...)."""
+        scores = summary(self.matrix, self.tasks_completed - 1) if self.tasks_completed else {}
+        return {"tasks_completed": self.tasks_completed, "num_tasks": self.num_tasks, "split": self.split, **scores}
+
+
+def read_matrix(path: Path) -> MatrixFile:
+    """The matrix written by :func:`write_matrix` at ``path`` (an ``accuracy_matrix.json``), checked."""
+    fix = "rerun the run, or move its folder out of the report's folder"
+    try:
+        record = json.loads(Path(path).read_text())
+        num_tasks, rows = int(record["num_tasks"]), record["matrix"]
+        matrix = torch.full((num_tasks, num_tasks), float("nan"), dtype=torch.float64)
+        if not isinstance(rows, list) or len(rows) > num_tasks:
+            raise ValueError(f"'matrix' must be a list of at most num_tasks={num_tasks} rows")
+        for t, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != num_tasks:
+                raise ValueError(f"row {t + 1} must be a list of num_tasks={num_tasks} values")
+            matrix[t] = torch.tensor([math.nan if v is None else float(v) for v in row], dtype=torch.float64)
+            if math.isnan(matrix[t, t]):
+                raise ValueError(f"row {t + 1} has no accuracy on task {t + 1}")
+        split = str(record.get("split", "test"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise MatrixFileError(f"cannot read the accuracy matrix {path}: {err}; {fix}") from err
+    return MatrixFile(matrix, split)
+
+
+def read_result(folder: Path) -> dict[str, float | int | str] | None:
+    """:meth:`MatrixFile.result` of the run in ``folder``, or None before its first row (or unreadable)."""
+    try:
+        matrix = read_matrix(Path(folder) / MATRIX_FILE)
+    except MatrixFileError:
+        return None
+    return matrix.result() if matrix.tasks_completed else None
+
+
+def has_failed(folder: Path) -> bool:
+    return (Path(folder) / FAILED_MARKER).exists()
+
+
+def is_finished(folder: Path) -> bool:
+    """A run whose folder holds an accuracy matrix with all T rows and no ``FAILED`` marker."""
+    if has_failed(folder) or not (Path(folder) / MATRIX_FILE).exists():
+        return False
+    try:
+        return read_matrix(Path(folder) / MATRIX_FILE).finished
+    except MatrixFileError:
+        return False
+
+
+# ---------------------------------------------------------------------------------- launching a fit
+def wall_time_line(seconds: float, exit_code: int) -> str:
+    """The line appended to ``run.log`` after each launched ``fit`` process (read by ``report``)."""
+    return f"\nwall time of the whole command: {seconds:.1f} s (exit code {exit_code})\n"
+
+
+def prepare(folder: Path) -> list[str]:
+    """Decide from the run folder how a launched fit starts: the extra ``fit`` arguments
+    (``--ckpt_path .../last.ckpt`` to resume an interrupted run), after moving a failed or
+    checkpoint-less attempt aside (it starts again). Call it on a folder that is not finished."""
+    if not folder.exists():
+        return []
+    if not has_failed(folder) and (folder / LAST_CHECKPOINT).exists():
+        return ["--ckpt_path", str(folder / LAST_CHECKPOINT)]
+    set_aside(folder)
+    return []
+
+
+def failure_reason(code: int, folder: Path) -> str:
+    """Why a launched fit failed: its exit code and the last error of its log (with the indented
+    lines that continue it, where LightningCLI puts the reason of a bad value)."""
+    log = folder / LOG_FILE
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    last = next((i for i in reversed(range(len(lines))) if "Error" in lines[i] or "error:" in lines[i]), None)
+    error = ""
+    if last is not None:
+        block = [lines[last].strip()]
+        for line in lines[last + 1:last + 4]:
+            if not line.startswith((" ", "\t")):
+                break
+            block.append(line.strip())
+        error = " ".join(block)
+    if code:
+        reason = f"exit code {code}"
+    else:
+        result = read_result(folder)
+        reason = f"exit code 0 but only {result['tasks_completed'] if result else 0} task(s) done"
+    return f"{reason}: {error}" if error else reason
+
+
+def wait_passing_on_ctrl_c(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
+    """The child's exit status, calling ``on_poll`` about every :data:`POLL_SECONDS` meanwhile.
+
+    Ctrl-C (SIGINT) reaches only the launcher, the child running in a session of its own: it is
+    passed on, once per Ctrl-C, so that the child stops as ``fit`` does (a checkpoint at its next
+    consistent point; a second Ctrl-C stops it at once) rather than being killed mid-write, and
+    re-raised once the child has ended."""
+    interrupted = False
+    while True:
+        try:
+            if on_poll is not None:
+                on_poll()
+            code = child.wait(timeout=POLL_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            interrupted = True
+            child.send_signal(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+    return code
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a launched fit ended: its exit code, wall time, and why it failed (None: finished or stopped)."""
+
+    code: int
+    seconds: float
+    failure: str | None
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal with a checkpoint: unfinished, and resumed by the next launch."""
+        return self.code in STOPPED_BY_SIGNAL
+
+
+def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), entry: Sequence[str] = FIT_ENTRY,
+           cwd: Path | None = None, on_poll: Callable[[], None] | None = None) -> Outcome:
+    """Run ``<entry> <fit_args> <resume>`` (``resume`` from :func:`prepare`) in a child process whose
+    console output is appended to ``run.log``, with its wall-time line; a failure leaves the
+    ``FAILED`` marker (reason and last lines of the log), a stop by a signal does not.
+
+    A resumed fit writes its ``config.yaml`` again (the same settings plus ``--ckpt_path``) and
+    LightningCLI refuses to overwrite one, so the previous one is moved aside for the child and put
+    back if the child wrote none (e.g. "nothing to resume" on a finished checkpoint)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config, kept = folder / CONFIG_FILE, folder / f".{CONFIG_FILE}.before_resume"
+    if resume and config.exists():
+        config.replace(kept)
+    command = [*entry, *fit_args, *resume]
+    start = time.monotonic()
+    code = -1
+    with open(folder / LOG_FILE, "a") as log:
+        log.write(("\n--- resumed ---\n" if resume else "") + "$ cl-lightning " + " ".join(map(str, [*fit_args, *resume]))
+                  + "\n\n")
+        log.flush()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            code = wait_passing_on_ctrl_c(child, on_poll)
+        finally:
+            log.write(wall_time_line(time.monotonic() - start, child.returncode))
+            if kept.exists() and not config.exists():
+                kept.replace(config)
+            kept.unlink(missing_ok=True)
+    seconds = time.monotonic() - start
+    if code in STOPPED_BY_SIGNAL or (code == 0 and is_finished(folder)):
+        return Outcome(code, seconds, None)
+    reason = failure_reason(code, folder)
+    tail = (folder / LOG_FILE).read_text(errors="replace").splitlines()[-30:]
+    (folder / FAILED_MARKER).write_text(f"{reason}\n\nlast lines of {LOG_FILE}:\n" + "\n".join(tail) + "\n")
+    return Outcome(code, seconds, reason)
+
+
+def interrupted_exit(command: str) -> None:
+    """End a launcher (``grid``, ``sweep``) interrupted by Ctrl-C: one line with the rerun command, status 130."""
+    print(f"interrupted (Ctrl-C); finished runs are kept and the interrupted ones resume from their last checkpoint "
+          f"when you rerun: {command}", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
