@@ -14,8 +14,8 @@ launch fits into folders) and ``report`` (which reads them) must agree on:
 - the accuracy-matrix file format, written by :func:`write_matrix` and read by :func:`read_matrix`;
 - launching a fit into a folder (:func:`prepare`, :func:`launch`): a finished run is left alone,
   an interrupted one resumes from ``last.ckpt``, a failed one or one without a checkpoint yet is
-  set aside and starts again; a failure leaves ``FAILED`` with the run's last error, a stop by a
-  signal (exit 130/143, a checkpoint written) does not.
+  set aside and starts again; a failure leaves ``FAILED`` with the run's last error, a stop or kill
+  by a signal (exit 130/143 with a checkpoint written, or death by SIGKILL) does not.
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 #: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
-#: Exit statuses of a fit stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``): unfinished, not failed.
-STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+#: Exit statuses of an interrupted fit, unfinished but not failed (the next launch resumes it from
+#: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``), or killed by a signal
+#: from outside (the OOM killer's or a scheduler's SIGKILL, a hangup). A crash (e.g. SIGSEGV) is a failure.
+STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM,
+                     -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
 #: ``python -m cl_lightning``: how a fit is launched unless the caller wraps it (the sweep's child).
 FIT_ENTRY = (sys.executable, "-m", "cl_lightning")
 #: Seconds between two looks at a launched fit (its exit, its accuracy matrix for ``on_poll``).
@@ -290,7 +293,7 @@ class Outcome:
 
     @property
     def stopped(self) -> bool:
-        """Stopped by a signal with a checkpoint: unfinished, and resumed by the next launch."""
+        """Stopped or killed by a signal: unfinished, and resumed by the next launch."""
         return self.code in STOPPED_BY_SIGNAL
 
 

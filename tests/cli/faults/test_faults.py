@@ -136,3 +136,31 @@ def test_grid_child_interrupted_then_grid_rerun_gives_the_same_result(signal_nam
         "resumed result identical": "yes (bitwise)" if identical else "NO",
     })
     assert identical
+
+
+def test_sweep_trial_killed_then_sweep_rerun_gives_the_same_result(straight, tmp_path, fault_table):
+    pytest.importorskip("ray")
+    grid_file = tmp_path / "one.yaml"
+    grid_file.write_text("params:\n  model.lr: [0.1]\nseeds: [0]\nfinal_seeds: [0]\n")
+    sweep = ("sweep", "--config", str(CONFIG), "--grid", str(grid_file), "--root", str(tmp_path / "sweeps"),
+             "--max_concurrent", "1", "--no-plots", "--", *SETTINGS,
+             *inject("mid_task", "SIGKILL", "--trainer.callbacks.once_file", str(tmp_path / "fired")))
+    interrupted = cl_lightning(*sweep)
+    assert (tmp_path / "fired").exists(), interrupted.stdout + interrupted.stderr
+    rerun = cl_lightning(*sweep)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    (trial,) = (tmp_path / "sweeps" / "one" / "search").glob("*/*/seed_0")
+    # The same trial uninterrupted: its own config (validation split and all; not its --ckpt_path), in
+    # another folder.
+    reference = cl_lightning("fit", "--config", str(trial / "config.yaml"), "--ckpt_path", "null",
+                             "--trainer.logger.init_args.save_dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    (uninterrupted,) = (tmp_path / "reference").glob("**/accuracy_matrix.json")
+    identical = same_result(trial, uninterrupted.parent)
+    fault_table.append({
+        "fault": "SIGKILL to a `sweep` trial", "where": "mid task, task 2 of 3",
+        "user sees": f"sweep exit {interrupted.returncode}; `{last_line(interrupted)[:120]}`",
+        "survives": "the trial's folder and checkpoints; the rerun of the same command completes it",
+        "resumed result identical": "yes (bitwise)" if identical else "NO",
+    })
+    assert identical
