@@ -9,6 +9,7 @@ import json
 import torch
 from lightning.pytorch import Callback
 from torch.nn.utils import parameters_to_vector
+from typing_extensions import override
 
 from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
@@ -16,28 +17,76 @@ from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.metrics.task_accuracy import accuracy_key
 
 
-class RankAgreement(TaskAwareCallback):
-    """Placed after MC-SGD: compares every process's kept weights, w_hat and memory at each task end.
+class StateAgreement(TaskAwareCallback):
+    """Placed after a method: at each task end, does every process hold the same :meth:`state`?
 
-    The children write what they saw to a file: their callback state does not come back.
+    The children write one JSON line per task to ``out`` (True/False per tensor, the task, the world
+    size and :meth:`facts`): their callback state does not come back to the test.
     """
 
-    def __init__(self, mcsgd: MCSGD, out: str) -> None:
-        self.mcsgd, self.out = mcsgd, out
+    def __init__(self, method: Callback, out: str) -> None:
+        self.method, self.out = method, out
 
+    def state(self, trainer, pl_module) -> dict[str, torch.Tensor]:
+        """The tensors that must agree across processes."""
+        raise NotImplementedError
+
+    def facts(self, trainer, pl_module) -> dict:
+        """Plain values of rank 0 to check besides the agreement."""
+        return {}
+
+    @override
     def on_task_end(self, trainer, pl_module, task):
-        local = {
-            "kept": parameters_to_vector(pl_module.net.parameters()).detach(),
-            "w_hat": self.mcsgd.w_hat,
-            "memory": torch.cat([self.mcsgd.memory.indices[t] for t in self.mcsgd.memory.tasks]).double(),
-        }
-        gathered = {name: trainer.strategy.all_gather(value) for name, value in local.items()}
+        gathered = {name: trainer.strategy.all_gather(value) for name, value in self.state(trainer, pl_module).items()}
         if trainer.is_global_zero:
             record = {name: bool(torch.equal(v[0], v[1])) for name, v in gathered.items()}
-            record["world_size"] = trainer.world_size
-            record["kept_is_w_bar"] = bool(torch.equal(local["kept"], self.mcsgd.w_bar))
+            record |= {"task": task, "world_size": trainer.world_size, **self.facts(trainer, pl_module)}
             with open(self.out, "a") as f:
-                f.write(json.dumps({"task": task, **record}) + "\n")
+                f.write(json.dumps(record) + "\n")
+
+
+class RankAgreement(StateAgreement):
+    """MC-SGD: the kept weights, w_hat and the memory; and whether the kept weights are w_bar."""
+
+    @override
+    def state(self, trainer, pl_module):
+        mcsgd: MCSGD = self.method
+        return {"kept": parameters_to_vector(pl_module.net.parameters()).detach(), "w_hat": mcsgd.w_hat,
+                "memory": torch.cat([mcsgd.memory.indices[t] for t in mcsgd.memory.tasks]).double()}
+
+    @override
+    def facts(self, trainer, pl_module):
+        return {"kept_is_w_bar": bool(torch.equal(parameters_to_vector(pl_module.net.parameters()), self.method.w_bar))}
+
+
+class MemoryAgreement(StateAgreement):
+    """ER: the reservoir's examples, its sampler state and the weights; how much it saw and holds."""
+
+    @override
+    def state(self, trainer, pl_module):
+        x, y, task_ids = self.method.buffer.examples()
+        return {"x": x, "y": y, "task_ids": task_ids, "sampler": self.method.sampler.get_state().long(),
+                "weights": parameters_to_vector(pl_module.parameters()).detach()}
+
+    @override
+    def facts(self, trainer, pl_module):
+        return {"seen": self.method.buffer.seen, "held": len(self.method.buffer)}
+
+
+class FisherAgreement(StateAgreement):
+    """EWC (A-GEM variant): the weights, running Fisher, penalty Fisher and anchor; the Fisher's range."""
+
+    @override
+    def state(self, trainer, pl_module):
+        ewc = self.method
+        return {"weights": parameters_to_vector(pl_module.net.parameters()).detach(),
+                "running_fisher": ewc.running_fisher, "fisher": ewc.fisher_sum, "anchor": ewc.fisher_anchor}
+
+    @override
+    def facts(self, trainer, pl_module):
+        fisher = self.method.fisher_sum
+        return {"steps": len(trainer.train_dataloader), "fisher_max": fisher.max().item(),
+                "fisher_min": fisher.min().item()}
 
 
 class EvalAgreement(Callback):

@@ -3,17 +3,16 @@
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
+from ddp_probes import MemoryAgreement
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.er import ER
 from cl_lightning.methods.reservoir import ReservoirBuffer
 from cl_lightning.metrics.continual import average_accuracy, forgetting
@@ -281,32 +280,8 @@ def test_resume_between_tasks_gives_the_same_run(tmp_path):
     assert torch.equal(resumed_er.sampler.get_state(), straight_er.sampler.get_state())
 
 
-class RankAgreement(TaskAwareCallback):
-    """Placed after ER under a 2-process strategy: at each task end, do both processes hold the same
-    memory, sampler state and weights? (Module-level and file-based: ``ddp_spawn`` pickles callbacks
-    to the child processes and their state does not come back.)"""
-
-    def __init__(self, er: ER, out: str) -> None:
-        self.er, self.out = er, out
-
-    def on_task_end(self, trainer, pl_module, task):
-        x, y, task_ids = self.er.buffer.examples()
-        local = {"x": x, "y": y, "task_ids": task_ids, "sampler": self.er.sampler.get_state().long(),
-                 "weights": parameters_to_vector(pl_module.parameters()).detach()}
-        gathered = {name: trainer.strategy.all_gather(value) for name, value in local.items()}
-        if trainer.is_global_zero:
-            record = {name: bool(torch.equal(v[0], v[1])) for name, v in gathered.items()}
-            record |= {"task": task, "world_size": trainer.world_size, "seen": self.er.buffer.seen,
-                       "held": len(self.er.buffer)}
-            with open(self.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 @pytest.mark.slow
-def test_processes_keep_identical_memories_under_ddp(tmp_path, monkeypatch):
-    # ddp_spawn unpickles RankAgreement in the children by its module name, tests.methods.test_er,
-    # which needs the repository root on the path they inherit
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+def test_processes_keep_identical_memories_under_ddp(tmp_path):
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seed=0)
     module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1)
@@ -314,7 +289,7 @@ def test_processes_keep_identical_memories_under_ddp(tmp_path, monkeypatch):
     out = tmp_path / "agreement.jsonl"
     trainer = Trainer(
         **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
-        callbacks=[er, RankAgreement(er, str(out))], logger=False, enable_checkpointing=False,
+        callbacks=[er, MemoryAgreement(er, str(out))], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(module, dm)

@@ -1,16 +1,15 @@
 """EWC: the penalty gradient against autograd, the Fisher, checkpoints, and real runs on digits."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from ddp_probes import FisherAgreement
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.ewc import EWC
 from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.module import ContinualModule
@@ -318,33 +317,10 @@ def test_agem_forgets_less_than_naive_sgd(runs, tmp_path):
     assert average_accuracy(agem, last) > average_accuracy(naive, last)
 
 
-class AgemRankAgreement(TaskAwareCallback):
-    """Placed after EWC under a 2-process strategy: at each task end, do both processes hold the
-    same weights, running Fisher, penalty Fisher and anchor? (Module-level and file-based:
-    ``ddp_spawn`` pickles callbacks to the child processes and their state does not come back.)"""
-
-    def __init__(self, ewc: EWC, out: str) -> None:
-        self.ewc, self.out = ewc, out
-
-    def on_task_end(self, trainer, pl_module, task):
-        local = {"weights": parameters_to_vector(pl_module.net.parameters()).detach(),
-                 "running_fisher": self.ewc.running_fisher, "fisher": self.ewc.fisher_sum,
-                 "anchor": self.ewc.fisher_anchor}
-        gathered = {name: trainer.strategy.all_gather(value) for name, value in local.items()}
-        if trainer.is_global_zero:
-            record = {name: bool(torch.equal(v[0], v[1])) for name, v in gathered.items()}
-            record |= {"task": task, "world_size": trainer.world_size, "steps": len(trainer.train_dataloader),
-                       "fisher_max": self.ewc.fisher_sum.max().item(), "fisher_min": self.ewc.fisher_sum.min().item()}
-            with open(self.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 @pytest.mark.slow
-def test_agem_processes_agree_under_ddp(tmp_path, monkeypatch):
+def test_agem_processes_agree_under_ddp(tmp_path):
     # the penalty and the running Fisher are built from the gradients DDP already averaged: every
-    # process holds the same Fisher, anchor and weights (ddp_spawn unpickles the probe in the
-    # children by its module name, tests.methods.test_ewc: the repository root must be on the path)
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    # process holds the same Fisher, anchor and weights
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seed=0)
     module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1)
@@ -352,7 +328,7 @@ def test_agem_processes_agree_under_ddp(tmp_path, monkeypatch):
     out = tmp_path / "agreement.jsonl"
     trainer = Trainer(
         **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
-        callbacks=[ewc, AgemRankAgreement(ewc, str(out))], logger=False, enable_checkpointing=False,
+        callbacks=[ewc, FisherAgreement(ewc, str(out))], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(module, dm)
