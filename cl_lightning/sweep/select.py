@@ -74,8 +74,9 @@ def best(scores: list[SettingScore]) -> SettingScore:
     """The eligible setting of highest mean validation score (the first in grid order on a tie)."""
     eligible = [s for s in scores if s.eligible]
     if not eligible:
-        raise SelectionError("no setting finished all its search seeds, so none can be selected; see the runs' "
-                             "FAILED markers and run.log files")
+        raise SelectionError("no setting finished all its search seeds, so none can be selected: run the same "
+                             "command again to resume interrupted trials; a trial that failed says why in its "
+                             "run.log (and FAILED file; --retry_failed runs failed trials again)")
     return max(eligible, key=lambda s: s.mean)
 
 
