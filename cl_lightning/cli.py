@@ -238,7 +238,7 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
 #: Commands beside LightningCLI's: name -> (module with ``main(argv)``, what it does).
 EXTRA_COMMANDS = {
     "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
-    "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std over seeds) and plots from a folder of runs"),
+    "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std, 95 % interval) over seeds, methods against MC-SGD, plots"),
     "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
     "sweep": ("cl_lightning.sweep.run", "a grid of settings x seeds on Ray Tune, selected on validation, best config on test seeds"),
 }
