@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from user_errors import user_error
+
 from cl_lightning.cli import main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -49,14 +51,6 @@ def out(finished):
     assert digests(save_dir / "lightning_logs" / "version_0") == before
     assert sorted(p.name for p in (save_dir / "lightning_logs").iterdir()) == ["version_0"]
 
-
-def user_error(argv: list[str]) -> str:
-    """The one-line message ``cl-lightning`` exits with (a string exit code: no traceback)."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    message = info.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
-    return message
 
 
 def argument_error(argv: list[str], capsys) -> str:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from user_errors import user_error
+
 from cl_lightning.cli import cli_main, main
 from sequence_runs import fit_permuted_digits
 
@@ -25,13 +27,6 @@ def args(out: Path, *extra: str, tasks: int = 3) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--accuracy_matrix.print_table", "false", *extra]
 
-
-def user_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    message = info.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
-    return message
 
 
 def test_step_checkpoints_add_to_the_after_task_ones_and_last_is_the_final_model(tmp_path, capsys):
