@@ -33,13 +33,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from cl_lightning.errors import ResultsWriteError, UserError
 from cl_lightning.metrics.continual import summaries, summary
+
+if TYPE_CHECKING:  # grid and sweep import this module without loading Lightning
+    from lightning.pytorch import Trainer
 
 CONFIG_FILE = "config.yaml"
 #: The console output of the fit processes launched into the folder (``grid``, ``sweep``).
@@ -70,6 +73,12 @@ class MatrixFileError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------- layout
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
+    broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
     return Path(root) / benchmark / method / f"seed_{seed}"

@@ -24,6 +24,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from cl_lightning.rundir import CONFIG_FILE, run_dir
+
 #: The signals that stop a run with a checkpoint: a scheduler's stop (SLURM preemption, ``kill``) and Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -41,7 +43,7 @@ class RunInterrupted(SIGTERMException):
 def resume_command(trainer: Trainer, ckpt: Path) -> str:
     """How to go on from ``ckpt``: the ``cl-lightning fit`` command when the run folder holds the
     CLI's ``config.yaml``, else the Trainer call."""
-    config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+    config = run_dir(trainer) / CONFIG_FILE
     if config.is_file():
         return f"cl-lightning fit --config {config} --ckpt_path {ckpt}"
     return f"trainer.fit(model, datamodule, ckpt_path='{ckpt}')"
@@ -168,4 +170,4 @@ class CheckpointOnSignal(Callback):
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
             return Path(checkpoint.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        return run_dir(trainer) / "checkpoints"

@@ -20,7 +20,7 @@ from cl_lightning.errors import CheckpointError
 from cl_lightning.metrics.continual import summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
 from cl_lightning.metrics.task_accuracy import accuracy_key
-from cl_lightning.rundir import write_atomically, write_matrix
+from cl_lightning.rundir import run_dir, write_atomically, write_matrix
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
@@ -76,12 +76,6 @@ def format_table(matrix: Tensor, rows: int, title: str, full: str = "the run's a
     if max(rows, matrix.shape[1]) > MAX_TABLE_TASKS:
         lines.append(f"(first and last {MAX_TABLE_TASKS // 2} tasks of {matrix.shape[1]} shown; the full matrix: {full})")
     return "\n".join(lines)
-
-
-def run_dir(trainer: Trainer) -> Path:
-    """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
-    broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class AccuracyMatrix(Callback):

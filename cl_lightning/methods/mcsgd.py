@@ -40,7 +40,6 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.evaluation.accuracy_matrix import run_dir
 from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.base import TaskAwareCallback
@@ -48,7 +47,7 @@ from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.models.params import eval_mode, load_flat
-from cl_lightning.rundir import solution_path, write_matrix
+from cl_lightning.rundir import run_dir, solution_path, write_matrix
 from cl_lightning.seeding import generator
 
 
