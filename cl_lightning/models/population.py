@@ -1,0 +1,266 @@
+"""A population: N members of one network architecture, trained together as one stacked network.
+
+Reproducing the MC-SGD paper (Mirzadeh et al., ICLR 2021) takes many runs of small networks, and
+one run of the paper's MLP leaves an accelerator idle: each step is bound by Python and kernel
+launches. A :class:`Population` holds N members with stacked parameters (shape ``[N, ...]``) and
+runs them in one ``torch.func.vmap`` of ``torch.func.functional_call``, so N runs cost about one
+step's launches.
+
+Design principle: **a plain run is a population of one**. Member k depends only on its own seed
+and settings, never on N or on the other members:
+
+- Initial weights come from the member's seed alone (:func:`init_member`).
+- The parameters are real ``nn.Parameter`` s of shape ``[N, ...]``. The loss to optimise is the
+  *sum* of the members' losses, so the gradient of member k's slice is exactly member k's own
+  gradient, and ``torch.optim.SGD`` (momentum, weight decay) is elementwise, hence per member.
+- Dropout masks come from a counter-based hash of (member seed, dropout site, step, element),
+  not from torch's global RNG (see :func:`keep_mask`).
+
+Flat views (:meth:`Population.flat`, :meth:`Population.load_flat`) are ``[N, P]`` matrices whose
+row k is member k's vector in the layout of ``parameters_to_vector(net.parameters())`` of a solo
+network: the layout MC-SGD's solutions w_hat and w_bar are stored in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from cl_lightning.seeding import generator
+
+__all__ = ["Population", "init_member", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+
+
+def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """The network ``build()`` initialised from ``seed`` alone: a solo run's initial weights.
+
+    ``build`` runs with torch's global CPU generator seeded from the keyed stream
+    ``seeding.generator(seed, "init")`` (inside ``torch.random.fork_rng``, so the caller's RNG state
+    is left as it was). The weights therefore depend on nothing but the seed and the architecture:
+    not on what else the process drew before (data, other members), and not on the device the
+    network is later moved to. (A run that builds its network right after ``seed_everything(seed)``
+    instead, as LightningCLI does, starts from other weights for the same seed.)
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator(seed, "init").initial_seed())
+        return build()
+
+
+def _signed(value: int) -> int:
+    """The int64 with the bits of the unsigned 64-bit ``value``: torch has no uint64 arithmetic."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64's constants (Steele, Lea, Flood, "Fast splittable pseudorandom number generators",
+# OOPSLA 2014): the golden-ratio increment and the finaliser's two multipliers.
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+#: Keep-decisions compare the top 53 bits of a hash with ``round(p * 2**53)``.
+_UNIFORM_BITS = 53
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical (unsigned) right shift of int64 bits: ``>>`` on int64 is arithmetic."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: Tensor) -> Tensor:
+    """splitmix64's finaliser, elementwise on the bits of an int64 tensor.
+
+    torch's int64 multiplication wraps modulo 2**64 (on CPU and CUDA) and the shifts are logical,
+    so the result is the bits of the unsigned 64-bit splitmix64 (a test checks it against a
+    pure-Python reference).
+    """
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def dropout_keys(seeds: Sequence[int], site: int) -> Tensor:
+    """int64 ``[N]``: the key of each member's ``site``-th dropout module, a function of its seed
+    (through the keyed stream ``seeding.generator(seed, "dropout")``) and the site alone."""
+    roots = torch.tensor([generator(seed, "dropout").initial_seed() for seed in seeds], dtype=torch.int64)
+    return mix64(mix64(roots) ^ site)
+
+
+def drop_threshold(p: float) -> int:
+    """The integer form of a drop probability ``p`` that :func:`keep_mask` compares with:
+    ``round(p * 2**53)``. The actual drop probability is ``drop_threshold(p) / 2**53``."""
+    return round(p * 2**_UNIFORM_BITS)
+
+
+def keep_mask(key: Tensor, step: int, shape: Sequence[int], threshold: Tensor) -> Tensor:
+    """Dropout keep-mask of one member and site at ``step``: True where the element is kept.
+
+    Element ``i`` (row-major index into ``shape``) is kept iff the top 53 bits of
+    ``mix64(mix64(key ^ step) + (i + 1) * golden)``, the (i+1)-th output of a splitmix64 generator
+    seeded with ``mix64(key ^ step)``, are at least ``threshold``: keep probability
+    ``1 - threshold / 2**53``, independently per element as far as splitmix64 goes. Only int64
+    tensor operations on ``key``'s device, no floating point: the same mask on CPU and GPU.
+
+    Why not torch's RNG: under ``vmap(..., randomness="different")`` the population draws one
+    ``[N, ...]`` random tensor, so member k's mask would depend on N and on its position; with
+    ``"same"`` all members would share one mask. Either way a member's run would differ from its
+    solo run. Counter-based masks also need no generator state in checkpoints: a resumed run
+    recomputes them from the step.
+
+    Args:
+        key: The member's key for this site (see :func:`dropout_keys`), an int64 scalar tensor
+            (batched under ``vmap``).
+        step: The stream counter, e.g. the global training step; two forwards with the same step
+            get the same masks.
+        shape: Shape of the activation the mask is for.
+        threshold: :func:`drop_threshold` of the drop probability, an int64 scalar tensor
+            (batched under ``vmap``).
+    """
+    stream = mix64(key ^ step)
+    index = torch.arange(1, torch.Size(shape).numel() + 1, device=key.device, dtype=torch.int64)
+    bits = mix64(stream + index.view(shape) * _GOLDEN)
+    return _shift_right(bits, 64 - _UNIFORM_BITS) >= threshold
+
+
+class _CounterDropout(nn.Module):
+    """``nn.Dropout`` of a population member, with :func:`keep_mask` masks.
+
+    Its buffers hold one value per member in the population's stacked network, so one scalar per
+    member inside the vmapped call: the member's ``key`` for this site and its drop ``threshold``
+    (members may differ in dropout rate: it changes no shape). Both are integers, so ``.half()``
+    or ``.double()`` on the population leaves them alone. ``step`` is shared by all members;
+    :meth:`Population.forward` sets it.
+    """
+
+    def __init__(self, keys: Tensor, thresholds: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("key", keys)
+        self.register_buffer("threshold", thresholds)
+        self.step = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = keep_mask(self.key, self.step, x.shape, self.threshold)
+        # 1 / (1 - actual drop probability), exact in float64 before rounding to x's dtype
+        scale = (2.0**_UNIFORM_BITS / (2**_UNIFORM_BITS - self.threshold).to(torch.float64)).to(x.dtype)
+        return x * (keep.to(x.dtype) * scale)
+
+
+class Population(nn.Module):
+    """N members of one architecture with stacked parameters, run as one vmapped network.
+
+    ``forward`` maps inputs ``[N, B, ...]`` (member k's batch in row k) to logits ``[N, B, C]``.
+    Train with the *sum* of the members' losses: each member then gets exactly its own gradient,
+    and a standard ``torch.optim.SGD`` over :meth:`parameters` steps every member as its solo run.
+
+    Members may differ in anything that changes no shape: weights, buffers, dropout rates. Every
+    ``nn.Dropout`` of the networks is replaced by a counter-based dropout keyed by the member's
+    seed (:func:`keep_mask`), so in training mode ``forward`` needs the ``step``.
+
+    BatchNorm works under ``vmap`` in both of ``ResNet18``'s modes: with ``bn_stats="batch"``
+    (no running statistics) each member normalises with its own batch; with ``"running"`` each
+    member's running statistics are a slice of the stacked buffers and are updated in place.
+
+    Args:
+        nets: The members' networks, all of one architecture (same modules, parameter and buffer
+            names and shapes). Build them with :func:`init_member` so member k's initial weights
+            are those of the solo run with its seed (:meth:`from_seeds` does that). They are
+            copied: the population does not share storage with them.
+        seeds: The members' seeds, one per network; they key the dropout masks.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module], seeds: Sequence[int]) -> None:
+        super().__init__()
+        if not nets or len(nets) != len(seeds):
+            raise ValueError(f"need one seed per network and at least one network, got {len(nets)} nets and {len(seeds)} seeds")
+        for k, net in enumerate(nets[1:], start=1):
+            if _architecture(net) != _architecture(nets[0]):
+                raise ValueError(f"member {k}'s network differs in architecture from member 0's")
+        self.seeds = [int(s) for s in seeds]
+        params, buffers = stack_module_state(list(nets))
+        # The stacked network: a copy of member 0 whose parameters and buffers are replaced by the
+        # stacked [N, ...] ones, in place, so their order (the flat layout) is the solo network's.
+        self.stacked = copy.deepcopy(nets[0])
+        for name, value in params.items():
+            _set(self.stacked, name, nn.Parameter(value.detach()))
+        for name, value in buffers.items():
+            _set(self.stacked, name, value)
+        # Site s is the s-th nn.Dropout in module order, whatever its rates. A site where every
+        # member's rate is 0 is an identity (no hashing); any other random module makes vmap fail.
+        self._dropout_sites: list[str] = []
+        dropouts = [name for name, module in self.stacked.named_modules() if type(module) is nn.Dropout]
+        for site, name in enumerate(dropouts):
+            thresholds = torch.tensor([drop_threshold(net.get_submodule(name).p) for net in nets], dtype=torch.int64)
+            if thresholds.any():
+                _set(self.stacked, name, _CounterDropout(dropout_keys(self.seeds, site), thresholds))
+                self._dropout_sites.append(name)
+            else:
+                _set(self.stacked, name, nn.Identity())
+
+    @classmethod
+    def from_seeds(cls, build: Callable[[], nn.Module], seeds: Sequence[int]) -> Population:
+        """A population whose member k is ``build()`` initialised from ``seeds[k]`` (see
+        :func:`init_member`)."""
+        return cls([init_member(build, seed) for seed in seeds], seeds)
+
+    @property
+    def size(self) -> int:
+        """N, the number of members."""
+        return len(self.seeds)
+
+    def forward(self, x: Tensor, step: int | None = None) -> Tensor:
+        """Logits ``[N, B, C]`` of the members on their inputs ``x`` of shape ``[N, B, ...]``.
+
+        ``step`` keys the dropout masks; it is required in training mode when the networks have
+        dropout (member k's masks depend only on its seed, the site and ``step``).
+        """
+        if x.shape[0] != self.size:
+            raise ValueError(f"inputs must have shape [N={self.size}, B, ...], got {tuple(x.shape)}")
+        if self.training and self._dropout_sites:
+            if step is None:
+                raise ValueError("a training-mode forward with dropout needs `step` (it keys the masks)")
+            for name in self._dropout_sites:
+                self.stacked.get_submodule(name).step = step
+        params = dict(self.stacked.named_parameters())
+        buffers = dict(self.stacked.named_buffers())
+        return vmap(self._member_forward)(params, buffers, x)
+
+    def _member_forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.stacked, (params, buffers), (x,))
+
+    @torch.no_grad()
+    def flat(self) -> Tensor:
+        """``[N, P]``: row k is member k's ``parameters_to_vector(net.parameters())`` (a copy)."""
+        return torch.cat([p.reshape(self.size, -1) for p in self.stacked.parameters()], dim=1)
+
+    @torch.no_grad()
+    def load_flat(self, vectors: Tensor) -> None:
+        """Copy ``[N, P]`` flat vectors (the layout of :meth:`flat`) into the members' parameters."""
+        params = list(self.stacked.parameters())
+        numel = sum(p[0].numel() for p in params)
+        if vectors.shape != (self.size, numel):
+            raise ValueError(f"vectors must have shape ({self.size}, {numel}), got {tuple(vectors.shape)}")
+        offset = 0
+        for p in params:
+            width = p[0].numel()
+            p.copy_(vectors[:, offset : offset + width].view_as(p))
+            offset += width
+
+
+def _architecture(net: nn.Module) -> tuple:
+    """What must agree between members: module types and parameter/buffer names and shapes."""
+    return (
+        [(name, type(m)) for name, m in net.named_modules()],
+        [(name, p.shape, p.dtype) for name, p in net.named_parameters()],
+        [(name, b.shape, b.dtype) for name, b in net.named_buffers()],
+    )
+
+
+def _set(root: nn.Module, name: str, value: nn.Module | Tensor) -> None:
+    """Replace the submodule, parameter or buffer at dotted ``name`` of ``root``, keeping its place
+    in the registration order (and a buffer's persistence): ``nn.Module.__setattr__`` does both."""
+    owner_name, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(owner_name), leaf, value)
