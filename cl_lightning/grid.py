@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
     LOG_FILE,
+    Terminated,
     interrupted_exit,
     is_finished,
     launch,
@@ -31,6 +33,7 @@ from cl_lightning.rundir import (
     prepare,
     read_result,
     run_folder,
+    sigterm_raises_terminated,
 )
 
 
@@ -86,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(run from the repository root, or point --configs at the configs folder)")
 
     try:
-        run_grid(args, grid, configs, overrides)
+        with sigterm_raises_terminated():
+            run_grid(args, grid, configs, overrides)
     except KeyboardInterrupt:
         interrupted_exit(f"cl-lightning grid {shlex.join(argv)}")
+    except Terminated:
+        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}", signal.SIGTERM)
 
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],
