@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from cl_lightning.rundir import (
     prepare,
     read_result,
     run_folder,
+    signal_of,
     sigterm_raises_terminated,
 )
 
@@ -91,10 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with sigterm_raises_terminated():
             run_grid(args, grid, configs, overrides)
-    except KeyboardInterrupt:
-        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}")
-    except Terminated:
-        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}", signal.SIGTERM)
+    except (KeyboardInterrupt, Terminated) as stop:
+        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}", signal_of(stop))
 
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],

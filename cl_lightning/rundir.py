@@ -75,11 +75,11 @@ class MatrixFileError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------- layout
-
 def run_dir(trainer: Trainer) -> Path:
     """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
     broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
 
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
@@ -296,6 +296,11 @@ def sigterm_raises_terminated() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def signal_of(stop: KeyboardInterrupt | Terminated) -> int:
+    """The signal behind a launcher's stop: SIGINT for Ctrl-C, SIGTERM for :class:`Terminated`."""
+    return signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+
+
 def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
     """The child's exit status, calling ``on_poll`` about every :data:`POLL_SECONDS` meanwhile.
 
@@ -303,7 +308,7 @@ def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None]
     the child running in a session of its own: each is passed on, once per signal, so that the child
     stops as ``fit`` does (a checkpoint at its next consistent point; a second Ctrl-C stops it at
     once) rather than being killed mid-write, and re-raised once the child has ended."""
-    stop: BaseException | None = None
+    stop: KeyboardInterrupt | Terminated | None = None
     while True:
         try:
             if on_poll is not None:
@@ -314,7 +319,7 @@ def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None]
             continue
         except (KeyboardInterrupt, Terminated) as caught:
             stop = caught
-            child.send_signal(signal.SIGINT if isinstance(caught, KeyboardInterrupt) else signal.SIGTERM)
+            child.send_signal(signal_of(caught))
     if stop is not None:
         raise stop
     return code
