@@ -24,6 +24,7 @@ from pathlib import Path
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
     LOG_FILE,
+    Terminated,
     interrupted_exit,
     is_finished,
     launch,
@@ -31,6 +32,8 @@ from cl_lightning.rundir import (
     prepare,
     read_result,
     run_folder,
+    signal_of,
+    sigterm_raises_terminated,
 )
 
 
@@ -86,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(run from the repository root, or point --configs at the configs folder)")
 
     try:
-        run_grid(args, grid, configs, overrides)
-    except KeyboardInterrupt:
-        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}")
+        with sigterm_raises_terminated():
+            run_grid(args, grid, configs, overrides)
+    except (KeyboardInterrupt, Terminated) as stop:
+        interrupted_exit(f"cl-lightning grid {shlex.join(argv)}", signal_of(stop))
 
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],

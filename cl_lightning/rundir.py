@@ -29,8 +29,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -73,11 +75,11 @@ class MatrixFileError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------- layout
-
 def run_dir(trainer: Trainer) -> Path:
     """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
     broadcasts it), so call this on every process, e.g. in ``setup``, never from rank 0 only."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
 
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
@@ -268,14 +270,45 @@ def failure_reason(code: int, folder: Path) -> str:
     return f"{reason}: {error}" if error else reason
 
 
-def wait_passing_on_ctrl_c(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
+class Terminated(Exception):
+    """SIGTERM reached a launcher (``kill``, a scheduler ending the job): it stops as on Ctrl-C."""
+
+
+@contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` instead of ending the process at once.
+
+    A launcher killed outright would leave its running fit, which has a session of its own,
+    training on as an orphan, and a rerun would start a second fit on the same run folder. Python
+    delivers signals to the main thread only, so elsewhere (a Ray trial's thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def signal_of(stop: KeyboardInterrupt | Terminated) -> int:
+    """The signal behind a launcher's stop: SIGINT for Ctrl-C, SIGTERM for :class:`Terminated`."""
+    return signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+
+
+def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
     """The child's exit status, calling ``on_poll`` about every :data:`POLL_SECONDS` meanwhile.
 
-    Ctrl-C (SIGINT) reaches only the launcher, the child running in a session of its own: it is
-    passed on, once per Ctrl-C, so that the child stops as ``fit`` does (a checkpoint at its next
-    consistent point; a second Ctrl-C stops it at once) rather than being killed mid-write, and
-    re-raised once the child has ended."""
-    interrupted = False
+    Ctrl-C (SIGINT) and SIGTERM (under :func:`sigterm_raises_terminated`) reach only the launcher,
+    the child running in a session of its own: each is passed on, once per signal, so that the child
+    stops as ``fit`` does (a checkpoint at its next consistent point; a second Ctrl-C stops it at
+    once) rather than being killed mid-write, and re-raised once the child has ended."""
+    stop: KeyboardInterrupt | Terminated | None = None
     while True:
         try:
             if on_poll is not None:
@@ -284,11 +317,11 @@ def wait_passing_on_ctrl_c(child: subprocess.Popen, on_poll: Callable[[], None] 
             break
         except subprocess.TimeoutExpired:
             continue
-        except KeyboardInterrupt:
-            interrupted = True
-            child.send_signal(signal.SIGINT)
-    if interrupted:
-        raise KeyboardInterrupt
+        except (KeyboardInterrupt, Terminated) as caught:
+            stop = caught
+            child.send_signal(signal_of(caught))
+    if stop is not None:
+        raise stop
     return code
 
 
@@ -328,7 +361,7 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
         log.flush()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
         try:
-            code = wait_passing_on_ctrl_c(child, on_poll)
+            code = wait_passing_on_signals(child, on_poll)
         finally:
             log.write(wall_time_line(time.monotonic() - start, child.returncode))
             if kept.exists() and not config.exists():
@@ -343,8 +376,10 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
     return Outcome(code, seconds, reason)
 
 
-def interrupted_exit(command: str) -> None:
-    """End a launcher (``grid``, ``sweep``) interrupted by Ctrl-C: one line with the rerun command, status 130."""
-    print(f"interrupted (Ctrl-C); finished runs are kept and the interrupted ones resume from their last checkpoint "
+def interrupted_exit(command: str, signum: int = signal.SIGINT) -> None:
+    """End a launcher (``grid``, ``sweep``) stopped by Ctrl-C or SIGTERM: one line with the rerun
+    command, status 130 or 143."""
+    how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    print(f"{how}; finished runs are kept and the interrupted ones resume from their last checkpoint "
           f"when you rerun: {command}", file=sys.stderr, flush=True)
-    sys.exit(128 + signal.SIGINT)
+    sys.exit(128 + signum)

@@ -50,7 +50,6 @@ from cl_lightning.models.params import eval_mode, load_flat
 from cl_lightning.rundir import run_dir, solution_path, write_matrix
 from cl_lightning.seeding import generator
 
-
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
                              "subset_size", "subset_per_class", "subset_replacement")
 

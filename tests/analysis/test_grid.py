@@ -78,11 +78,14 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_the_rerun_resumes_it(tmp_path, capsys, monkeypatch):
-    """Ctrl-C reaches the grid (the terminal's foreground group; the fit runs in a session of its
-    own): it is passed to the fit, which stops with a checkpoint, and the grid ends with one line
-    naming the rerun, status 130, no traceback, and no FAILED marker for the unfinished run. The
-    rerun resumes that run from its last.ckpt (the stop's checkpoint), not from scratch."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stopped_grid_stops_the_running_fit_with_its_checkpoint_and_the_rerun_resumes_it(signum, tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Ctrl-C (the terminal's foreground group) or SIGTERM (`kill`, a scheduler) reaches the grid, not
+    the fit, which runs in a session of its own: it is passed to the fit, which stops with a
+    checkpoint, and the grid ends with one line naming the rerun, status 130 / 143, no traceback, and
+    no FAILED marker for the unfinished run; no fit trains on as an orphan. The rerun resumes that
+    run from its last.ckpt (the stop's checkpoint), not from scratch."""
     repo = CONFIGS.parent
     root = tmp_path / "runs"
     args = ["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--root", str(root),
@@ -99,19 +102,22 @@ def test_ctrl_c_stops_the_running_fit_with_its_checkpoint_and_the_rerun_resumes_
         wait_until(lambda: paused_fit() is not None or grid.poll() is not None, "the fit to pause")
         fit = paused_fit()
         assert fit is not None, "the run ended before its pause point"
-        os.kill(grid.pid, signal.SIGINT)  # Ctrl-C
-        wait_until(lambda: has_pending(fit, signal.SIGINT), "the grid to pass Ctrl-C on")
+        os.kill(grid.pid, signum)
+        wait_until(lambda: has_pending(fit, signum), "the grid to pass the signal on")
         os.kill(fit, signal.SIGCONT)
-        assert grid.wait(timeout=300) == 130
+        assert grid.wait(timeout=300) == 128 + signum
+        assert not any("cl_lightning fit" in text and str(root) in text for text in command_lines().values())  # no orphan
     finally:
         grid.kill()
     output = (tmp_path / "grid.log").read_text()
     assert "Traceback" not in output
-    assert output.splitlines()[-1] == ("interrupted (Ctrl-C); finished runs are kept and the interrupted ones resume from "
+    how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert output.splitlines()[-1] == (f"{how}; finished runs are kept and the interrupted ones resume from "
                                        f"their last checkpoint when you rerun: cl-lightning grid {shlex.join(args)}")
     run = root / "permuted_digits" / "naive" / "seed_0"
     log = (run / "run.log").read_text()
-    assert "stopped by SIGINT at epoch 0, step 5: checkpoint" in log and "(exit code 130)" in log
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at epoch 0, step 5: checkpoint" in log and f"(exit code {128 + signum})" in log
     assert (run / "checkpoints" / "interrupted-epoch=0-step=5.ckpt").exists() and not (run / "FAILED").exists()
 
     assert (run / "checkpoints" / "last.ckpt").exists()  # the stop's state (else the rerun would start afresh)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from user_errors import user_error
 
 from cl_lightning.cli import main
@@ -50,7 +49,6 @@ def out(finished):
     yield save_dir
     assert digests(save_dir / "lightning_logs" / "version_0") == before
     assert sorted(p.name for p in (save_dir / "lightning_logs").iterdir()) == ["version_0"]
-
 
 
 def argument_error(argv: list[str], capsys) -> str:

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-
+from sequence_runs import fit_permuted_digits
 from user_errors import user_error
 
 from cl_lightning.cli import cli_main, main
-from sequence_runs import fit_permuted_digits
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 NAIVE = str(CONFIGS / "naive" / "permuted_digits.yaml")
@@ -26,7 +25,6 @@ def args(out: Path, *extra: str, tasks: int = 3) -> list[str]:
     return ["fit", "--config", NAIVE, "--data.num_tasks", str(tasks), "--trainer.logger.init_args.save_dir", str(out),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--accuracy_matrix.print_table", "false", *extra]
-
 
 
 def test_step_checkpoints_add_to_the_after_task_ones_and_last_is_the_final_model(tmp_path, capsys):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer, seed_everything
 from ddp_probes import MemoryAgreement
+from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 

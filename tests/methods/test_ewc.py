@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
 from ddp_probes import FisherAgreement
+from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from torch.nn.utils import parameters_to_vector
 
