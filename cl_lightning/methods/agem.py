@@ -30,10 +30,10 @@ triggers no gradient all-reduce of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -57,7 +57,8 @@ def member_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     over all dims but 0 of every tensor, summed over the list.
 
     Row k reads only member k's slices. On the CPU with one thread it is bitwise the same for
-    member k whatever N is (with more threads, a single row's reduction may be split differently).
+    member k whatever N is (measured); with more threads, or on an accelerator, the reduction of
+    a row may be split differently for another N (rounding only).
     """
     dots = [torch.linalg.vecdot(x.flatten(1), y.flatten(1)) for x, y in zip(a, b)]
     total = dots[0]
@@ -83,7 +84,7 @@ def project_gradients(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
     return dot
 
 
-def memory_positions(seeds: tuple[int, ...] | list[int], size: int, count: int, epoch: int, batch_idx: int) -> Tensor:
+def memory_positions(seeds: Sequence[int], size: int, count: int, epoch: int, batch_idx: int) -> Tensor:
     """``[N, count]``: positions in each member's memory of size ``size`` for step ``batch_idx`` of
     ``epoch``, drawn without replacement; row k from member k's seed alone.
 
@@ -174,14 +175,12 @@ class AGEM(TaskAwareCallback):
         """Each member's gradient of its mean cross-entropy on its rows of ``batch``, w.r.t.
         ``params`` (``[N, ...]`` each); ``.grad`` is not touched.
 
-        The members' losses are summed before the backward, so member k's slice of each gradient
-        is its own loss's gradient (``Population``): the members stay independent.
+        ``pl_module.loss`` sums the members' losses, so member k's slice of each gradient is its
+        own loss's gradient: the members stay independent (a member the guard stopped gets 0).
         """
-        x, y, task = batch
         with torch.inference_mode(False), torch.enable_grad():
-            logits = pl_module(x, task, stream=REFERENCE_STREAM)  # [N, M, C]
-            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # [N]
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            loss = pl_module.loss(batch, stream=REFERENCE_STREAM)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     @override
@@ -203,7 +202,9 @@ class AGEM(TaskAwareCallback):
     # ------------------------------------------------------------------ reporting
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        if self.projected is None or trainer.logger is None:
+        # A population of one only, as the accuracy matrix's metrics: the logger has no member
+        # dimension yet (issue 16 step 7 gives each member its own).
+        if self.projected is None or trainer.logger is None or len(self.projected) != 1:
             return
         metrics = {
             "agem/projected_fraction": self.projected.item() / max(self.steps, 1),
