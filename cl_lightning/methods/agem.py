@@ -42,6 +42,7 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
 from cl_lightning.models.member_sgd import member_view
@@ -202,15 +203,14 @@ class AGEM(TaskAwareCallback):
     # ------------------------------------------------------------------ reporting
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        # A population of one only, as the accuracy matrix's metrics: the logger has no member
-        # dimension yet (issue 16 step 7 gives each member its own).
-        if self.projected is None or trainer.logger is None or len(self.projected) != 1:
+        """Each member's fraction of projected steps (and the memory size) into its own logger."""
+        if self.projected is None:
             return
-        metrics = {
-            "agem/projected_fraction": self.projected.item() / max(self.steps, 1),
-            "agem/memory_size": float(sum(i.shape[1] for i in self.memory.indices.values())),
-        }
-        trainer.logger.log_metrics(metrics, step=task + 1)
+        size = float(sum(i.shape[1] for i in self.memory.indices.values()))
+        for logger, projected in zip(member_loggers(trainer), self.projected.tolist()):
+            if logger is not None:
+                logger.log_metrics({"agem/projected_fraction": projected / max(self.steps, 1), "agem/memory_size": size},
+                                   step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override
