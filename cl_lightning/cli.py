@@ -202,6 +202,12 @@ class ContinualCLI(LightningCLI):
         if finished:
             print(finished)
             sys.exit(0)
+        saved = ((checkpoint or {}).get("hyper_parameters") or {}).get("seeds") or []
+        if len(saved) > 1 and self.config[subcommand].get("seeds") != saved:
+            # Some members of a population's checkpoint (e.g. a member's own config.yaml): their
+            # settings are in this config, while the checkpoint's hyperparameters hold every
+            # member's; the module takes their weights (ContinualModule.on_load_checkpoint).
+            return
         super()._parse_ckpt_path()
 
     @override
@@ -224,7 +230,8 @@ class ContinualCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written atomically
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        check_run_inputs(self.datamodule, config, callbacks, self.config[self.subcommand].get("ckpt_path"))
+        check_run_inputs(self.datamodule, config, callbacks, self.config[self.subcommand].get("ckpt_path"),
+                         fitting=self.subcommand == "fit")
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -112,6 +112,7 @@ class AccuracyMatrix(Callback):
         dm = trainer.datamodule
         self.matrix = torch.full((dm.size, dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
+        self.seeds = list(dm.seeds)
         self.folders = member_dirs(run_dir(trainer), dm.seeds)
 
     def _check_restored(self, trainer: Trainer) -> None:
@@ -207,9 +208,13 @@ class AccuracyMatrix(Callback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"matrix": self.matrix, "split": self.split}
+        return {"matrix": self.matrix, "split": self.split, "seeds": self.seeds}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.matrix = state_dict["matrix"]
         self.split = state_dict["split"]
+        saved = state_dict.get("seeds")
+        seeds = getattr(self, "seeds", saved)
+        if saved and seeds and saved != seeds and set(seeds) <= set(saved):  # evaluating members of a population
+            self.matrix = self.matrix[[saved.index(seed) for seed in seeds]]

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from cl_lightning.errors import ConfigError
+from cl_lightning.errors import CheckpointError, ConfigError
 from cl_lightning.member_outputs import member_loggers
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
@@ -134,6 +135,24 @@ class ContinualModule(LightningModule):
     def size(self) -> int:
         """N, the number of members."""
         return self.population.size
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Evaluate members of a population's checkpoint: a module of some of its seeds (a member's own
+        config.yaml, with the population's checkpoint) takes their weights. Resuming needs the whole
+        population: every method's state has all its members."""
+        saved = list((checkpoint.get("hyper_parameters") or {}).get("seeds") or [])
+        if not saved or saved == list(self.seeds):
+            return
+        missing = [seed for seed in self.seeds if seed not in saved]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds the members with seeds {saved}, not {missing}: pass the "
+                                  "checkpoint of the population (or run) that trained them")
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            raise CheckpointError(f"the checkpoint is of a population of seeds {saved}; resume the whole population "
+                                  "with its own config.yaml (in the checkpoint's run folder), not one member's")
+        checkpoint["state_dict"] = take_members(checkpoint["state_dict"], saved, self.seeds)
+        checkpoint["hyper_parameters"]["seeds"] = list(self.seeds)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name before every hook call, about 45 times per
@@ -289,6 +308,14 @@ class ContinualModule(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._keep(self.test_accuracy, "test")
+
+
+def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
+    """The state dict of the members with ``seeds`` out of ``state_dict``, a module's whose members had
+    the seeds ``saved`` (every population tensor has the members on dim 0)."""
+    index = torch.tensor([list(saved).index(seed) for seed in seeds])
+    return {key: value[index] if key.startswith("population.") or key == "failed" else value
+            for key, value in state_dict.items()}
 
 
 def total(losses: Tensor, failed: Tensor) -> Tensor:

@@ -56,3 +56,25 @@ def test_a_setting_list_of_the_wrong_length_is_refused(mnist_root: Path, tmp_pat
     message = user_error(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path), "--seeds", "[0,1,2]",
                           "--model.lr", "[0.1,0.05]"])
     assert "model.lr has 2 values but the population has 3 member(s)" in message
+
+
+def test_test_evaluates_a_member_from_the_populations_checkpoint(population: Path, tmp_path: Path) -> None:
+    checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
+    cli_main(["test", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "member")])
+    member = json.loads((tmp_path / "member" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
+    matrix = json.loads((population / "seed_3" / "accuracy_matrix.json").read_text())["matrix"]
+    assert member["accuracy"] == pytest.approx(matrix[2], abs=1e-9)  # the model kept after task 3
+    # the whole population at once: each member's test_accuracy.json in its folder
+    cli_main(["test", "--config", str(population / "version_0" / "config.yaml"), "--ckpt_path", str(checkpoint),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "all")])
+    both = json.loads((tmp_path / "all" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
+    assert both["accuracy"] == member["accuracy"]
+
+
+def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population: Path, tmp_path: Path) -> None:
+    checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
+    message = user_error(["fit", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
+                          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert "seeds: checkpoint [0, 3]" in message
+    assert f"cl-lightning fit --config {population / 'version_0' / 'config.yaml'} --ckpt_path {checkpoint}" in message
