@@ -81,6 +81,20 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def local_run_dir(trainer: Trainer) -> Path:
+    """The run folder as :func:`run_dir` finds it, without its broadcast: for code that runs on rank 0
+    only (``trainer.log_dir``'s rule: the first logger's ``log_dir`` for TensorBoard and CSV loggers,
+    another logger's ``save_dir``, else ``default_root_dir``)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        folder = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        if folder is not None:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
+
+
 def member_dirs(folder: Path, seeds: Sequence[int]) -> list[Path]:
     """Where each member of the population whose run folder is ``folder`` writes its results: a
     population of one writes into the run folder itself; member k of a larger population into the

@@ -23,7 +23,16 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
 from typing_extensions import override
 
-from cl_lightning.data.members import Batch, MemberBatches, MemberData, MemberEvalBatches, MemberSet, MemberTasks, epoch_orders, member_tasks
+from cl_lightning.data.members import (
+    Batch,
+    MemberBatches,
+    MemberData,
+    MemberEvalBatches,
+    MemberSet,
+    MemberTasks,
+    epoch_orders,
+    member_tasks,
+)
 from cl_lightning.data.sources import NUM_CLASSES, load_source
 from cl_lightning.data.tasks import check_split
 from cl_lightning.errors import ConfigError

@@ -12,6 +12,7 @@ gradient, and :class:`~cl_lightning.models.member_sgd.MemberSGD` steps each with
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -19,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from cl_lightning.errors import ConfigError
-from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.member_outputs import member_loggers
+from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.models.population import Population, fresh_copy, init_member, member_values
@@ -68,6 +71,9 @@ class ContinualModule(LightningModule):
         seeds: The members' seeds; None takes them from the datamodule (``data.seeds``, or its
             ``seed`` / ``seed_everything``). The command line links this to ``data.seeds``.
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = (*SGD_SETTINGS, "dropout")
 
     def __init__(
         self,
@@ -187,8 +193,15 @@ class ContinualModule(LightningModule):
         # Only on the steps the logger writes (every `log_every_n_steps`): `self.log` costs about
         # as much as a whole MLP step at batch size 10, and the other steps' values are never shown.
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
-            self.log("train/loss", losses.detach().mean())
+            if self.size == 1:
+                self.log("train/loss", losses[0].detach())
+            else:
+                self._log_member_losses(losses.detach())
         return {"loss": total(losses, self.failed), "member_losses": losses.detach()}
+
+    def _log_member_losses(self, losses: Tensor) -> None:
+        """Each member's training loss into its own logger (one read of the ``[N]`` losses)."""
+        self._log_members([{"train/loss": loss} for loss in losses.tolist()])
 
     def task_lr(self, epoch: int) -> Tensor:
         """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""
@@ -250,10 +263,24 @@ class ContinualModule(LightningModule):
         self._evaluate(self.test_accuracy, batch)
 
     def _keep(self, metric: TaskAccuracy, stage: str) -> None:
+        """Keep and log each member's accuracies of the evaluation that just ended."""
         # compute() combines all processes; a stopped member's accuracies are not results
         accuracy = metric.compute().cpu()
-        self.task_accuracy[stage] = accuracy.masked_fill(self.failed.cpu().unsqueeze(1), float("nan"))
+        self.task_accuracy[stage] = accuracy = accuracy.masked_fill(self.failed.cpu().unsqueeze(1), float("nan"))
         metric.reset()
+        rows = [{accuracy_key(stage, t): acc for t, acc in enumerate(row) if not math.isnan(acc)} for row in accuracy.tolist()]
+        if self.size == 1:
+            for key, acc in rows[0].items():
+                # The metric already combined all processes, so the mean over them is the value itself.
+                self.log(key, acc, sync_dist=True)
+        else:
+            self._log_members(rows)
+
+    @rank_zero_only
+    def _log_members(self, rows: list[dict[str, float]]) -> None:
+        for logger, row in zip(member_loggers(self.trainer), rows):
+            if logger is not None and row:
+                logger.log_metrics(row, step=self.global_step)
 
     @override
     def on_validation_epoch_end(self) -> None:
