@@ -81,6 +81,7 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.models.member_sgd import member_view
 from cl_lightning.models.module import mask_logits
@@ -164,6 +165,9 @@ class EWC(TaskAwareCallback):
         fisher_update_every: (agem) optimizer steps per window (``fisher_update_after``: 10 in
             the A-GEM code's MNIST scripts, 50 in its CIFAR script), shared by the members.
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = ("lam", "fisher_decay")
 
     def __init__(
         self,
@@ -260,7 +264,7 @@ class EWC(TaskAwareCallback):
         self.tasks.append(task)
         stiffness = self.curvature(len(theta)) * self.fisher_sum.amax(dim=1).cpu().double()
         self._check_stability(trainer, pl_module, stiffness)
-        self._publish(trainer, task, previous_penalty, fisher, stiffness)
+        self._publish(trainer, pl_module, task, previous_penalty, fisher, stiffness)
 
     @staticmethod
     def _check_stability(trainer: Trainer, pl_module: LightningModule, stiffness: Tensor) -> None:
@@ -433,19 +437,21 @@ class EWC(TaskAwareCallback):
     # ------------------------------------------------------------------ reporting
     @rank_zero_only
     def _publish(
-        self, trainer: Trainer, task: int, previous_penalty: Tensor | None, fisher: Tensor, stiffness: Tensor
+        self, trainer: Trainer, pl_module: LightningModule, task: int, previous_penalty: Tensor | None, fisher: Tensor,
+        stiffness: Tensor,
     ) -> None:
-        """Log the task's Fisher, stiffness and penalty: for a population of one, as the
-        accuracy matrix logs its scores (the run's logger is the member's)."""
-        if trainer.logger is None or len(fisher) != 1:
-            return
-        metrics = {"ewc/fisher_mean": fisher.mean().item(), "ewc/fisher_max": fisher.max().item(),
-                   "ewc/stiffness": stiffness.item()}
+        """Log each member's Fisher, stiffness and penalty of the task into the member's own logger
+        (a stopped member's are not results)."""
+        values = {"ewc/fisher_mean": fisher.mean(dim=1), "ewc/fisher_max": fisher.amax(dim=1), "ewc/stiffness": stiffness}
         if previous_penalty is not None:
             # The penalty of tasks 1..t-1 at theta*_t: how far training task t pulled the weights
             # from where the earlier tasks want them (the current task adds 0 at its optimum).
-            metrics["ewc/penalty"] = previous_penalty.item()
-        trainer.logger.log_metrics(metrics, step=task + 1)
+            values["ewc/penalty"] = previous_penalty
+        rows = {name: value.detach().cpu().double().tolist() for name, value in values.items()}
+        failed = pl_module.failed.tolist()
+        for k, logger in enumerate(member_loggers(trainer)):
+            if logger is not None and not failed[k]:
+                logger.log_metrics({name: row[k] for name, row in rows.items()}, step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override

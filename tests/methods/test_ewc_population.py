@@ -2,19 +2,25 @@
 one with member k's seed and settings (bitwise on CPU for the MLP), and no member's values reach
 another's.
 
-The pieces are driven directly here (a ``Population`` and the datamodule's member sets, no Trainer);
-whole runs are in ``test_ewc.py``.
+First the pieces, driven directly (the module and datamodule of a population, no Trainer); then
+whole runs (member k of three against its run alone, a changed member 2, a resume) and a
+population from the command line.
 """
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from cli_runs import tiny_run_args
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
+from cl_lightning.cli import cli_main
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.ewc import EWC, min_max
 from cl_lightning.models.member_sgd import MemberSGD
@@ -129,6 +135,38 @@ def test_the_stability_warning_names_the_members_past_sgds_limit() -> None:
     stiffness = torch.tensor([10.0, 30.0, 100.0], dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"seed\(s\) \[1\].*up to 30,"):
         EWC._check_stability(trainer, module, stiffness)
+
+
+class RecordingLogger:
+    """Stands in for a member's logger: keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_each_members_fisher_and_penalty_go_to_its_own_logger() -> None:
+    dm, module = members(SEEDS)
+    loggers = [RecordingLogger() for _ in SEEDS]
+    trainer = SimpleNamespace(datamodule=dm, optimizers=[], strategy=SimpleNamespace(broadcast=lambda value, src: value),
+                              _member_loggers=loggers)  # what member_outputs.member_loggers made for the run
+    ewc = EWC(lam=LAMS, fisher_samples=64)
+    ewc.on_task_end(trainer, module, 0)
+    module.failed[1] = True  # a member the guard stopped logs nothing more
+    with torch.no_grad():
+        module.population.load_flat(module.population.flat() + 0.01)
+    penalty = ewc.penalty(module.population.flat())  # of task 1's Fisher, at the weights task 2 ends with
+    ewc.on_task_end(trainer, module, 1)
+    assert [len(logger.logged) for logger in loggers] == [2, 1, 2]
+    for k, logger in enumerate(loggers):
+        first, step = logger.logged[0]
+        assert step == 1 and "ewc/penalty" not in first
+        assert first["ewc/stiffness"] == pytest.approx(LAMS[k] * first["ewc/fisher_max"], rel=1e-6)
+    for k in (0, 2):
+        last, step = loggers[k].logged[1]
+        assert step == 2 and last["ewc/penalty"] == penalty[k].item()
 
 
 def test_lam_needs_one_value_per_member() -> None:
@@ -312,3 +350,22 @@ def test_a_population_resumed_mid_task_gives_the_same_run(tmp_path):
     [straight_ewc], [resumed_ewc] = straight[0], resumed[0]
     for name in ("running_fisher", "fisher_window", "fisher_sum", "fisher_anchor", "anchor_energy"):
         assert torch.equal(getattr(resumed_ewc, name).cpu(), getattr(straight_ewc, name).cpu()), name
+
+
+# ---------------------------------------------------------------------- the command line
+def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, tmp_path):
+    # lam and fisher_decay per member: member k's config.yaml holds its own values, its TensorBoard
+    # events its own EWC scalars, and the config re-runs it alone to the same accuracy matrix
+    out = tmp_path / "population"
+    cli_main(["fit", *tiny_run_args("ewc/permuted_mnist.yaml", mnist_root, out), "--seeds", "[0,3]",
+              "--trainer.callbacks.init_args.lam", "[10.0,3.0]", "--trainer.callbacks.init_args.fisher_decay", "[0.9,0.5]"])
+    folders = [out / "lightning_logs" / f"seed_{seed}" for seed in (0, 3)]
+    for k, folder in enumerate(folders):
+        [ewc] = yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["callbacks"]
+        assert (ewc["init_args"]["lam"], ewc["init_args"]["fisher_decay"]) == ([10.0, 3.0][k], [0.9, 0.5][k])
+        scalars = EventAccumulator(str(folder)).Reload().Tags()["scalars"]
+        assert {"ewc/fisher_mean", "ewc/stiffness", "ewc/penalty"} <= set(scalars)
+    alone = tmp_path / "alone"
+    cli_main(["fit", "--config", str(folders[1] / "config.yaml"), "--trainer.logger.init_args.save_dir", str(alone)])
+    solo = json.loads((alone / "lightning_logs" / "seed_3" / "accuracy_matrix.json").read_text())
+    assert solo["matrix"] == json.loads((folders[1] / "accuracy_matrix.json").read_text())["matrix"]  # the same floats
