@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from cl_lightning.rundir import local_run_dir, member_dirs, write_atomically
+from cl_lightning.rundir import MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
 
 #: The file in a member's folder that names the population it was trained in.
 POPULATION_FILE = "population.json"
@@ -82,7 +82,7 @@ def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int
         return folders
     record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
               "checkpoints": str(population / "checkpoints")}
-    files = {population / "members.json": json.dumps(record, indent=1)}
+    files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
     for k, (seed, folder) in enumerate(zip(seeds, folders)):
         folder.mkdir(parents=True, exist_ok=True)
         files[folder / "config.yaml"] = yaml.safe_dump(member_config(config, k, seed, folder), sort_keys=False)
