@@ -157,6 +157,8 @@ class ContinualCLI(LightningCLI):
         for name in LINKED_TRAINER_SETTINGS:
             parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), f"trainer.{name}",
                                   compute_fn=linked_trainer_setting(name))
+        # One list of members: the model's population and the datamodule's task sequences.
+        parser.link_arguments("data.seeds", "model.seeds")
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")

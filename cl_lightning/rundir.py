@@ -81,6 +81,17 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def member_dirs(folder: Path, seeds: Sequence[int]) -> list[Path]:
+    """Where each member of the population whose run folder is ``folder`` writes its results: a
+    population of one writes into the run folder itself; member k of a larger population into the
+    sibling ``seed_<seeds[k]>``, the folder a solo run with that seed gets from ``grid``
+    (:func:`run_folder`), so ``report`` reads members and solo runs alike."""
+    folder = Path(folder)
+    if len(seeds) == 1:
+        return [folder]
+    return [folder.parent / f"seed_{seed}" for seed in seeds]
+
+
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
     return Path(root) / benchmark / method / f"seed_{seed}"
