@@ -58,6 +58,7 @@ from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys
+from cl_lightning.models.module import total
 
 #: Dropout stream of the memory batch's forward: masks other than the current batch's (stream 0).
 REPLAY_STREAM = 1
@@ -156,7 +157,8 @@ class ER(TaskAwareCallback):
             pl_module.log("er/memory_loss", losses.detach().mean())
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
-            loss = losses.sum() * (self._memory_share / trainer.accumulate_grad_batches)
+            # A member the guard stopped adds nothing (its loss may be NaN), as in the module's loss.
+            loss = total(losses, pl_module.failed) * (self._memory_share / trainer.accumulate_grad_batches)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             if scaler is not None:
                 loss = scaler.scale(loss)
@@ -164,10 +166,14 @@ class ER(TaskAwareCallback):
 
     def memory_batch(self, trainer: Trainer, pl_module: LightningModule) -> Batch:
         """This step's replayed ``(x, y, task)`` batch, ``[N, M, ...]``: member k's draw from its memory."""
-        buffer = self.buffer.to(pl_module.device)
-        slots = buffer.sample(self.memory_batch_size, self.sample_keys.to(pl_module.device))
-        training = trainer.train_dataloader.dataset
-        memory = MemberSet(training.base, buffer.index.gather(1, slots), buffer.task.gather(1, slots),
+        slots = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sample_keys.to(pl_module.device))
+        return self.stored_batch(trainer, slots)
+
+    def stored_batch(self, trainer: Trainer, slots: Tensor) -> Batch:
+        """The examples in ``slots`` (``[N, m]``, row k: member k's slots) as an ``(x, y, task)``
+        batch, built through the training set's own path (base images, each example's task map)."""
+        training: MemberSet = trainer.train_dataloader.dataset
+        memory = MemberSet(training.base, self.buffer.index.gather(1, slots), self.buffer.task.gather(1, slots),
                            training.pixel_maps)
         return memory.batch(0, slots.shape[1])
 
