@@ -154,7 +154,10 @@ class ER(TaskAwareCallback):
         with torch.inference_mode(False), torch.enable_grad():
             with trainer.precision_plugin.forward_context():
                 losses = pl_module.member_losses(batch, stream=REPLAY_STREAM)
-            pl_module.log("er/memory_loss", losses.detach().mean())
+            # Only on the steps the logger writes, as the module's `train/loss`: `log` costs about as
+            # much as a small MLP's step.
+            if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+                pl_module.log("er/memory_loss", losses.detach().mean())
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
             # A member the guard stopped adds nothing (its loss may be NaN), as in the module's loss.
@@ -166,7 +169,8 @@ class ER(TaskAwareCallback):
 
     def memory_batch(self, trainer: Trainer, pl_module: LightningModule) -> Batch:
         """This step's replayed ``(x, y, task)`` batch, ``[N, M, ...]``: member k's draw from its memory."""
-        slots = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sample_keys.to(pl_module.device))
+        self.sample_keys = self.sample_keys.to(pl_module.device)  # once: a no-op when there
+        slots = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sample_keys)
         return self.stored_batch(trainer, slots)
 
     def stored_batch(self, trainer: Trainer, slots: Tensor) -> Batch:
@@ -209,7 +213,8 @@ class ER(TaskAwareCallback):
 
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        """Once per task: how much of the memory each task holds (a host sync here is fine)."""
+        """Once per task: how much of the memory each task holds, averaged over the members (a host
+        sync here is fine; :meth:`shares` has each member's)."""
         if trainer.logger is None or len(self.buffer) == 0:
             return
         share = self.shares(trainer.datamodule.num_tasks).mean(0)

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 
 from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.methods.er import ER
 from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys, stream_bits
 from cl_lightning.metrics.continual import average_accuracy, forgetting
@@ -312,20 +313,31 @@ def test_step_follows_one_mean_over_the_joined_current_and_memory_batch(tmp_path
 
 
 # ---------------------------------------------------------------------------- members
-MEMBER_RUN = {"num_tasks": 2, "hidden": (32,), "lr_decay": 0.8, "dropout": 0.25}
+#: Each seed's learning rate in the member runs: members differ in a setting, not only in seed.
+LR = {0: 0.1, 1: 0.05, 2: 0.2, 7: 0.3}
 
 
-def fit_er(tmp_path, seeds: list[int]) -> tuple[torch.Tensor, ContinualModule, ER]:
-    er = ER(memory_size=30, memory_batch_size=8)
-    matrix, module = fit_permuted_digits(tmp_path, [er], seeds=seeds, **MEMBER_RUN)
-    return matrix, module, er
+def fit_er(tmp_path, seeds: list[int], lr: list[float]) -> tuple[torch.Tensor, ContinualModule, ER]:
+    """ER on 2 permuted-digits tasks, MLP 64-32-10 with dropout 0.25: ``[N, T, T]`` accuracies,
+    module, callback. (The module gets the seeds itself: a list of lrs is checked against them.)"""
+    er, matrix = ER(memory_size=30, memory_batch_size=8), AccuracyMatrix(print_table=False)
+    seed_everything(0)
+    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seeds=seeds)
+    module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=lr, lr_decay=0.8, seeds=seeds)
+    trainer = Trainer(**dm.trainer_settings(), callbacks=[er, matrix], logger=False, default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      deterministic=True)
+    trainer.fit(module, dm)
+    return matrix.matrix, module, er
 
 
 @pytest.fixture(scope="module")
 def member_runs(tmp_path_factory):
-    """ER with dropout on permuted digits: populations [0, 1, 2] and [0, 1, 7], and each of 0, 1, 2 alone."""
-    runs = {tuple(seeds): fit_er(tmp_path_factory.mktemp("er"), seeds) for seeds in ([0, 1, 2], [0, 1, 7])}
-    runs |= {(seed,): fit_er(tmp_path_factory.mktemp(f"er{seed}"), [seed]) for seed in (0, 1, 2)}
+    """ER with dropout on permuted digits: populations [0, 1, 2] and [0, 1, 7] (member 2's seed and
+    lr changed), each of 0, 1, 2 alone, and [0, 1] where member 1 diverges (lr 1e30)."""
+    runs = {tuple(seeds): fit_er(tmp_path_factory.mktemp("er"), seeds, [LR[s] for s in seeds])
+            for seeds in ([0, 1, 2], [0, 1, 7], [0], [1], [2])}
+    runs["diverged"] = fit_er(tmp_path_factory.mktemp("diverged"), [0, 1], [LR[0], 1e30])
     return runs
 
 
@@ -340,13 +352,21 @@ def test_member_k_of_a_population_is_its_population_of_one(member_runs, k):
         assert torch.equal(population[k], solo[0])
 
 
-def test_a_member_does_not_depend_on_another_members_seed(member_runs):
+def test_a_member_does_not_depend_on_another_members_seed_or_setting(member_runs):
     (_, module, er), (_, other_module, other_er) = member_runs[0, 1, 2], member_runs[0, 1, 7]
     weights, other_weights = module.population.flat(), other_module.population.flat()
     assert torch.equal(weights[:2], other_weights[:2])  # members 0 and 1 unchanged ...
-    assert not torch.equal(weights[2], other_weights[2])  # ... when member 2's seed changes
+    assert not torch.equal(weights[2], other_weights[2])  # ... when member 2's seed and lr change
     assert torch.equal(er.buffer.examples()[0][:2], other_er.buffer.examples()[0][:2])
     assert not torch.equal(er.buffer.examples()[0][2], other_er.buffer.examples()[0][2])
+
+
+def test_a_diverged_member_does_not_reach_the_others(member_runs):
+    _, module, _ = member_runs["diverged"]
+    _, solo_module, _ = member_runs[0,]
+    weights = module.population.flat()
+    assert not torch.isfinite(weights[1]).all()  # member 1 diverged (no guard here) ...
+    assert torch.equal(weights[0], solo_module.population.flat()[0])  # ... member 0 is its solo run
 
 
 # ---------------------------------------------------------------------------- resume
@@ -356,7 +376,8 @@ def test_resume_gives_the_same_run(tmp_path, crash_step):
     # mid task: the memory is rebuilt from the checkpoint and the batches' base indices are found
     # at the restored position of the epoch
     straight, resumed = straight_and_resumed(tmp_path, lambda: [ER(memory_size=30, memory_batch_size=8)],
-                                             crash_step=crash_step, seeds=[0, 3], **MEMBER_RUN | {"num_tasks": 3})
+                                             crash_step=crash_step, seeds=[0, 3], num_tasks=3, hidden=(32,),
+                                             lr_decay=0.8, dropout=0.25)
     assert_same_run(straight, resumed)
     [straight_er], [resumed_er] = straight[0], resumed[0]
     assert resumed_er.buffer.seen == straight_er.buffer.seen
