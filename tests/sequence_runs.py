@@ -43,10 +43,12 @@ def fit_permuted_digits(
     of the population of one with ``seed``.
     """
     seed_everything(seed)
+    members = seeds if seeds is not None else [seed]
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16,
-                             joint=joint, seeds=seeds if seeds is not None else [seed])
+                             joint=joint, seeds=members)
     module = ContinualModule(MLP(64, list(hidden), 10, dropout=0.0 if isinstance(dropout, list) else dropout),
-                             lr=lr, lr_decay=lr_decay, dropout=dropout if isinstance(dropout, list) else None)
+                             lr=lr, lr_decay=lr_decay, dropout=dropout if isinstance(dropout, list) else None,
+                             seeds=members)
     matrix = AccuracyMatrix(print_table=False)
     trainer = Trainer(
         **dm.trainer_settings(), callbacks=[*callbacks, matrix], logger=False, default_root_dir=tmp_path,

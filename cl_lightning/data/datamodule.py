@@ -21,9 +21,19 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from cl_lightning.data.members import Batch, MemberBatches, MemberData, MemberEvalBatches, MemberSet, MemberTasks, epoch_orders, member_tasks
+from cl_lightning.data.members import (
+    Batch,
+    MemberBatches,
+    MemberData,
+    MemberEvalBatches,
+    MemberSet,
+    MemberTasks,
+    epoch_orders,
+    member_tasks,
+)
 from cl_lightning.data.sources import NUM_CLASSES, load_source
 from cl_lightning.data.tasks import check_split
 from cl_lightning.errors import ConfigError
@@ -239,13 +249,19 @@ class ContinualDataModule(LightningDataModule):
     @override
     def load_state_dict(self, state: dict[str, list[int]]) -> None:
         # Lightning restores this after `setup`, so both are known here.
+        self.check_seeds(state, fitting=self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING)
+
+    def check_seeds(self, state: dict[str, list[int]], fitting: bool) -> None:
+        """Refuse a checkpoint (its datamodule ``state``) of other members: resuming (``fitting``) needs
+        the same seeds; evaluating may take some members of a population's checkpoint."""
         saved = [int(k) for k in state.get("seeds", [state.get("seed")])]
-        if saved != list(self.seeds):
-            raise ConfigError(
-                f"the checkpoint was written by a run with seeds {saved} but this run has seeds "
-                f"{list(self.seeds)}: its permutations, subsets and memories would differ from the "
-                f"checkpoint's. Resume with the run's own config.yaml (it has the seeds)."
-            )
+        if saved == list(self.seeds) or (not fitting and set(self.seeds) <= set(saved)):
+            return
+        raise ConfigError(
+            f"the checkpoint was written by a run with seeds {saved} but this run has seeds "
+            f"{list(self.seeds)}: its permutations, subsets and memories would differ from the "
+            f"checkpoint's. Resume with the run's own config.yaml (it has the seeds)."
+        )
 
     def _batches_processed(self) -> int:
         """Training batches of the current epoch the loop has finished (saved for mid-epoch resume)."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.errors import CheckpointError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.metrics.continual import summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
 from cl_lightning.rundir import member_dirs, run_dir, write_atomically, write_matrix
@@ -111,6 +112,7 @@ class AccuracyMatrix(Callback):
         dm = trainer.datamodule
         self.matrix = torch.full((dm.size, dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
+        self.seeds = list(dm.seeds)
         self.folders = member_dirs(run_dir(trainer), dm.seeds)
 
     def _check_restored(self, trainer: Trainer) -> None:
@@ -146,9 +148,13 @@ class AccuracyMatrix(Callback):
 
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        logger = trainer.logger
-        if logger is not None and self.matrix.shape[0] == 1:
-            matrix = self.matrix[0]
+        for k, (folder, logger) in enumerate(zip(self.folders, member_loggers(trainer))):
+            matrix = self.matrix[k]
+            if matrix[task].isnan().all():  # a member the guard stopped
+                continue
+            self.write(folder, task, k)
+            if logger is None:
+                continue
             scores = summary(matrix, task)
             step = task + 1
             metrics = {f"cl/{name}": value for name, value in scores.items()}
@@ -158,9 +164,6 @@ class AccuracyMatrix(Callback):
             if isinstance(logger, TensorBoardLogger) and heatmap_due(task, matrix.shape[0]):
                 logger.experiment.add_image("cl/accuracy_matrix", heatmap(matrix, task), global_step=step,
                                             dataformats="HWC")
-        for k, folder in enumerate(self.folders):
-            if not self.matrix[k, task].isnan().all():
-                self.write(folder, task, k)
 
     def write(self, folder: Path, task: int, member: int = 0) -> None:
         """Write rows 1..task+1 of ``member``'s matrix as ``accuracy_matrix.csv`` and ``.json``."""
@@ -205,9 +208,13 @@ class AccuracyMatrix(Callback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"matrix": self.matrix, "split": self.split}
+        return {"matrix": self.matrix, "split": self.split, "seeds": self.seeds}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.matrix = state_dict["matrix"]
         self.split = state_dict["split"]
+        saved = state_dict.get("seeds")
+        seeds = getattr(self, "seeds", saved)
+        if saved and seeds and saved != seeds and set(seeds) <= set(saved):  # evaluating members of a population
+            self.matrix = self.matrix[[saved.index(seed) for seed in seeds]]

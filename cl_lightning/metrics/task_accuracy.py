@@ -8,6 +8,11 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 
+def accuracy_key(stage: str, task: int) -> str:
+    """Logged name of task ``task``'s (0-based) accuracy, 1-based and zero-padded for sorting."""
+    return f"{stage}/acc/task_{task + 1:02d}"
+
+
 class TaskAccuracy(Metric):
     """Accuracy (%) per member and task from ``(preds, target, task)`` of shape ``[N, B]`` each.
 

@@ -12,6 +12,7 @@ gradient, and :class:`~cl_lightning.models.member_sgd.MemberSGD` steps each with
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -19,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from cl_lightning.errors import ConfigError
-from cl_lightning.metrics.task_accuracy import TaskAccuracy
+from cl_lightning.errors import CheckpointError, ConfigError
+from cl_lightning.member_outputs import member_loggers
+from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.models.population import Population, fresh_copy, init_member, member_values
@@ -68,6 +72,9 @@ class ContinualModule(LightningModule):
         seeds: The members' seeds; None takes them from the datamodule (``data.seeds``, or its
             ``seed`` / ``seed_everything``). The command line links this to ``data.seeds``.
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = (*SGD_SETTINGS, "dropout")
 
     def __init__(
         self,
@@ -129,6 +136,24 @@ class ContinualModule(LightningModule):
         """N, the number of members."""
         return self.population.size
 
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Evaluate members of a population's checkpoint: a module of some of its seeds (a member's own
+        config.yaml, with the population's checkpoint) takes their weights. Resuming needs the whole
+        population: every method's state has all its members."""
+        saved = list((checkpoint.get("hyper_parameters") or {}).get("seeds") or [])
+        if not saved or saved == list(self.seeds):
+            return
+        missing = [seed for seed in self.seeds if seed not in saved]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds the members with seeds {saved}, not {missing}: pass the "
+                                  "checkpoint of the population (or run) that trained them")
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            raise CheckpointError(f"the checkpoint is of a population of seeds {saved}; resume the whole population "
+                                  "with its own config.yaml (in the checkpoint's run folder), not one member's")
+        checkpoint["state_dict"] = take_members(checkpoint["state_dict"], saved, self.seeds)
+        checkpoint["hyper_parameters"]["seeds"] = list(self.seeds)
+
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name before every hook call, about 45 times per
         # training step. It is a plain string, so skip nn.Module's parameter/buffer/submodule
@@ -187,8 +212,15 @@ class ContinualModule(LightningModule):
         # Only on the steps the logger writes (every `log_every_n_steps`): `self.log` costs about
         # as much as a whole MLP step at batch size 10, and the other steps' values are never shown.
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
-            self.log("train/loss", losses.detach().mean())
+            if self.size == 1:
+                self.log("train/loss", losses[0].detach())
+            else:
+                self._log_member_losses(losses.detach())
         return {"loss": total(losses, self.failed), "member_losses": losses.detach()}
+
+    def _log_member_losses(self, losses: Tensor) -> None:
+        """Each member's training loss into its own logger (one read of the ``[N]`` losses)."""
+        self._log_members([{"train/loss": loss} for loss in losses.tolist()])
 
     def task_lr(self, epoch: int) -> Tensor:
         """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""
@@ -250,10 +282,24 @@ class ContinualModule(LightningModule):
         self._evaluate(self.test_accuracy, batch)
 
     def _keep(self, metric: TaskAccuracy, stage: str) -> None:
+        """Keep and log each member's accuracies of the evaluation that just ended."""
         # compute() combines all processes; a stopped member's accuracies are not results
         accuracy = metric.compute().cpu()
-        self.task_accuracy[stage] = accuracy.masked_fill(self.failed.cpu().unsqueeze(1), float("nan"))
+        self.task_accuracy[stage] = accuracy = accuracy.masked_fill(self.failed.cpu().unsqueeze(1), float("nan"))
         metric.reset()
+        rows = [{accuracy_key(stage, t): acc for t, acc in enumerate(row) if not math.isnan(acc)} for row in accuracy.tolist()]
+        if self.size == 1:
+            for key, acc in rows[0].items():
+                # The metric already combined all processes, so the mean over them is the value itself.
+                self.log(key, acc, sync_dist=True)
+        else:
+            self._log_members(rows)
+
+    @rank_zero_only
+    def _log_members(self, rows: list[dict[str, float]]) -> None:
+        for logger, row in zip(member_loggers(self.trainer), rows):
+            if logger is not None and row:
+                logger.log_metrics(row, step=self.global_step)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -262,6 +308,14 @@ class ContinualModule(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._keep(self.test_accuracy, "test")
+
+
+def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
+    """The state dict of the members with ``seeds`` out of ``state_dict``, a module's whose members had
+    the seeds ``saved`` (every population tensor has the members on dim 0)."""
+    index = torch.tensor([list(saved).index(seed) for seed in seeds])
+    return {key: value[index] if key.startswith("population.") or key == "failed" else value
+            for key, value in state_dict.items()}
 
 
 def total(losses: Tensor, failed: Tensor) -> Tensor:

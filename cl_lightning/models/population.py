@@ -75,8 +75,8 @@ def member_values(value: float | Sequence[float], n: int, name: str) -> Tensor:
         return torch.full((n,), float(value), dtype=torch.float64)
     values = [float(v) for v in value]
     if len(values) != n:
-        raise ConfigError(f"{name} has {len(values)} values but the population has {n} members (seeds): give one "
-                          f"value per member, or a single value for all")
+        raise ConfigError(f"{name} has {len(values)} values but the population has {n} member(s) (model.seeds / "
+                          f"data.seeds): give one value per member, or a single value for all")
     return torch.tensor(values, dtype=torch.float64)
 
 

@@ -82,7 +82,7 @@ class TaskProbe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         epoch = trainer.current_epoch
         self.tasks.setdefault(epoch, set()).update(batch[2].unique().tolist())
-        self.examples[epoch] = self.examples.get(epoch, 0) + len(batch[2])
+        self.examples[epoch] = self.examples.get(epoch, 0) + batch[2].shape[1]  # examples per member
 
 
 def fit_digits(tmp_path, joint: bool):
