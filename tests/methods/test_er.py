@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from ddp_probes import MemoryAgreement
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.methods.er import ER
 from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys, stream_bits
 from cl_lightning.metrics.continual import average_accuracy, forgetting
@@ -318,17 +318,11 @@ LR = {0: 0.1, 1: 0.05, 2: 0.2, 7: 0.3}
 
 
 def fit_er(tmp_path, seeds: list[int], lr: list[float]) -> tuple[torch.Tensor, ContinualModule, ER]:
-    """ER on 2 permuted-digits tasks, MLP 64-32-10 with dropout 0.25: ``[N, T, T]`` accuracies,
-    module, callback. (The module gets the seeds itself: a list of lrs is checked against them.)"""
-    er, matrix = ER(memory_size=30, memory_batch_size=8), AccuracyMatrix(print_table=False)
-    seed_everything(0)
-    dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seeds=seeds)
-    module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=lr, lr_decay=0.8, seeds=seeds)
-    trainer = Trainer(**dm.trainer_settings(), callbacks=[er, matrix], logger=False, default_root_dir=tmp_path,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      deterministic=True)
-    trainer.fit(module, dm)
-    return matrix.matrix, module, er
+    """ER on 2 permuted-digits tasks, MLP 64-32-10 with dropout 0.25: ``[N, T, T]`` accuracies, module, callback."""
+    er = ER(memory_size=30, memory_batch_size=8)
+    matrix, module = fit_permuted_digits(tmp_path, [er], seeds=seeds, lr=lr, num_tasks=2, hidden=(32,), lr_decay=0.8,
+                                         dropout=0.25)
+    return matrix, module, er
 
 
 @pytest.fixture(scope="module")
@@ -387,8 +381,6 @@ def test_resume_gives_the_same_run(tmp_path, crash_step):
 
 @pytest.mark.slow
 def test_processes_keep_identical_memories_under_ddp(tmp_path):
-    from ddp_probes import MemoryAgreement  # here: the module's other probes need the core's evaluation API
-
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seeds=[0, 5])
     # the seeds here too: ddp_spawn loads the children's weights back into this (never set up) module
