@@ -301,7 +301,7 @@ def test_step_follows_one_mean_over_the_joined_current_and_memory_batch(tmp_path
     probe, after = JoinedBatchProbe(er, step), GradientProbe(step)
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seeds=[0, 1, 2])
-    module = ContinualModule(MLP(64, [32], 10, dropout=0.0), lr=0.1)  # no dropout: the loss is recomputable
+    module = ContinualModule(MLP(64, [32], 10, dropout=0.0), lr=0.1, seeds=[0, 1, 2])  # no dropout: the loss is recomputable
     trainer = Trainer(**dm.trainer_settings(), callbacks=[probe, er, after], logger=False,
                       accumulate_grad_batches=accumulate, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, default_root_dir=tmp_path)
