@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from cl_lightning.rundir import MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
 
@@ -105,3 +106,12 @@ def member_loggers(trainer: Trainer) -> list[Logger | None]:
                        for f in member_dirs(local_run_dir(trainer), seeds)]
         trainer._member_loggers = loggers
     return loggers
+
+
+@rank_zero_only
+def log_members(trainer: Trainer, rows: list[dict[str, float]], step: int) -> None:
+    """Log ``rows[k]`` (name -> value) into member k's logger at ``step`` (members without a logger,
+    or with an empty row, log nothing)."""
+    for logger, row in zip(member_loggers(trainer), rows):
+        if logger is not None and row:
+            logger.log_metrics(row, step=step)

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 
-
 class TaskProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar labelled "Task k/T" instead of "Epoch e", with one line per task.
 

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.member_outputs import member_loggers
+from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
 from cl_lightning.models.member_sgd import member_view
@@ -207,10 +207,8 @@ class AGEM(TaskAwareCallback):
         if self.projected is None:
             return
         size = float(sum(i.shape[1] for i in self.memory.indices.values()))
-        for logger, projected in zip(member_loggers(trainer), self.projected.tolist()):
-            if logger is not None:
-                logger.log_metrics({"agem/projected_fraction": projected / max(self.steps, 1), "agem/memory_size": size},
-                                   step=task + 1)
+        log_members(trainer, [{"agem/projected_fraction": projected / max(self.steps, 1), "agem/memory_size": size}
+                              for projected in self.projected.tolist()], task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override

@@ -50,12 +50,12 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
+from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys
 from cl_lightning.models.module import total
@@ -157,7 +157,10 @@ class ER(TaskAwareCallback):
             # Only on the steps the logger writes, as the module's `train/loss`: `log` costs about as
             # much as a small MLP's step.
             if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
-                pl_module.log("er/memory_loss", losses.detach().mean())
+                if pl_module.size == 1:
+                    pl_module.log("er/memory_loss", losses[0].detach())
+                else:
+                    log_members(trainer, [{"er/memory_loss": v} for v in losses.detach().tolist()], trainer.global_step)
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
             # A member the guard stopped adds nothing (its loss may be NaN), as in the module's loss.
@@ -211,16 +214,13 @@ class ER(TaskAwareCallback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         self._publish(trainer, task)
 
-    @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        """Once per task: how much of the memory each task holds, averaged over the members (a host
-        sync here is fine; :meth:`shares` has each member's)."""
-        if trainer.logger is None or len(self.buffer) == 0:
+        """Once per task: how much of each member's memory each task holds (a host sync here is fine)."""
+        if len(self.buffer) == 0:
             return
-        share = self.shares(trainer.datamodule.num_tasks).mean(0)
-        metrics = {f"er/memory_share/task_{i + 1:02d}": v for i, v in enumerate(share[: task + 1].tolist())}
-        metrics["er/examples_seen"] = float(self.buffer.seen)
-        trainer.logger.log_metrics(metrics, step=task + 1)
+        shares = self.shares(trainer.datamodule.num_tasks)[:, : task + 1].tolist()
+        log_members(trainer, [{f"er/memory_share/task_{i + 1:02d}": v for i, v in enumerate(row)}
+                              | {"er/examples_seen": float(self.buffer.seen)} for row in shares], task + 1)
 
     def shares(self, num_tasks: int) -> Tensor:
         """``[N, num_tasks]``: fraction of each member's memory held by each task (CPU)."""

@@ -81,7 +81,7 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.member_outputs import member_loggers
+from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.models.member_sgd import member_view
 from cl_lightning.models.module import mask_logits
@@ -449,9 +449,8 @@ class EWC(TaskAwareCallback):
             values["ewc/penalty"] = previous_penalty
         rows = {name: value.detach().cpu().double().tolist() for name, value in values.items()}
         failed = pl_module.failed.tolist()
-        for k, logger in enumerate(member_loggers(trainer)):
-            if logger is not None and not failed[k]:
-                logger.log_metrics({name: row[k] for name, row in rows.items()}, step=task + 1)
+        log_members(trainer, [{} if failed[k] else {name: row[k] for name, row in rows.items()} for k in range(len(failed))],
+                    task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override

@@ -9,7 +9,6 @@ Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through ``pyplo
 
 from __future__ import annotations
 
-
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg

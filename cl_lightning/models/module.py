@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from cl_lightning.errors import CheckpointError, ConfigError
-from cl_lightning.member_outputs import member_loggers
+from cl_lightning.member_outputs import log_members
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
 from cl_lightning.models.nets import MLP, ResNet18
@@ -144,10 +143,8 @@ class ContinualModule(LightningModule):
         saved = list((checkpoint.get("hyper_parameters") or {}).get("seeds") or [])
         if not saved or saved == list(self.seeds):
             return
-        missing = [seed for seed in self.seeds if seed not in saved]
-        if missing:
-            raise CheckpointError(f"the checkpoint holds the members with seeds {saved}, not {missing}: pass the "
-                                  "checkpoint of the population (or run) that trained them")
+        if not set(self.seeds) <= set(saved):
+            return  # not members of it: the datamodule's check of the seeds says so, naming both
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             raise CheckpointError(f"the checkpoint is of a population of seeds {saved}; resume the whole population "
                                   "with its own config.yaml (in the checkpoint's run folder), not one member's")
@@ -222,7 +219,7 @@ class ContinualModule(LightningModule):
 
     def _log_member_losses(self, losses: Tensor) -> None:
         """Each member's training loss into its own logger (one read of the ``[N]`` losses)."""
-        self._log_members([{"train/loss": loss} for loss in losses.tolist()])
+        log_members(self.trainer, [{"train/loss": loss} for loss in losses.tolist()], self.global_step)
 
     def task_lr(self, epoch: int) -> Tensor:
         """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""
@@ -295,13 +292,7 @@ class ContinualModule(LightningModule):
                 # The metric already combined all processes, so the mean over them is the value itself.
                 self.log(key, acc, sync_dist=True)
         else:
-            self._log_members(rows)
-
-    @rank_zero_only
-    def _log_members(self, rows: list[dict[str, float]]) -> None:
-        for logger, row in zip(member_loggers(self.trainer), rows):
-            if logger is not None and row:
-                logger.log_metrics(row, step=self.global_step)
+            log_members(self.trainer, rows, self.global_step)
 
     @override
     def on_validation_epoch_end(self) -> None:
