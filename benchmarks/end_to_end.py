@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cl_lightning.cli import cli_main
-from cl_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import summary
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     durations = cli.trainer.profiler.recorded_durations
     phases = phase_seconds(durations)
     phases["other"] = wall - sum(phases.values())
-    accuracy = next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyMatrix)).matrix
+    accuracy = next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyMatrix)).matrix[0]  # member 0
     scores = summary(accuracy, accuracy.shape[0] - 1)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n{opts.config} {' '.join(overrides)}: {wall:.1f} s in fit (process start-up excluded), peak RSS {peak_mb:.0f} MB")

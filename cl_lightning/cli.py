@@ -34,6 +34,7 @@ from cl_lightning.errors import UserError
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.hparams import METRICS, science
+from cl_lightning.member_outputs import member_config, member_loggers, write_member_files
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar
@@ -54,11 +55,16 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if isinstance(trainer.logger, TensorBoardLogger):
-            config = self.parser.dump(self.config, skip_none=False, format="json")
-            trainer.logger.log_hyperparams(
-                science(json.loads(config)), metrics=dict.fromkeys(METRICS, 0.0)
-            )
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        seeds = list(trainer.datamodule.seeds)
+        if len(seeds) > 1:  # each member's own config.yaml and HParams row, in its own folder
+            folders = write_member_files(trainer, config, seeds)
+            for k, (logger, folder) in enumerate(zip(member_loggers(trainer), folders)):
+                if logger is not None:
+                    logger.log_hyperparams(science(member_config(config, k, seeds[k], folder)),
+                                           metrics=dict.fromkeys(METRICS, 0.0))
+        elif isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.log_hyperparams(science(config), metrics=dict.fromkeys(METRICS, 0.0))
 
 
 #: Where the TensorBoard logger writes unless ``trainer.default_root_dir`` or its own ``save_dir`` says otherwise.
@@ -157,6 +163,17 @@ class ContinualCLI(LightningCLI):
         for name in LINKED_TRAINER_SETTINGS:
             parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), f"trainer.{name}",
                                   compute_fn=linked_trainer_setting(name))
+        parser.add_argument(
+            "--seeds", type=Optional[list[int]], default=None,
+            help="Train these seeds together as one population in one fit, e.g. --seeds [0,1,2,3,4]: member k is "
+            "the run with seed_everything seeds[k] (its own initial weights, tasks, batch order, dropout and "
+            "memories) and writes its results into its own folder seed_<seeds[k]> beside the run folder. Settings "
+            "that change no shape may then be lists with one value per member (e.g. --model.lr [0.1,0.05]). "
+            "Default (null): one member, seed_everything.",
+        )
+        # One list of members: the model's population and the datamodule's task sequences.
+        parser.link_arguments("seeds", "data.seeds")
+        parser.link_arguments("seeds", "model.seeds")
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
@@ -185,6 +202,12 @@ class ContinualCLI(LightningCLI):
         if finished:
             print(finished)
             sys.exit(0)
+        saved = ((checkpoint or {}).get("hyper_parameters") or {}).get("seeds") or []
+        if len(saved) > 1 and self.config[subcommand].get("seeds") != saved:
+            # Some members of a population's checkpoint (e.g. a member's own config.yaml): their
+            # settings are in this config, while the checkpoint's hyperparameters hold every
+            # member's; the module takes their weights (ContinualModule.on_load_checkpoint).
+            return
         super()._parse_ckpt_path()
 
     @override
@@ -207,7 +230,8 @@ class ContinualCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written atomically
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        check_run_inputs(self.datamodule, config, callbacks, self.config[self.subcommand].get("ckpt_path"))
+        check_run_inputs(self.datamodule, config, callbacks, self.config[self.subcommand].get("ckpt_path"),
+                         fitting=self.subcommand == "fit")
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -1,15 +1,21 @@
-"""``cl-lightning grid``: run methods x benchmarks x seeds with the shipped configs, one after another.
+"""``cl-lightning grid``: run methods x benchmarks x seeds with the shipped configs, one cell after another.
 
-Each run is ``cl-lightning fit --config <configs>/<method>/<benchmark>.yaml --seed_everything <n>``
-with the TensorBoard logger pointed at ``<root>/<benchmark>/<method>/seed_<n>/`` (plain
-LightningCLI overrides, printed by ``--dry_run`` to reuse in a job script), in its own process,
-so a crash or an out-of-memory kill ends that run only. Its console output goes to ``run.log``
-in its folder (:mod:`cl_lightning.rundir` owns the layout and the launch, shared with ``sweep``).
+The seeds of a (benchmark, method) cell train together as one population in one process:
+``cl-lightning fit --config <configs>/<method>/<benchmark>.yaml --seeds [s1,...]`` with the
+TensorBoard logger pointed at ``<root>/<benchmark>/<method>/seeds_<s1>-...`` (checkpoints and
+``run.log``), each member writing its results into ``<root>/<benchmark>/<method>/seed_<n>/``, the
+folder a plain run with that seed gets (plain LightningCLI overrides, printed by ``--dry_run`` to
+reuse in a job script). ``--solo`` runs each seed in its own process instead (``--seed_everything
+<n>``, everything in ``seed_<n>/``), so a crash or an out-of-memory kill ends that run only. The
+console output goes to ``run.log`` (:mod:`cl_lightning.rundir` owns the layout and the launch,
+shared with ``sweep``).
 
 Rerunning the same command resumes the grid: finished runs (all T rows of the accuracy matrix)
-are skipped; an interrupted run resumes from its ``checkpoints/last.ckpt``; a failed run, or one
-stopped before its first checkpoint, is run again from scratch after its folder is moved aside to
-``.seed_<n>.attempt<k>`` (hidden, so ``cl-lightning report`` ignores it). A failed run leaves a
+are skipped, and only the unfinished seeds of a cell form its population; an interrupted run
+resumes from its ``checkpoints/last.ckpt``; a failed run, or one stopped before its first
+checkpoint, is run again from scratch after its folder (and, for a population, its members'
+folders) is moved aside to ``.<name>.attempt<k>`` (hidden, so ``cl-lightning report`` ignores it).
+A failed run, or a member that did not finish (e.g. stopped by the divergence guard), leaves a
 ``FAILED`` marker and the grid goes on; the exit status is 1 when any run failed.
 """
 
@@ -23,15 +29,20 @@ from pathlib import Path
 
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
+    FAILED_MARKER,
     LOG_FILE,
     Terminated,
     interrupted_exit,
     is_finished,
     launch,
+    members_of,
     placement,
+    population_folder,
+    population_placement,
     prepare,
     read_result,
     run_folder,
+    set_aside,
     signal_of,
     sigterm_raises_terminated,
 )
@@ -41,21 +52,42 @@ class GridError(UserError):
     """A grid that cannot start (a config missing) or whose runs failed."""
 
 
-def fit_command(config: Path, root: Path, benchmark: str, method: str, seed: int, overrides: Sequence[str]) -> list[str]:
-    """The ``cl-lightning fit`` arguments of one run (the user's overrides last: they win)."""
-    return ["fit", "--config", str(config), *placement(root, benchmark, method, seed), *overrides]
+def fit_command(config: Path, root: Path, benchmark: str, method: str, seeds: Sequence[int],
+                overrides: Sequence[str]) -> list[str]:
+    """The ``cl-lightning fit`` arguments of one run of ``seeds`` (one seed: a plain run in its
+    ``seed_<n>/`` folder; several: a population), the user's overrides last: they win."""
+    where = (placement(root, benchmark, method, seeds[0]) if len(seeds) == 1
+             else population_placement(root, benchmark, method, seeds))
+    return ["fit", "--config", str(config), *where, *overrides]
 
 
 def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool, str]:
     """Run one fit into ``folder`` (resumed with ``resume``, see :func:`~cl_lightning.rundir.prepare`).
     Returns (ok, summary); a stop by a signal is not ok but leaves no ``FAILED`` marker: the next grid
-    command resumes it."""
+    command resumes it. A population is ok when all its members finished; a member that did not
+    (the divergence guard stopped it) gets a ``FAILED`` marker of its own, as a plain run would."""
     outcome = launch(folder, fit_args, resume)
+    members = members_of(folder)
+    if members is not None and not outcome.stopped:
+        return _members_outcome(folder, members, outcome.seconds)
     if outcome.failure is None and not outcome.stopped:
         result = read_result(folder)
         return True, f"done in {outcome.seconds:.0f} s, average accuracy {result['average_accuracy']:.2f} %"
     state = "stopped" if outcome.stopped else "FAILED"
     return False, f"{state} ({outcome.failure or f'exit code {outcome.code}'}) after {outcome.seconds:.0f} s, see {folder / LOG_FILE}"
+
+
+def _members_outcome(folder: Path, members: list[Path], seconds: float) -> tuple[bool, str]:
+    results = []
+    for member in members:
+        if is_finished(member):
+            results.append(f"{member.name} {read_result(member)['average_accuracy']:.2f} %")
+            continue
+        (member / FAILED_MARKER).write_text(f"did not finish in the population run {folder}; see {folder / LOG_FILE}\n")
+        results.append(f"{member.name} FAILED")
+    ok = all(is_finished(member) for member in members)
+    return ok, f"{'done' if ok else 'FAILED'} in {seconds:.0f} s, average accuracy " + ", ".join(results) + (
+        "" if ok else f"; see {folder / LOG_FILE}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -77,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, required=True, help="values of seed_everything, e.g. 0 1 2 3 4")
     parser.add_argument("--root", type=Path, default=Path("lightning_logs"), help="where the run folders go (default: %(default)s)")
     parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder of <method>/<benchmark>.yaml (default: %(default)s)")
+    parser.add_argument("--solo", action="store_true", help="one process per seed instead of one population per "
+                        "(benchmark, method) cell: slower, but a crash ends one seed's run only")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what would be skipped; run nothing")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
@@ -97,27 +131,48 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],
              overrides: list[str]) -> None:
-    """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order."""
+    """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order: per cell, one
+    population of its unfinished seeds (``--solo``: one run per seed)."""
+    cells: dict[tuple[str, str], list[int]] = {}
+    for benchmark, method, seed in grid:
+        cells.setdefault((benchmark, method), []).append(seed)
     unfinished = []
-    for i, (benchmark, method, seed) in enumerate(grid, 1):
-        folder = run_folder(args.root, benchmark, method, seed)
-        command = fit_command(configs[benchmark, method], args.root, benchmark, method, seed, overrides)
-        prefix = f"[{i}/{len(grid)}] {benchmark}/{method}/seed_{seed}:"
-        if is_finished(folder):
-            print(f"{prefix} finished already, skipped", flush=True)
-            continue
-        if args.dry_run:
-            print(f"{prefix} cl-lightning {' '.join(command)}")
-            continue
-        resume = prepare(folder)
-        print(f"{prefix} {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
-        ok, summary = run_one(folder, command, resume)
-        print(f"{prefix} {summary}", flush=True)
-        if not ok:
-            unfinished.append(folder)
+    for i, ((benchmark, method), seeds) in enumerate(cells.items(), 1):
+        prefix = f"[{i}/{len(cells)}] {benchmark}/{method}"
+        pending = []
+        for seed in seeds:
+            if is_finished(run_folder(args.root, benchmark, method, seed)):
+                print(f"{prefix}/seed_{seed}: finished already, skipped", flush=True)
+            else:
+                pending.append(seed)
+        for group in ([[seed] for seed in pending] if args.solo else [pending] if pending else []):
+            ok = run_group(args, benchmark, method, group, configs[benchmark, method], overrides, prefix)
+            if not ok:
+                unfinished.append(f"{benchmark}/{method} seeds {group}")
     if unfinished:
-        raise GridError(f"{len(unfinished)} run(s) did not finish: {', '.join(map(str, unfinished))}. Fix the cause "
+        raise GridError(f"{len(unfinished)} run(s) did not finish: {'; '.join(unfinished)}. Fix the cause "
                         "(see their run.log) and run the same command again: finished runs are kept, stopped ones resume")
     if not args.dry_run:
         print(f"grid complete: cl-lightning report {args.root}")
 
+
+def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list[int], config: Path,
+              overrides: list[str], prefix: str) -> bool:
+    """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish."""
+    population = len(seeds) > 1
+    folder = (population_folder if population else lambda r, b, m, s: run_folder(r, b, m, s[0]))(
+        args.root, benchmark, method, seeds)
+    command = fit_command(config, args.root, benchmark, method, seeds, overrides)
+    label = f"{prefix}/{folder.name}"
+    if args.dry_run:
+        print(f"{label}: cl-lightning {' '.join(command)}")
+        return True
+    resume = prepare(folder)
+    if population and not resume:  # a fresh population: earlier attempts of its members are set aside
+        for seed in seeds:
+            if (member := run_folder(args.root, benchmark, method, seed)).exists():
+                set_aside(member)
+    print(f"{label}: {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
+    ok, summary = run_one(folder, command, resume)
+    print(f"{label}: {summary}", flush=True)
+    return ok

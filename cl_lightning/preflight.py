@@ -22,16 +22,17 @@ from cl_lightning.saving import check_writable
 
 
 def check_run_inputs(datamodule: LightningDataModule, trainer_config: dict[str, Any], callbacks: list[Callback],
-                     ckpt_path: str | None) -> None:
+                     ckpt_path: str | None, fitting: bool = True) -> None:
     """Raise the run's :class:`~cl_lightning.errors.UserError` now rather than after its folder exists.
 
-    ``trainer_config`` holds the Trainer's (instantiated) arguments, as LightningCLI passes them.
+    ``trainer_config`` holds the Trainer's (instantiated) arguments, as LightningCLI passes them;
+    ``fitting``: the command trains (or resumes), rather than evaluates.
     """
     for folder, option in _output_folders(trainer_config, callbacks):
         check_writable(folder, option)
     datamodule.setup("fit")  # reads and checks the data; idempotent, the Trainer's call is then free
     if ckpt_path and Path(ckpt_path).is_file():
-        _check_datamodule_state(datamodule, ckpt_path)
+        _check_datamodule_state(datamodule, ckpt_path, fitting)
 
 
 def _output_folders(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[tuple[str, str]]:
@@ -47,10 +48,10 @@ def _output_folders(trainer_config: dict[str, Any], callbacks: list[Callback]) -
     return folders
 
 
-def _check_datamodule_state(datamodule: LightningDataModule, ckpt_path: str) -> None:
-    """Apply the checkpoint's datamodule state now: ``load_state_dict`` refuses a checkpoint of
-    another seed. ``mmap`` reads only the small entries, not the weights."""
+def _check_datamodule_state(datamodule: LightningDataModule, ckpt_path: str, fitting: bool) -> None:
+    """Check the checkpoint's datamodule state now: ``check_seeds`` refuses a checkpoint of other
+    seeds. ``mmap`` reads only the small entries, not the weights."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     state = checkpoint.get(type(datamodule).__qualname__)
     if state is not None:
-        datamodule.load_state_dict(state)
+        datamodule.check_seeds(state, fitting)

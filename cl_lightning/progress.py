@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -11,7 +10,6 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from cl_lightning.metrics.task_accuracy import accuracy_key
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -72,9 +70,13 @@ class TaskProgressBar(TQDMProgressBar):
         if trainer.sanity_checking or not dm.is_task_end(trainer.current_epoch):
             return
         task = dm.task_of_epoch(trainer.current_epoch)
-        seen = [trainer.callback_metrics.get(accuracy_key("val", t)) for t in range(task + 1)]
-        accuracies = [float(a) for a in seen if a is not None and not math.isnan(float(a))]
-        average = f", average accuracy {sum(accuracies) / len(accuracies):.2f} %" if accuracies else ""
+        # each member's average over the tasks seen so far, then their mean over the members still training
+        seen = pl_module.task_accuracy["val"][:, : task + 1].nanmean(dim=1)
+        seen = seen[~seen.isnan()]
+        average = ""
+        if len(seen):
+            label = "average accuracy" if pl_module.size == 1 else f"average accuracy (mean of {len(seen)} members)"
+            average = f", {label} {float(seen.mean()):.2f} %"
         seconds = time.perf_counter() - self._task_started
         steps = trainer.global_step - self._first_step
         since = " since the resume" if self._resumed_mid_task else ""

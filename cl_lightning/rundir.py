@@ -56,6 +56,8 @@ MATRIX_STEM = "accuracy_matrix"
 W_HAT_MATRIX_STEM = "w_hat_accuracy_matrix"
 MATRIX_FILE = f"{MATRIX_STEM}.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+#: A population's run folder lists its members' folders in this file.
+MEMBERS_FILE = "members.json"
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 #: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
@@ -81,6 +83,31 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def local_run_dir(trainer: Trainer) -> Path:
+    """The run folder as :func:`run_dir` finds it, without its broadcast: for code that runs on rank 0
+    only (``trainer.log_dir``'s rule: the first logger's ``log_dir`` for TensorBoard and CSV loggers,
+    another logger's ``save_dir``, else ``default_root_dir``)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        folder = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        if folder is not None:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
+
+
+def member_dirs(folder: Path, seeds: Sequence[int]) -> list[Path]:
+    """Where each member of the population whose run folder is ``folder`` writes its results: a
+    population of one writes into the run folder itself; member k of a larger population into the
+    sibling ``seed_<seeds[k]>``, the folder a solo run with that seed gets from ``grid``
+    (:func:`run_folder`), so ``report`` reads members and solo runs alike."""
+    folder = Path(folder)
+    if len(seeds) == 1:
+        return [folder]
+    return [folder.parent / f"seed_{seed}" for seed in seeds]
+
+
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
     return Path(root) / benchmark / method / f"seed_{seed}"
@@ -94,6 +121,23 @@ def placement(root: Path, benchmark: str, method: str, seed: int) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.name", f"{benchmark}/{method}",
         "--trainer.logger.init_args.version", f"seed_{seed}",
+    ]
+
+
+def population_folder(root: Path, benchmark: str, method: str, seeds: Sequence[int]) -> Path:
+    """Where the population of (benchmark, method) with ``seeds`` keeps its checkpoints and log; its
+    members write into their :func:`run_folder` s beside it (:func:`member_dirs`)."""
+    return Path(root) / benchmark / method / ("seeds_" + "-".join(map(str, seeds)))
+
+
+def population_placement(root: Path, benchmark: str, method: str, seeds: Sequence[int]) -> list[str]:
+    """The ``fit`` overrides that train ``seeds`` of (benchmark, method) as one population in
+    :func:`population_folder`, each member writing into its :func:`run_folder`."""
+    return [
+        "--seeds", "[" + ",".join(map(str, seeds)) + "]",
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.logger.init_args.name", f"{benchmark}/{method}",
+        "--trainer.logger.init_args.version", population_folder(root, benchmark, method, seeds).name,
     ]
 
 
@@ -220,8 +264,21 @@ def has_failed(folder: Path) -> bool:
     return (Path(folder) / FAILED_MARKER).exists()
 
 
+def members_of(folder: Path) -> list[Path] | None:
+    """The member folders of the population whose run folder is ``folder`` (its ``members.json``,
+    written when the fit starts), or None for a plain run's folder."""
+    record = Path(folder) / MEMBERS_FILE
+    if not record.exists():
+        return None
+    return [Path(f) for f in json.loads(record.read_text())["folders"]]
+
+
 def is_finished(folder: Path) -> bool:
-    """A run whose folder holds an accuracy matrix with all T rows and no ``FAILED`` marker."""
+    """A run whose folder holds an accuracy matrix with all T rows and no ``FAILED`` marker; a
+    population whose members all are."""
+    members = members_of(folder)
+    if members is not None:
+        return not has_failed(folder) and all(is_finished(member) for member in members)
     if has_failed(folder) or not (Path(folder) / MATRIX_FILE).exists():
         return False
     try:

@@ -8,7 +8,6 @@ import json
 
 import torch
 from lightning.pytorch import Callback
-from torch.nn.utils import parameters_to_vector
 from typing_extensions import override
 
 from cl_lightning.evaluation.evaluate import task_accuracies
@@ -51,12 +50,12 @@ class RankAgreement(StateAgreement):
     @override
     def state(self, trainer, pl_module):
         mcsgd: MCSGD = self.method
-        return {"kept": parameters_to_vector(pl_module.net.parameters()).detach(), "w_hat": mcsgd.w_hat,
+        return {"kept": pl_module.population.flat(), "w_hat": mcsgd.w_hat,
                 "memory": torch.cat([mcsgd.memory.indices[t] for t in mcsgd.memory.tasks]).double()}
 
     @override
     def facts(self, trainer, pl_module):
-        return {"kept_is_w_bar": bool(torch.equal(parameters_to_vector(pl_module.net.parameters()), self.method.w_bar))}
+        return {"kept_is_w_bar": bool(torch.equal(pl_module.population.flat(), self.method.w_bar))}
 
 
 class MemoryAgreement(StateAgreement):
@@ -66,7 +65,7 @@ class MemoryAgreement(StateAgreement):
     def state(self, trainer, pl_module):
         x, y, task_ids = self.method.buffer.examples()
         return {"x": x, "y": y, "task_ids": task_ids, "sampler": self.method.sampler.get_state().long(),
-                "weights": parameters_to_vector(pl_module.parameters()).detach()}
+                "weights": pl_module.population.flat()}
 
     @override
     def facts(self, trainer, pl_module):
@@ -79,7 +78,7 @@ class FisherAgreement(StateAgreement):
     @override
     def state(self, trainer, pl_module):
         ewc = self.method
-        return {"weights": parameters_to_vector(pl_module.net.parameters()).detach(),
+        return {"weights": pl_module.population.flat(),
                 "running_fisher": ewc.running_fisher, "fisher": ewc.fisher_sum, "anchor": ewc.fisher_anchor}
 
     @override
@@ -99,10 +98,10 @@ class EvalAgreement(Callback):
     def on_validation_end(self, trainer, pl_module):
         dm = trainer.datamodule
         tasks = list(range(dm.current_task + 1))
-        single = task_accuracies(pl_module, dm, tasks, dm.eval_split)
+        single = task_accuracies(pl_module, dm, tasks, dm.eval_split)[0]  # a population of one
         # logged values are float32 tensors
         logged = [float(trainer.callback_metrics[accuracy_key("val", t)]) for t in tasks]
         if trainer.is_global_zero:
             with open(self.out, "a") as f:
                 f.write(json.dumps({"single": single.float().tolist(), "logged": logged,
-                                    "sizes": [len(dm.task_dataset(t, dm.eval_split)) for t in tasks]}) + "\n")
+                                    "sizes": [len(dm.task_set(t, dm.eval_split)) for t in tasks]}) + "\n")

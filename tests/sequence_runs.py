@@ -28,18 +28,27 @@ def fit_permuted_digits(
     *,
     num_tasks: int = 5,
     hidden: tuple[int, ...] = (100, 100),
-    dropout: float = 0.0,
-    lr: float = 0.1,
-    lr_decay: float = 1.0,
+    dropout: float | list[float] = 0.0,
+    lr: float | list[float] = 0.1,
+    lr_decay: float | list[float] = 1.0,
     joint: bool = False,
     ckpt_path: Path | None = None,
     seed: int = 0,
+    seeds: list[int] | None = None,
 ) -> tuple[Tensor, ContinualModule]:
-    """Seed 0 (or ``seed``), permuted 8x8 digits, MLP 64-hidden-10, batch 16: returns (accuracy matrix, module)."""
+    """Seed 0 (or ``seed``), permuted 8x8 digits, MLP 64-hidden-10, batch 16: returns (accuracy matrix, module).
+
+    With ``seeds``, a population of those members (``dropout``, ``lr``, ``lr_decay`` may then be
+    lists, one value per member) and the ``[N, T, T]`` accuracy matrices; else the ``[T, T]`` matrix
+    of the population of one with ``seed``.
+    """
     seed_everything(seed)
+    members = seeds if seeds is not None else [seed]
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=num_tasks, batch_size=16,
-                             joint=joint, seed=seed)
-    module = ContinualModule(MLP(64, list(hidden), 10, dropout=dropout), lr=lr, lr_decay=lr_decay)
+                             joint=joint, seeds=members)
+    module = ContinualModule(MLP(64, list(hidden), 10, dropout=0.0 if isinstance(dropout, list) else dropout),
+                             lr=lr, lr_decay=lr_decay, dropout=dropout if isinstance(dropout, list) else None,
+                             seeds=members)
     matrix = AccuracyMatrix(print_table=False)
     trainer = Trainer(
         **dm.trainer_settings(), callbacks=[*callbacks, matrix], logger=False, default_root_dir=tmp_path,
@@ -47,7 +56,7 @@ def fit_permuted_digits(
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return matrix.matrix, module
+    return (matrix.matrix if seeds is not None else matrix.matrix[0]), module
 
 
 class CrashAtTaskStart(TaskAwareCallback):

@@ -23,8 +23,8 @@ import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,14 +32,12 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 from torch import Tensor
-from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.analysis import plots
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import UserError
 from cl_lightning.evaluation.evaluate import task_metrics
-from cl_lightning.models.module import ContinualModule
-from cl_lightning.models.params import load_flat
+from cl_lightning.models.module import ContinualModule, take_members
 from cl_lightning.rundir import solution_path
 
 #: Data split the path is evaluated on.
@@ -64,8 +62,9 @@ class PathResult:
 
 
 def load_endpoint(path: Path, module: ContinualModule) -> Tensor:
-    """The flat parameter vector (``module.net``'s parameter order) stored in ``path``."""
-    expected = sum(p.numel() for p in module.net.parameters())
+    """The flat parameter vector (a plain network's parameter order) stored in ``path``: a saved
+    solution, or the weights of a checkpoint (of the config's member, if it is a population's)."""
+    expected = module.population.flat().shape[1]
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
@@ -74,15 +73,20 @@ def load_endpoint(path: Path, module: ContinualModule) -> Tensor:
         if stored.dim() != 1 or stored.numel() != expected:
             raise EndpointError(f"{path} holds a tensor of shape {tuple(stored.shape)}, but the network of the config has "
                                 f"{expected} parameters: pass the config.yaml of the run that saved it")
-        return stored.to(next(module.net.parameters()).dtype)
+        return stored.to(module.population.flat().dtype)
     if isinstance(stored, dict) and "state_dict" in stored:
-        net_state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
+        saved = (stored.get("hyper_parameters") or {}).get("seeds") or list(module.seeds)
+        if not set(module.seeds) <= set(saved):
+            raise EndpointError(f"the checkpoint {path} holds the members with seeds {saved}, not {list(module.seeds)}: "
+                                "pass the config.yaml of a run (or member) it trained")
+        state = take_members(stored["state_dict"], saved, module.seeds)
         try:
-            module.net.load_state_dict(net_state)
+            module.population.load_state_dict({k.removeprefix("population."): v for k, v in state.items()
+                                               if k.startswith("population.")})
         except RuntimeError as err:
             raise EndpointError(f"the checkpoint {path} does not fit the network of the config ({err}); "
                                 "pass the config.yaml of the run that wrote it") from err
-        return parameters_to_vector(module.net.parameters()).detach().cpu()
+        return module.population.flat()[0].cpu()
     raise EndpointError(f"{path} holds a {type(stored).__name__}, not a solution; pass {ENDPOINT_HELP}")
 
 
@@ -98,8 +102,9 @@ def interpolate(module: ContinualModule, dm: ContinualDataModule, start: Tensor,
     loss = torch.empty(points, len(tasks), dtype=torch.float64)
     accuracy = torch.empty_like(loss)
     for j, alpha in enumerate(alphas.tolist()):
-        load_flat(module.net, torch.lerp(start, end, alpha))
-        loss[j], accuracy[j] = task_metrics(module, dm, tasks, split)
+        module.population.load_flat(torch.lerp(start, end, alpha).unsqueeze(0))
+        member_loss, member_accuracy = task_metrics(module, dm, tasks, split)
+        loss[j], accuracy[j] = member_loss[0], member_accuracy[0]
     return PathResult(label, alphas, tasks, loss, accuracy)
 
 
@@ -182,6 +187,8 @@ def build(parser: ArgumentParser, argv: list[str]) -> tuple:
         args.config_path = None
     if args.data.seed is None and isinstance(args.seed_everything, int) and not isinstance(args.seed_everything, bool):
         args.data.seed = args.seed_everything  # the run's seed: same permutations / class splits
+    if args.model.get("seeds") is None and args.data.seed is not None:
+        args.model.seeds = [args.data.seed]  # the member of a population's checkpoint this config is
     objects = parser.instantiate(args) if hasattr(parser, "instantiate") else parser.instantiate_classes(args)
     module, dm = objects.model, objects.data
     dm.setup()

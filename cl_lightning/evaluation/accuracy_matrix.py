@@ -17,10 +17,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.errors import CheckpointError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.metrics.continual import summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
-from cl_lightning.metrics.task_accuracy import accuracy_key
-from cl_lightning.rundir import run_dir, write_atomically, write_matrix
+from cl_lightning.rundir import member_dirs, run_dir, write_atomically, write_matrix
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
@@ -79,15 +79,17 @@ def format_table(matrix: Tensor, rows: int, title: str, full: str = "the run's a
 
 
 class AccuracyMatrix(Callback):
-    """Builds a[t][i] = accuracy on task i of the model kept after task t.
+    """Builds a[t][i] = accuracy on task i of the model kept after task t, for every population member.
 
     Row t is read after the evaluation that follows task t's last epoch, so for a method that
     replaces the model at the task end (MC-SGD's w_bar_t) the row measures that model. After
     each task it logs to the logger, with the task number as the step, ``cl/*`` summaries,
     ``matrix/task_XX`` (accuracy of task XX after each task) and, on TensorBoard, the
     ``cl/accuracy_matrix`` heatmap (after every task, or every k-th past :data:`MAX_HEATMAPS`
-    tasks, so its cost per task stays flat); it rewrites ``accuracy_matrix.csv`` / ``.json`` in the run
-    folder. The matrix is part of the checkpoint, so a resumed run continues it.
+    tasks, so its cost per task stays flat); it rewrites ``accuracy_matrix.csv`` / ``.json`` in each
+    member's folder (:func:`~cl_lightning.rundir.member_dirs`). The matrices are part of the
+    checkpoint, so a resumed run continues them. A member the divergence guard stopped keeps the
+    rows of the tasks it completed.
 
     Args:
         print_table: Print the matrix at the end of ``fit`` and the per-task accuracies at the
@@ -96,28 +98,31 @@ class AccuracyMatrix(Callback):
 
     def __init__(self, print_table: bool = True) -> None:
         self.print_table = print_table
+        #: ``[N, T, T]``: member k's accuracy matrix in ``matrix[k]``.
         self.matrix: Tensor | None = None
         self.split = "test"
 
     @property
     def completed_tasks(self) -> int:
-        """Number of rows filled in so far."""
-        return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=1).sum())
+        """Number of rows filled in so far (by any member)."""
+        return 0 if self.matrix is None else int((~self.matrix.isnan()).any(dim=2).any(dim=0).sum())
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         dm = trainer.datamodule
-        self.matrix = torch.full((dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
+        self.matrix = torch.full((dm.size, dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
-        self.folder = run_dir(trainer)
+        self.seeds = list(dm.seeds)
+        self.folders = member_dirs(run_dir(trainer), dm.seeds)
 
     def _check_restored(self, trainer: Trainer) -> None:
-        """A checkpoint's matrix (loaded after ``setup``) must match the configured sequence."""
-        num_tasks = trainer.datamodule.num_tasks
-        if self.matrix.shape[0] != num_tasks:
+        """A checkpoint's matrices (loaded after ``setup``) must match the configured sequence."""
+        dm = trainer.datamodule
+        if self.matrix.shape != (dm.size, dm.num_tasks, dm.num_tasks):
             raise CheckpointError(
-                f"the checkpoint holds an accuracy matrix of {self.matrix.shape[0]} tasks but "
-                f"data.num_tasks is {num_tasks}: resume or test with the run's own config.yaml"
+                f"the checkpoint holds accuracy matrices of {self.matrix.shape[0]} member(s) and {self.matrix.shape[1]} "
+                f"tasks but this run has {dm.size} member(s) (seeds) and data.num_tasks {dm.num_tasks}: resume or test "
+                "with the run's own config.yaml"
             )
 
     @override
@@ -137,71 +142,79 @@ class AccuracyMatrix(Callback):
         if not dm.is_task_end(trainer.current_epoch):
             return
         task = dm.task_of_epoch(trainer.current_epoch)
-        metrics = trainer.callback_metrics
-        for i in range(dm.num_tasks):
-            key = accuracy_key("val", i)
-            if key in metrics:
-                self.matrix[task, i] = float(metrics[key])
+        accuracy = pl_module.task_accuracy["val"]
+        self.matrix[:, task, : accuracy.shape[1]] = accuracy
         self._publish(trainer, task)
 
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        scores = summary(self.matrix, task)
-        logger = trainer.logger
-        if logger is not None:
+        for k, (folder, logger) in enumerate(zip(self.folders, member_loggers(trainer))):
+            matrix = self.matrix[k]
+            if matrix[task].isnan().all():  # a member the guard stopped
+                continue
+            self.write(folder, task, k)
+            if logger is None:
+                continue
+            scores = summary(matrix, task)
             step = task + 1
             metrics = {f"cl/{name}": value for name, value in scores.items()}
-            metrics |= {f"matrix/task_{i + 1:02d}": v for i, v in enumerate(self.matrix[task].tolist()) if not math.isnan(v)}
+            metrics |= {f"matrix/task_{i + 1:02d}": v for i, v in enumerate(matrix[task].tolist()) if not math.isnan(v)}
             metrics |= {"hp/average_accuracy": scores["average_accuracy"], "hp/forgetting": scores["forgetting"]}
             logger.log_metrics(metrics, step=step)
-            if isinstance(logger, TensorBoardLogger) and heatmap_due(task, self.matrix.shape[0]):
-                logger.experiment.add_image("cl/accuracy_matrix", heatmap(self.matrix, task), global_step=step,
+            if isinstance(logger, TensorBoardLogger) and heatmap_due(task, matrix.shape[0]):
+                logger.experiment.add_image("cl/accuracy_matrix", heatmap(matrix, task), global_step=step,
                                             dataformats="HWC")
-        self.write(self.folder, task)
 
-    def write(self, folder: Path, task: int) -> None:
-        """Write rows 1..task+1 as ``accuracy_matrix.csv`` and ``accuracy_matrix.json``."""
-        write_matrix(folder, "accuracy_matrix", self.matrix, task, self.split)
+    def write(self, folder: Path, task: int, member: int = 0) -> None:
+        """Write rows 1..task+1 of ``member``'s matrix as ``accuracy_matrix.csv`` and ``.json``."""
+        write_matrix(folder, "accuracy_matrix", self.matrix[member], task, self.split)
 
     @override
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = self.completed_tasks
-        if self.print_table and rows:
+        if not (self.print_table and rows):
+            return
+        for k, folder in enumerate(self.folders):
             title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
-            print(format_table(self.matrix, rows, title, full=str(self.folder / "accuracy_matrix.csv")))
-            print(f"written to {self.folder / 'accuracy_matrix.csv'} (and .json); "
-                  f"TensorBoard: tensorboard --logdir {self.folder.parent}")
+            if len(self.folders) > 1:
+                title = f"Member {k} (seed {trainer.datamodule.seeds[k]}): " + title
+            print(format_table(self.matrix[k], rows, title, full=str(folder / "accuracy_matrix.csv")))
+        print(f"written to {self.folders[0] / 'accuracy_matrix.csv'}" + (" and the other members' folders" if len(self.folders) > 1 else "")
+              + f" (and .json); TensorBoard: tensorboard --logdir {self.folders[0].parent}")
 
     # ------------------------------------------------------------------ test
     @override
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         num_tasks = trainer.datamodule.num_tasks
-        metrics = trainer.callback_metrics
-        accuracy = [float(metrics[accuracy_key("test", i)]) for i in range(num_tasks)]
-        record: dict[str, Any] = {
-            "checkpoint": trainer.ckpt_path,
-            "accuracy": accuracy,
-            "average_accuracy": sum(accuracy) / num_tasks,
-        }
-        folder = self.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically({folder / "test_accuracy.json": json.dumps(record, indent=1)})
-        if self.print_table:
-            if self.completed_tasks:
-                print(format_table(self.matrix, self.completed_tasks,
-                                   f"Accuracy matrix stored in the checkpoint ({self.split} split)"))
-            print("Test accuracy (%) of this model on every task:")
-            print("  ".join("..." if i is None else f"T{i + 1} {accuracy[i]:.1f}" for i in _shown(num_tasks)))
-            print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
+        for k, folder in enumerate(self.folders):
+            accuracy = pl_module.task_accuracy["test"][k].tolist()
+            record: dict[str, Any] = {
+                "checkpoint": trainer.ckpt_path,
+                "accuracy": accuracy,
+                "average_accuracy": sum(accuracy) / num_tasks,
+            }
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically({folder / "test_accuracy.json": json.dumps(record, indent=1)})
+            if self.print_table:
+                if self.completed_tasks:
+                    print(format_table(self.matrix[k], self.completed_tasks,
+                                       f"Accuracy matrix stored in the checkpoint ({self.split} split)"))
+                print("Test accuracy (%) of this model on every task:")
+                print("  ".join("..." if i is None else f"T{i + 1} {accuracy[i]:.1f}" for i in _shown(num_tasks)))
+                print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
 
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"matrix": self.matrix, "split": self.split}
+        return {"matrix": self.matrix, "split": self.split, "seeds": self.seeds}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.matrix = state_dict["matrix"]
         self.split = state_dict["split"]
+        saved = state_dict.get("seeds")
+        seeds = getattr(self, "seeds", saved)
+        if saved and seeds and saved != seeds and set(seeds) <= set(saved):  # evaluating members of a population
+            self.matrix = self.matrix[[saved.index(seed) for seed in seeds]]

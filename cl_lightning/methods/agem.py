@@ -8,6 +8,13 @@ half-space where it does not:
 
     g <- g - (g . g_ref / g_ref . g_ref) g_ref
 
+A run is a population of N members (``cl_lightning.models.population``): every parameter and
+gradient is ``[N, ...]``, member k's slice being member k's own. Everything above is per member:
+member k's g_ref comes from its own memory batch, its dot products run over its own parameters
+(all dims of each parameter but dim 0), and its projection is decided by its own sign. Nothing is
+reduced over members, so member k's run is the solo run with its seed (a population of one) and a
+NaN in one member reaches no other.
+
 The projection runs in ``on_before_optimizer_step``: once per optimizer step (also under
 gradient accumulation), after mixed precision unscaled the gradients and before gradient
 clipping. It is branch-free on the host (``torch.where`` on the dot product), so a training step
@@ -23,6 +30,7 @@ triggers no gradient all-reduce of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,37 +42,73 @@ from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.models.member_sgd import member_view
 from cl_lightning.seeding import generator
+
+#: The dropout stream of the reference forward: the step's own forward uses stream 0, so the
+#: memory batch gets fresh masks in the same step (``ContinualModule.forward``'s ``stream``).
+REFERENCE_STREAM = 1
+
+
+def member_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``[N]``: each member's dot product of two lists of ``[N, ...]`` tensors (gradients),
+    over all dims but 0 of every tensor, summed over the list.
+
+    Row k reads only member k's slices. On the CPU with one thread it is bitwise the same for
+    member k whatever N is (measured); with more threads, or on an accelerator, the reduction of
+    a row may be split differently for another N (rounding only).
+    """
+    dots = [torch.linalg.vecdot(x.flatten(1), y.flatten(1)) for x, y in zip(a, b)]
+    total = dots[0]
+    for d in dots[1:]:
+        total = total + d
+    return total
 
 
 def project_gradients(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
-    """A-GEM's projection of ``grads`` against ``reference``, in place; returns ``g . g_ref``
-    (before the projection, a 0-dim tensor on the gradients' device).
+    """A-GEM's projection of ``grads`` against ``reference``, per member, in place; returns each
+    member's ``g . g_ref`` before the projection (``[N]``, on the gradients' device).
 
-    ``g`` is left unchanged where ``g . g_ref >= 0``; otherwise it becomes
-    ``g - (g . g_ref / g_ref . g_ref) g_ref``, whose dot product with ``g_ref`` is 0.
+    Both lists hold ``[N, ...]`` tensors, member k's in row k. Member k's ``g`` is left unchanged
+    where its ``g . g_ref >= 0``; otherwise it becomes ``g - (g . g_ref / g_ref . g_ref) g_ref``,
+    whose dot product with its ``g_ref`` is 0.
     """
-    dot = sum((g.flatten() @ r.flatten() for g, r in zip(grads, reference)), torch.zeros((), device=grads[0].device))
-    ref_norm = sum((r.flatten() @ r.flatten() for r in reference), torch.zeros((), device=grads[0].device))
+    dot = member_dot(grads, reference)
+    ref_norm = member_dot(reference, reference)
     # dot < 0 implies ref_norm > 0; the clamp only keeps the unused branch finite.
     scale = torch.where(dot < 0, dot / ref_norm.clamp_min(torch.finfo(ref_norm.dtype).tiny), torch.zeros_like(dot))
     for g, r in zip(grads, reference):
-        g.addcmul_(r, -scale.to(g.dtype))
+        g.addcmul_(r, -member_view(scale, g).to(g.dtype))
     return dot
 
 
+def memory_positions(seeds: Sequence[int], size: int, count: int, epoch: int, batch_idx: int) -> Tensor:
+    """``[N, count]``: positions in each member's memory of size ``size`` for step ``batch_idx`` of
+    ``epoch``, drawn without replacement; row k from member k's seed alone.
+
+    One small CPU draw per member and step (about 15 us each): keyed by the step, not by a
+    generator carried along, so every DDP process and a resumed run draw the same.
+    """
+    return torch.stack([
+        torch.randperm(size, generator=generator(seed, "agem_memory_batch", epoch, batch_idx))[:count] for seed in seeds
+    ])
+
+
 class AGEM(TaskAwareCallback):
-    """Projects each training gradient so that it does not increase the loss on a memory batch.
+    """Projects each member's training gradient so that it does not increase that member's loss
+    on its memory batch.
 
     The memory is filled at each task end with that task's examples
-    (:class:`~cl_lightning.methods.memory.EpisodicMemory`); from the second task on, every step's
-    reference gradient is the gradient of the mean cross-entropy over ``memory_batch_size``
-    examples drawn without replacement from the memory of all tasks seen so far (the whole
-    memory while it is smaller), each example with its own task's class mask on split
-    benchmarks. It is computed in the module's training mode, like the training loss (the
-    reference code also used training mode), in full precision.
+    (:class:`~cl_lightning.methods.memory.EpisodicMemory`, each member's from its own seed);
+    from the second task on, member k's reference gradient of every step is the gradient of its
+    mean cross-entropy over ``memory_batch_size`` examples drawn without replacement from its
+    memory of all tasks seen so far (the whole memory while it is smaller), each example with its
+    own task's class mask on split benchmarks. It is computed in the module's training mode, like
+    the training loss (the reference code also used training mode), with dropout masks of their
+    own (stream :data:`REFERENCE_STREAM`), in full precision.
 
     Args:
         memory_per_class: Memory examples per class of each task. With neither this nor
@@ -89,7 +133,7 @@ class AGEM(TaskAwareCallback):
             memory_per_class = 1
         self.memory = EpisodicMemory(per_task=memory_per_task, per_class=memory_per_class, replacement=memory_replacement)
         self.memory_batch_size = int(memory_batch_size)
-        self.projected: Tensor | None = None  # steps of the current task whose gradient was projected
+        self.projected: Tensor | None = None  # [N]: steps of the current task whose gradient was projected
         self.steps = 0  # steps of the current task with a reference gradient
         self._batch_idx = 0
         self._cache: tuple[list[int], Batch] | None = None
@@ -111,27 +155,32 @@ class AGEM(TaskAwareCallback):
 
     # ------------------------------------------------------------------ the projection
     def memory_batch(self, dm: ContinualDataModule, device: torch.device, epoch: int, batch_idx: int) -> Batch:
-        """The memory batch of step ``batch_idx`` of ``epoch``, on ``device``.
+        """Every member's memory batch of step ``batch_idx`` of ``epoch``, ``[N, M, ...]``, on ``device``.
 
-        The memory (a few hundred examples) is kept on the device; only the indices of the step
-        travel, drawn on the CPU from (seed, epoch, batch index): identical on every process and
-        after a resume, whatever happened before.
+        The memory (a few hundred examples per member) is kept on the device; only the positions of
+        the step travel, drawn on the CPU from (member seed, epoch, batch index): identical on every
+        process and after a resume, whatever happened before.
         """
         tasks = self.memory.tasks
         if self._cache is None or self._cache[0] != tasks or self._cache[1][0].device != device:
             self._cache = (tasks, tuple(v.to(device) for v in self.memory.batch(dm, tasks)))
         x, y, task_ids = self._cache[1]
-        size = len(y)
+        size = y.shape[1]
         if size <= self.memory_batch_size:
             return x, y, task_ids
-        g = generator(dm.resolved_seed, "agem_memory_batch", epoch, batch_idx)
-        index = torch.randperm(size, generator=g)[: self.memory_batch_size].to(device, non_blocking=True)
-        return x[index], y[index], task_ids[index]
+        index = memory_positions(dm.seeds, size, self.memory_batch_size, epoch, batch_idx).to(device, non_blocking=True)
+        rows = torch.arange(len(index), device=device).unsqueeze(1)
+        return x[rows, index], y[rows, index], task_ids[rows, index]
 
     def reference_gradient(self, pl_module: LightningModule, params: list[Tensor], batch: Batch) -> list[Tensor]:
-        """Gradient of the mean cross-entropy on ``batch`` w.r.t. ``params``; ``.grad`` is not touched."""
+        """Each member's gradient of its mean cross-entropy on its rows of ``batch``, w.r.t.
+        ``params`` (``[N, ...]`` each); ``.grad`` is not touched.
+
+        ``pl_module.loss`` sums the members' losses, so member k's slice of each gradient is its
+        own loss's gradient: the members stay independent (a member the guard stopped gets 0).
+        """
         with torch.inference_mode(False), torch.enable_grad():
-            loss = pl_module.loss(batch)
+            loss = pl_module.loss(batch, stream=REFERENCE_STREAM)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
@@ -154,13 +203,14 @@ class AGEM(TaskAwareCallback):
     # ------------------------------------------------------------------ reporting
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        if self.projected is None or trainer.logger is None:
+        """Each member's fraction of projected steps (and the memory size) into its own logger."""
+        if self.projected is None:
             return
-        metrics = {
-            "agem/projected_fraction": self.projected.item() / max(self.steps, 1),
-            "agem/memory_size": float(sum(len(i) for i in self.memory.indices.values())),
-        }
-        trainer.logger.log_metrics(metrics, step=task + 1)
+        size = float(sum(i.shape[1] for i in self.memory.indices.values()))
+        for logger, projected in zip(member_loggers(trainer), self.projected.tolist()):
+            if logger is not None:
+                logger.log_metrics({"agem/projected_fraction": projected / max(self.steps, 1), "agem/memory_size": size},
+                                   step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override

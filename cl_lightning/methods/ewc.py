@@ -44,6 +44,19 @@ accumulation), after mixed precision unscaled the gradients and before gradient 
 exactly as if the penalty were part of the loss. The ``agem`` Fisher reads the same ``.grad``
 before the penalty is added: the gradient of the (accumulated) batch-mean loss.
 
+Population (docs/populations_plan.md, step 5): the network is a
+:class:`~cl_lightning.models.population.Population` of N members stacked along dim 0, and every
+piece of EWC's state has one row per member: the two flat vectors are ``[N, P]`` (row k in the
+solo ``parameters_to_vector`` layout), the scalar an ``[N]`` vector; ``lam`` (and agem's
+``fisher_decay``) may differ between members. Everything is elementwise or reduces along a row
+(a member's min and max, its penalty), never over dim 0, and the penalty's gradient of member k is
+member k's own ``c_k * (F_sum,k * theta_k - ...)``, so member k of a population is the population of
+one with member k's seed and settings, and a NaN in one member reaches no other. The kirkpatrick
+Fisher draws member k's examples and sampled labels from member k's seed with the solo run's keys
+and takes its per-example gradients on member k's own data, all members in one vmapped call.
+Each step's arithmetic is one IEEE rounding per elementwise operation (no fused multiply-add), so a
+member's values do not depend on how many members share the kernels.
+
 Under DDP the hook sees gradients already averaged over processes, identical everywhere: the
 penalty gradient is a function of the weights only, so every process adds the same term, and the
 ``agem`` running Fisher is the one of the *global* batch's gradient (the squared gradient of the
@@ -54,6 +67,7 @@ examples. Each task's Fisher is broadcast from process 0 to guard against floati
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -63,89 +77,111 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.utils import parameters_to_vector
 from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.models.member_sgd import member_view
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.params import eval_mode, outside_inference
+from cl_lightning.models.population import member_values
 from cl_lightning.seeding import generator
 
 FisherKind = Literal["empirical", "true"]
 Variant = Literal["kirkpatrick", "agem"]
+#: Per-example gradients of one member: ``(params, buffers, x, y, mask) -> {name: gradient}``.
+ExampleGrad = Callable[..., dict[str, Tensor]]
 
 
 def min_max(flat: Tensor) -> Tensor:
-    """``flat`` rescaled to [0, 1] by its min and max (all zeros if constant), as the A-GEM code
-    normalises its Fisher (model.py 1100-1110, there with ``+ 1e-32`` in the denominator)."""
-    low, high = flat.min(), flat.max()
+    """Each member's row of ``flat`` ``[N, P]`` rescaled to [0, 1] by its own min and max (all
+    zeros if constant), as the A-GEM code normalises its Fisher (model.py 1100-1110, there with
+    ``+ 1e-32`` in the denominator)."""
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
     return (flat - low) / (high - low).clamp_min(torch.finfo(flat.dtype).tiny)
 
 
-def _split_like(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    """Per-parameter views of a flat vector in the layout of ``parameters_to_vector(params)``."""
-    return [v.view_as(p) for p, v in zip(params, flat.split([p.numel() for p in params]))]
+def _split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Per-parameter ``[N, ...]`` views of ``[N, P]`` flat vectors in the layout of
+    :meth:`~cl_lightning.models.population.Population.flat`."""
+    widths = [p[0].numel() for p in params]
+    return [v.view_as(p) for p, v in zip(params, flat.split(widths, dim=1))]
+
+
+def _checked_members(values: float | Sequence[float], name: str, valid: Callable[[float], bool], rule: str) -> list[float]:
+    """The values of a per-member setting (one float, or one per member), refused if any breaks
+    ``rule`` (their number is checked against N by ``member_values`` once the population is known)."""
+    listed = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    if not listed or not all(valid(value) for value in listed):
+        raise ConfigError(f"{name} must {rule}, got {values}")
+    return listed
 
 
 class EWC(TaskAwareCallback):
-    """Penalises moving the weights that mattered for earlier tasks (diagonal Fisher).
+    """Penalises moving the weights that mattered for earlier tasks (diagonal Fisher), per member.
 
     ``variant="kirkpatrick"`` keeps one Fisher and anchor per task and sums the penalties. At the
     end of every task the Fisher is estimated on ``fisher_samples`` of that task's training
-    examples (drawn from the run's seed, from the whole task dataset, so every process of a
+    examples (member k's drawn from its seed, from its whole task dataset, so every process of a
     multi-process run uses the same examples), with the network in eval mode (dropout off). Each
     example contributes its own squared log-likelihood gradient (per-example gradients with
-    ``torch.func.vmap``). With the research ResNet, whose BatchNorm always normalises with batch
-    statistics, "per example" means each example normalised on its own.
+    ``torch.func.vmap``, over the members and their examples at once). With the research ResNet,
+    whose BatchNorm always normalises with batch statistics, "per example" means each example
+    normalised on its own.
 
     ``variant="agem"`` is the A-GEM code's EWC (module docstring): one anchor, the last task's
     weights; the Fisher a running average of squared mini-batch gradients during training,
-    min-max normalised at the task's end. Costs nothing beyond one flat vector per step.
+    min-max normalised (per member) at the task's end. Costs a few elementwise operations on the
+    ``[N, P]`` gradients per step.
 
     Args:
-        lam: lambda, the penalty's strength: ``lam/2 * sum_t sum_i F_t,i (theta_i -
-            theta*_t,i)^2`` (kirkpatrick) or ``lam * sum_i F_i (theta_i - theta*_i)^2`` (agem,
-            the A-GEM code's ``synap_stgth`` in its own form). SGD follows the penalty only while
-            ``lr * c * max_i F_i < 2 (1 + momentum)`` with ``c = lam`` (kirkpatrick, F summed over
-            tasks: it grows with every task) or ``2 lam`` (agem, max F = 1); beyond, the stiffest
-            weights oscillate with growing amplitude (a warning says so at the task end where the
-            limit is crossed).
+        lam: lambda, the penalty's strength, one value for every member or one per member:
+            ``lam/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2`` (kirkpatrick) or ``lam * sum_i
+            F_i (theta_i - theta*_i)^2`` (agem, the A-GEM code's ``synap_stgth`` in its own form).
+            SGD follows the penalty only while ``lr * c * max_i F_i < 2 (1 + momentum)`` with
+            ``c = lam`` (kirkpatrick, F summed over tasks: it grows with every task) or ``2 lam``
+            (agem, max F = 1); beyond, the stiffest weights oscillate with growing amplitude (a
+            warning names the members at the task end where the limit is crossed).
         variant: ``kirkpatrick`` or ``agem`` (see above).
         fisher: (kirkpatrick) ``empirical``: squared gradients of the log-likelihood of the true
             labels; ``true``: of labels sampled from the model's own predictive distribution
             (seeded), which is the Fisher information proper.
         fisher_samples: (kirkpatrick) Training examples of the task the Fisher is estimated on,
-            drawn without replacement from the seed; null uses the whole task.
-        fisher_batch_size: (kirkpatrick) Examples per vectorised per-example-gradient call
-            (memory: this many copies of the gradient).
+            drawn without replacement from each member's seed; null uses the whole task.
+        fisher_batch_size: (kirkpatrick) Examples per member and vectorised
+            per-example-gradient call (memory: N times this many copies of the gradient).
         fisher_normalization: (kirkpatrick) ``none``: the Fisher as estimated; ``min_max``: each
-            task's Fisher rescaled to [0, 1] by its min and max over all parameters (agem always
-            normalises).
-        backend: (kirkpatrick) ``vmap`` (default, one batched call per chunk) or ``loop`` (one
-            backward per example: for networks ``vmap`` cannot batch, and faster for
-            convolutional networks on CPU, where ``vmap`` turns convolutions into grouped ones).
+            member's Fisher of each task rescaled to [0, 1] by its min and max over all
+            parameters (agem always normalises).
+        backend: (kirkpatrick) ``vmap`` (default, one batched call per chunk over members and
+            examples) or ``loop`` (one call per example position, batched over the members only:
+            less memory, and faster for convolutional networks on CPU, where ``vmap`` over the
+            examples turns convolutions into grouped ones).
         fisher_decay: (agem) ``d`` of ``F <- (1 - d) F + d * mean of the window's squared
-            gradients``: the weight of the newest window (the A-GEM code's ``fisher_ema_decay``, 0.9).
+            gradients``: the weight of the newest window (the A-GEM code's ``fisher_ema_decay``,
+            0.9), one value or one per member.
         fisher_update_every: (agem) optimizer steps per window (``fisher_update_after``: 10 in
-            the A-GEM code's MNIST scripts, 50 in its CIFAR script).
+            the A-GEM code's MNIST scripts, 50 in its CIFAR script), shared by the members.
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = ("lam", "fisher_decay")
 
     def __init__(
         self,
-        lam: NonNegativeFloat = 1.0,
+        lam: NonNegativeFloat | list[NonNegativeFloat] = 1.0,
         variant: Variant = "kirkpatrick",
         fisher: FisherKind = "empirical",
         fisher_samples: PositiveInt | None = 1024,
         fisher_batch_size: PositiveInt = 64,
         fisher_normalization: Literal["none", "min_max"] = "none",
         backend: Literal["vmap", "loop"] = "vmap",
-        fisher_decay: float = 0.9,
+        fisher_decay: float | list[float] = 0.9,
         fisher_update_every: PositiveInt = 10,
     ) -> None:
-        if not lam >= 0:
-            raise ConfigError(f"lam must be non-negative, got {lam}")
+        lams = _checked_members(lam, "lam", lambda v: v >= 0, "be non-negative for every member")
         if variant not in ("kirkpatrick", "agem"):
             raise ConfigError(f"variant must be 'kirkpatrick' or 'agem', got {variant!r}")
         if fisher not in ("empirical", "true"):
@@ -158,44 +194,62 @@ class EWC(TaskAwareCallback):
             raise ConfigError(f"fisher_normalization must be 'none' or 'min_max', got {fisher_normalization!r}")
         if backend not in ("vmap", "loop"):
             raise ConfigError(f"backend must be 'vmap' or 'loop', got {backend!r}")
-        if not 0 < fisher_decay <= 1:
-            raise ConfigError(f"fisher_decay must lie in (0, 1], got {fisher_decay}")
+        _checked_members(fisher_decay, "fisher_decay", lambda v: 0 < v <= 1, "lie in (0, 1] for every member")
         if fisher_update_every < 1:
             raise ConfigError(f"fisher_update_every must be a positive integer, got {fisher_update_every}")
-        self.lam = float(lam)
+        self.lam = lam
+        self._penalised = any(value > 0 for value in lams)  # else the penalty adds nothing: skip it
         self.variant = variant
         self.fisher = fisher
         self.fisher_samples = fisher_samples
         self.fisher_batch_size = int(fisher_batch_size)
         self.fisher_normalization = fisher_normalization
         self.backend = backend
-        self.fisher_decay = float(fisher_decay)
+        self.fisher_decay = fisher_decay
         self.fisher_update_every = int(fisher_update_every)
-        # The penalty's state: sum_t F_t, sum_t F_t * theta*_t (flat, the layout of
-        # parameters_to_vector(net.parameters())), sum_t sum_i F_t,i theta*_t,i^2 (float64 scalar).
+        # The penalty's state, one row per member: sum_t F_t, sum_t F_t * theta*_t ([N, P], the
+        # layout of Population.flat()), sum_t sum_i F_t,i theta*_t,i^2 ([N] float64).
         self.fisher_sum: Tensor | None = None
         self.fisher_anchor: Tensor | None = None
         self.anchor_energy: Tensor | None = None
         self.tasks: list[int] = []
         self._views: list[tuple[Tensor, Tensor]] | None = None
-        # agem's running Fisher F, its window of squared gradients, and the optimizer steps of the
-        # current task (flat, same layout; None until the first step).
+        # agem's running Fisher F, its window of squared gradients ([N, P], same layout; None until
+        # the first step), and the optimizer steps of the current task (the same for every member).
         self.running_fisher: Tensor | None = None
         self.fisher_window: Tensor | None = None
         self.task_steps = 0
+        # Per-member settings on the parameters' device and dtype, built once (no copy per step).
+        self._settings: dict[str, Tensor] = {}
 
-    @property
-    def curvature(self) -> float:
-        """``c`` of the penalty ``c/2 * sum_t F_t (theta - theta*_t)^2``: the penalty's second
-        derivative per unit of Fisher (agem's ``lam * F d^2`` has no 1/2)."""
-        return self.lam if self.variant == "kirkpatrick" else 2 * self.lam
+    # ------------------------------------------------------------------ per-member settings
+    def curvature(self, n: int) -> Tensor:
+        """``c`` of the penalty ``c/2 * sum_t F_t (theta - theta*_t)^2`` per member, ``[N]``
+        float64: the penalty's second derivative per unit of Fisher (agem's ``lam * F d^2`` has no
+        1/2)."""
+        lam = member_values(self.lam, n, "lam")
+        return lam if self.variant == "kirkpatrick" else 2 * lam
+
+    def decay(self, n: int) -> Tensor:
+        """agem's ``fisher_decay`` per member, ``[N]`` float64."""
+        return member_values(self.fisher_decay, n, "fisher_decay")
+
+    def _setting(self, name: str, values: Callable[[int], Tensor], like: Tensor) -> Tensor:
+        """``[N]``: the float64 ``values(N)`` for the N members of ``like`` (``[N, ...]``), rounded
+        to its dtype on its device (rounded once, as torch's kernels round a Python float setting),
+        kept until N, the device or the dtype changes."""
+        n = like.shape[0]
+        cached = self._settings.get(name)
+        if cached is None or cached.device != like.device or cached.dtype != like.dtype or len(cached) != n:
+            cached = self._settings[name] = values(n).to(device=like.device, dtype=like.dtype)
+        return cached
 
     # ------------------------------------------------------------------ task events
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task in self.tasks:  # never count a task twice (e.g. a task end replayed by a resume)
             return
-        theta = parameters_to_vector(pl_module.net.parameters()).detach()
+        theta = pl_module.population.flat()
         previous_penalty = self.penalty(theta)
         if self.variant == "kirkpatrick":
             fisher = self.estimate_fisher(pl_module, trainer.datamodule, task)
@@ -208,24 +262,29 @@ class EWC(TaskAwareCallback):
             self.clear_penalty()  # one anchor: the new task's replaces the previous one
         self.add_task(fisher, theta)
         self.tasks.append(task)
-        stiffness = self.curvature * self.fisher_sum.max().item()
-        self._check_stability(trainer, stiffness)
-        self._publish(trainer, task, previous_penalty, fisher, stiffness)
+        stiffness = self.curvature(len(theta)) * self.fisher_sum.amax(dim=1).cpu().double()
+        self._check_stability(trainer, pl_module, stiffness)
+        self._publish(trainer, pl_module, task, previous_penalty, fisher, stiffness)
 
     @staticmethod
-    def _check_stability(trainer: Trainer, stiffness: float) -> None:
-        """Warn when SGD cannot follow the penalty: along a weight with curvature c * F_i
+    def _check_stability(trainer: Trainer, pl_module: LightningModule, stiffness: Tensor) -> None:
+        """Warn when SGD cannot follow a member's penalty: along a weight with curvature c * F_i
         heavy-ball SGD is stable only while lr * c * F_i < 2 (1 + momentum); beyond, that weight
-        oscillates with growing amplitude and the run diverges."""
+        oscillates with growing amplitude and the member diverges."""
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                lr, momentum = group.get("lr", 0.0), group.get("momentum", 0.0)
-                if lr * stiffness >= 2 * (1 + momentum):
+                lr = torch.as_tensor(group.get("lr", 0.0)).detach().cpu().double()
+                momentum = torch.as_tensor(group.get("momentum", 0.0)).detach().cpu().double()
+                unstable = (lr * stiffness >= 2 * (1 + momentum)).nonzero().flatten().tolist()
+                if unstable:
+                    seeds = [pl_module.seeds[k] for k in unstable]
+                    worst = unstable[int(stiffness[unstable].argmax())]
+                    lr_k, momentum_k = lr.expand_as(stiffness)[worst], momentum.expand_as(stiffness)[worst]
                     rank_zero_warn(
-                        f"EWC: the penalty's curvature c * max(Fisher) = {stiffness:.4g} with learning rate {lr:.4g} "
-                        f"(momentum {momentum:.4g}) reaches SGD's stability limit lr * c * F < 2 (1 + momentum): the "
-                        f"stiffest weights will oscillate and the run may diverge. Lower `lam` or the learning "
-                        f"rate."
+                        f"EWC: for the member(s) of seed(s) {seeds}, the penalty's curvature c * max(Fisher) (up to "
+                        f"{stiffness[worst].item():.4g}, learning rate {lr_k.item():.4g}, momentum {momentum_k.item():.4g}) reaches SGD's "
+                        f"stability limit lr * c * F < 2 (1 + momentum): the stiffest weights will oscillate and "
+                        f"those members may diverge. Lower their `lam` or learning rate."
                     )
                     return
 
@@ -236,14 +295,14 @@ class EWC(TaskAwareCallback):
         self._views = None
 
     def add_task(self, fisher: Tensor, anchor: Tensor) -> None:
-        """Accumulate one task's Fisher ``F_t`` and optimum ``theta*_t`` (flat vectors)."""
-        if fisher.shape != anchor.shape or fisher.dim() != 1:
-            raise ValueError(f"fisher and anchor must be flat vectors of the same size, got shapes "
+        """Accumulate one task's Fisher ``F_t`` and optimum ``theta*_t`` (``[N, P]``, row k member k's)."""
+        if fisher.shape != anchor.shape or fisher.dim() != 2:
+            raise ValueError(f"fisher and anchor must be [N, P] matrices of the same shape, got shapes "
                              f"{tuple(fisher.shape)} and {tuple(anchor.shape)}")
         dtype = torch.promote_types(anchor.dtype, torch.float32)
         fisher, anchor = fisher.detach().to(dtype), anchor.detach().to(device=fisher.device, dtype=dtype)
         # float64 on the CPU (once per task): some devices (MPS) have no float64.
-        energy = (fisher.cpu().double() * anchor.cpu().double().square()).sum()
+        energy = (fisher.cpu().double() * anchor.cpu().double().square()).sum(dim=1)
         if self.fisher_sum is None:
             self.fisher_sum, self.fisher_anchor, self.anchor_energy = fisher.clone(), fisher * anchor, energy
         else:
@@ -253,74 +312,78 @@ class EWC(TaskAwareCallback):
             self.anchor_energy = self.anchor_energy.cpu() + energy
         self._views = None
 
-    def penalty(self, theta: Tensor) -> float | None:
-        """``c/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2`` at a flat ``theta``, None before
-        the first task end. Computed in float64 on the CPU (once per task: it syncs)."""
+    def penalty(self, theta: Tensor) -> Tensor | None:
+        """``c/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2`` of each member at ``theta``
+        ``[N, P]``: an ``[N]`` float64 tensor, None before the first task end. Computed in float64
+        on the CPU (once per task: it syncs)."""
         if self.fisher_sum is None:
             return None
         theta = theta.detach().cpu().double()
-        quadratic = theta @ (self.fisher_sum.cpu().double() * theta)
-        cross = theta @ self.fisher_anchor.cpu().double()
+        quadratic = (theta * self.fisher_sum.cpu().double() * theta).sum(dim=1)
+        cross = (theta * self.fisher_anchor.cpu().double()).sum(dim=1)
         value = quadratic - 2 * cross + self.anchor_energy.cpu()
-        return 0.5 * self.curvature * value.item()
+        return 0.5 * self.curvature(len(theta)) * value
 
-    def _parameter_views(self, pl_module: LightningModule) -> list[tuple[Tensor, Tensor]]:
-        """Per-parameter views of the two flat vectors, on the parameters' device (built once
-        after each change of the state: a checkpoint loads the state on the CPU)."""
-        params = list(pl_module.net.parameters())
+    def _parameter_views(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per-parameter ``[N, ...]`` views of the two ``[N, P]`` state tensors, on the parameters'
+        device (built once after each change of the state: a checkpoint loads it on the CPU)."""
         device = params[0].device
         if self._views is None or self.fisher_sum.device != device:
             self.fisher_sum = self.fisher_sum.to(device)
             self.fisher_anchor = self.fisher_anchor.to(device)
             self.anchor_energy = self.anchor_energy.to("cpu")
-            size = sum(p.numel() for p in params)
-            if size != self.fisher_sum.numel():
-                raise ValueError(f"EWC holds a Fisher of {self.fisher_sum.numel()} parameters but the network "
-                                 f"has {size}: was the checkpoint made with another network?")
+            shape = (params[0].shape[0], sum(p[0].numel() for p in params))
+            if tuple(self.fisher_sum.shape) != shape:
+                raise ValueError(f"EWC holds a Fisher of shape {tuple(self.fisher_sum.shape)} (members, parameters) but the "
+                                 f"population has {shape}: was the checkpoint made with another network or population?")
             self._views = list(zip(_split_like(self.fisher_sum, params), _split_like(self.fisher_anchor, params)))
         return self._views
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """agem: first track the loss gradient's square; then ``grad += c * (F_sum * theta -
-        sum_t F_t * theta*_t)``: in place, no host sync."""
+        sum_t F_t * theta*_t)`` per member: in place, no host sync."""
+        params = list(pl_module.population.stacked.parameters())
         if self.variant == "agem":
-            self.track_gradient(pl_module)
-        if self.fisher_sum is None or self.lam == 0.0:
+            self.track_gradient(params)
+        if self.fisher_sum is None or not self._penalised:
             return
+        curvature = self._setting("curvature", self.curvature, params[0])
         with torch.no_grad():
-            for p, (f, a) in zip(pl_module.net.parameters(), self._parameter_views(pl_module)):
+            for p, (f, a) in zip(params, self._parameter_views(params)):
                 if not p.requires_grad:
                     continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.addcmul_(f, p, value=self.curvature).sub_(a, alpha=self.curvature)
+                p.grad.add_(member_view(curvature, p) * (f * p - a))
 
     # ------------------------------------------------------------------ agem's running Fisher
-    def track_gradient(self, pl_module: LightningModule) -> None:
-        """One optimizer step of the A-GEM code's running Fisher (fc_permute_mnist.py 274-279):
-        fold the window into F on every ``fisher_update_every``-th step, then add this step's
-        squared loss gradient (``.grad`` before the penalty) to the window."""
-        params = list(pl_module.net.parameters())
+    def track_gradient(self, params: list[Tensor]) -> None:
+        """One optimizer step of the A-GEM code's running Fisher (fc_permute_mnist.py 274-279), for
+        every member: fold the window into F on every ``fisher_update_every``-th step, then add this
+        step's squared loss gradient (``.grad`` before the penalty) to the window."""
         if self.running_fisher is None:
-            size, dtype = sum(p.numel() for p in params), torch.promote_types(params[0].dtype, torch.float32)
-            self.running_fisher = torch.zeros(size, dtype=dtype, device=params[0].device)
+            dtype = torch.promote_types(params[0].dtype, torch.float32)
+            shape = (len(params[0]), sum(p[0].numel() for p in params))
+            self.running_fisher = torch.zeros(shape, dtype=dtype, device=params[0].device)
             self.fisher_window = torch.zeros_like(self.running_fisher)
         device = params[0].device
         self.running_fisher, self.fisher_window = self.running_fisher.to(device), self.fisher_window.to(device)
         with torch.no_grad():
             if (self.task_steps + 1) % self.fisher_update_every == 0:
-                self.running_fisher.mul_(1 - self.fisher_decay).add_(
-                    self.fisher_window, alpha=self.fisher_decay / self.fisher_update_every)
+                keep = self._setting("fisher_keep", lambda n: 1 - self.decay(n), self.running_fisher)
+                gain = self._setting("fisher_gain", lambda n: self.decay(n) / self.fisher_update_every, self.running_fisher)
+                self.running_fisher.mul_(keep.unsqueeze(1)).add_(self.fisher_window * gain.unsqueeze(1))
                 self.fisher_window.zero_()
             for p, w in zip(params, _split_like(self.fisher_window, params)):
                 if p.grad is not None:
-                    w.addcmul_(p.grad, p.grad)
+                    w.add_(p.grad * p.grad)
         self.task_steps += 1
 
     def close_running_fisher(self, theta: Tensor) -> Tensor:
-        """At a task's end (model.py 1252-1261): the running Fisher, min-max normalised, becomes
-        the penalty's; the window is emptied and the step count restarts. F itself runs on."""
+        """At a task's end (model.py 1252-1261): the running Fisher, min-max normalised per
+        member, becomes the penalty's; the window is emptied and the step count restarts. F itself
+        runs on."""
         fisher = torch.zeros_like(theta) if self.running_fisher is None else min_max(self.running_fisher)
         if self.fisher_window is not None:
             self.fisher_window.zero_()
@@ -329,83 +392,66 @@ class EWC(TaskAwareCallback):
 
     # ------------------------------------------------------------------ the Fisher
     def fisher_indices(self, dm: ContinualDataModule, task: int) -> Tensor:
-        """The task's training examples the Fisher is estimated on (seeded, whole task dataset)."""
-        n = len(dm.task_dataset(task, "train"))
-        order = torch.randperm(n, generator=generator(dm.resolved_seed, "ewc_fisher", task))
-        return order if self.fisher_samples is None else order[: self.fisher_samples]
+        """``[N, m]``: row k holds the positions in member k's training set of ``task`` that its
+        Fisher is estimated on, drawn from member k's seed with the solo run's key."""
+        n = len(dm.task_set(task, "train"))
+        orders = torch.stack([torch.randperm(n, generator=generator(seed, "ewc_fisher", task)) for seed in dm.seeds])
+        return orders if self.fisher_samples is None else orders[:, : self.fisher_samples]
 
     def estimate_fisher(self, pl_module: LightningModule, dm: ContinualDataModule, task: int) -> Tensor:
-        """Diagonal Fisher of ``task`` at the current weights: a flat vector, mean over examples
-        of the squared per-example gradient of the log-likelihood (non-negative)."""
-        net = pl_module.net
-        device = pl_module.device
-        params = {name: outside_inference(p.detach()) for name, p in net.named_parameters()}
-        class_mask = getattr(pl_module, "class_mask", None)
-        dataset = dm.task_dataset(task, "train")
+        """Diagonal Fisher of ``task`` at the current weights, ``[N, P]``: row k is the mean over
+        member k's examples of the squared per-example gradient of its log-likelihood
+        (non-negative)."""
+        population = pl_module.population
+        stacked = population.stacked
+        params = {name: outside_inference(p.detach()) for name, p in stacked.named_parameters()}
+        buffers = {name: outside_inference(b.detach()).clone() for name, b in stacked.named_buffers()}
         indices = self.fisher_indices(dm, task)
-        labels = generator(dm.resolved_seed, "ewc_fisher_labels", task)
+        dataset = dm.task_set(task, "train")
+        examples = dataset.select(indices.to(dataset.base_index.device))
+        class_mask = pl_module.class_mask  # [N, T, C] on the module's device (split benchmarks), else None
+        labels = [generator(seed, "ewc_fisher_labels", task) for seed in dm.seeds]
+        example_grad = _example_grad(stacked)
+        compute = _squared_grads_vmap if self.backend == "vmap" else _squared_grads_loop
         total = {name: torch.zeros_like(p) for name, p in params.items()}
-        with eval_mode(net), torch.inference_mode(False), torch.no_grad():
-            for chunk in indices.split(self.fisher_batch_size):
-                x, y, task_ids = (outside_inference(v.to(device)) for v in dataset.__getitems__(chunk))
-                mask = class_mask[task_ids] if class_mask is not None else None
+        with eval_mode(population), torch.inference_mode(False), torch.no_grad():
+            for start in range(0, indices.shape[1], self.fisher_batch_size):
+                x, y, task_ids = (outside_inference(v.to(pl_module.device))
+                                  for v in examples.batch(start, start + self.fisher_batch_size))
+                mask = class_mask[pl_module.members.unsqueeze(1), task_ids] if class_mask is not None else None
                 if self.fisher == "true":
-                    # Gumbel-max sampling from the predictive distribution; the noise comes from
-                    # a CPU generator, so the labels do not depend on the device.
-                    logits = mask_logits(net(x), mask)
-                    uniform = torch.rand(logits.shape, generator=labels, dtype=torch.float64).to(device)
-                    y = (logits.double() - torch.log(-torch.log(uniform))).argmax(dim=1)
-                compute = self._squared_grads_vmap if self.backend == "vmap" else self._squared_grads_loop
-                for name, value in compute(net, params, x, y, mask).items():
+                    y = self._sampled_labels(population(x), mask, labels)
+                for name, value in compute(example_grad, params, buffers, x, y, mask).items():
                     total[name] += value
-        flat = torch.cat([total[name].flatten() for name, _ in net.named_parameters()]) / len(indices)
+        flat = torch.cat([total[name].flatten(1) for name in params], dim=1) / indices.shape[1]
         return min_max(flat) if self.fisher_normalization == "min_max" else flat
 
     @staticmethod
-    def _squared_grads_vmap(
-        net: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None
-    ) -> dict[str, Tensor]:
-        buffers = {name: outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
-
-        def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor, mi: Tensor | None) -> Tensor:
-            logits = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
-            return F.cross_entropy(mask_logits(logits, mi), yi.unsqueeze(0))
-
-        with torch.enable_grad():
-            if mask is None:
-                grads = vmap(grad(lambda p, xi, yi: loss(p, xi, yi, None)), in_dims=(None, 0, 0))(params, x, y)
-            else:
-                grads = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, y, mask)
-        return {name: g.square().sum(0) for name, g in grads.items()}
-
-    @staticmethod
-    def _squared_grads_loop(
-        net: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None
-    ) -> dict[str, Tensor]:
-        leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
-        buffers = {name: outside_inference(b.detach()).clone() for name, b in net.named_buffers()}
-        total = {name: torch.zeros_like(p) for name, p in params.items()}
-        with torch.enable_grad():
-            for i in range(len(x)):
-                logits = functional_call(net, (leaves, buffers), (x[i : i + 1],))
-                loss = F.cross_entropy(mask_logits(logits, None if mask is None else mask[i : i + 1]), y[i : i + 1])
-                for (name, _), g in zip(leaves.items(), torch.autograd.grad(loss, list(leaves.values()))):
-                    total[name] += g.square()
-        return total
+    def _sampled_labels(logits: Tensor, mask: Tensor | None, labels: list[torch.Generator]) -> Tensor:
+        """``[N, B]`` labels drawn from each member's predictive distribution (Gumbel-max), the
+        noise from member k's CPU generator, so the labels do not depend on the device or on N."""
+        logits = mask_logits(logits, mask)
+        uniform = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in labels])
+        return (logits.double() - torch.log(-torch.log(uniform.to(logits.device)))).argmax(dim=2)
 
     # ------------------------------------------------------------------ reporting
     @rank_zero_only
     def _publish(
-        self, trainer: Trainer, task: int, previous_penalty: float | None, fisher: Tensor, stiffness: float
+        self, trainer: Trainer, pl_module: LightningModule, task: int, previous_penalty: Tensor | None, fisher: Tensor,
+        stiffness: Tensor,
     ) -> None:
-        metrics = {"ewc/fisher_mean": fisher.mean().item(), "ewc/fisher_max": fisher.max().item(),
-                   "ewc/stiffness": stiffness}
+        """Log each member's Fisher, stiffness and penalty of the task into the member's own logger
+        (a stopped member's are not results)."""
+        values = {"ewc/fisher_mean": fisher.mean(dim=1), "ewc/fisher_max": fisher.amax(dim=1), "ewc/stiffness": stiffness}
         if previous_penalty is not None:
             # The penalty of tasks 1..t-1 at theta*_t: how far training task t pulled the weights
             # from where the earlier tasks want them (the current task adds 0 at its optimum).
-            metrics["ewc/penalty"] = previous_penalty
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=task + 1)
+            values["ewc/penalty"] = previous_penalty
+        rows = {name: value.detach().cpu().double().tolist() for name, value in values.items()}
+        failed = pl_module.failed.tolist()
+        for k, logger in enumerate(member_loggers(trainer)):
+            if logger is not None and not failed[k]:
+                logger.log_metrics({name: row[k] for name, row in rows.items()}, step=task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override
@@ -425,7 +471,45 @@ class EWC(TaskAwareCallback):
         self.anchor_energy = state_dict["anchor_energy"]
         self.tasks = [int(t) for t in state_dict["tasks"]]
         self._views = None
-        # absent from checkpoints written before the agem variant existed (kirkpatrick only)
-        self.running_fisher = state_dict.get("running_fisher")
-        self.fisher_window = state_dict.get("fisher_window")
-        self.task_steps = int(state_dict.get("task_steps", 0))
+        self.running_fisher = state_dict["running_fisher"]
+        self.fisher_window = state_dict["fisher_window"]
+        self.task_steps = int(state_dict["task_steps"])
+
+
+# ---------------------------------------------------------------------- per-example gradients
+def _example_grad(net: nn.Module) -> ExampleGrad:
+    """The gradient of one member's cross-entropy on one example, ``(params, buffers, x, y, mask)
+    -> {name: gradient}`` with the member's parameters and buffers (slices of the stacked
+    network's) and one example (``mask``: its task's classes, or None without masks)."""
+
+    def loss(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+        logits = functional_call(net, (params, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(mask_logits(logits, mask), y.unsqueeze(0))
+
+    return grad(loss)
+
+
+def _squared_grads_vmap(example_grad: ExampleGrad, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                        x: Tensor, y: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    """Sum over each member's examples ``x [N, B, ...]`` of the squared per-example gradients,
+    ``{name: [N, ...]}``, in one call vmapped over the members and, inside, their examples."""
+    mask_dim = None if mask is None else 0
+    per_example = vmap(example_grad, in_dims=(None, None, 0, 0, mask_dim))
+    with torch.enable_grad():
+        grads = vmap(per_example, in_dims=(0, 0, 0, 0, mask_dim))(params, buffers, x, y, mask)
+    return {name: g.square().sum(dim=1) for name, g in grads.items()}
+
+
+def _squared_grads_loop(example_grad: ExampleGrad, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                        x: Tensor, y: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    """As :func:`_squared_grads_vmap`, one example position at a time (vmapped over the members
+    only)."""
+    mask_dim = None if mask is None else 0
+    per_member = vmap(example_grad, in_dims=(0, 0, 0, 0, mask_dim))
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    with torch.enable_grad():
+        for i in range(x.shape[1]):
+            grads = per_member(params, buffers, x[:, i], y[:, i], None if mask is None else mask[:, i])
+            for name, g in grads.items():
+                total[name] += g.square()
+    return total

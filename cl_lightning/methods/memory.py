@@ -2,17 +2,20 @@
 
 Shared by every rehearsal method (MC-SGD's consolidation, A-GEM, ER). The memory stores
 *indices* into each task's training examples, not images: it is small in a checkpoint, and the
-batch it yields goes through the same task transform as training data.
+batch it yields goes through the same task transform as training data. A population's memory
+holds one row of indices per member, drawn from the member's own seed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from cl_lightning.data.datamodule import Batch, ContinualDataModule, TaskDataset
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
@@ -62,14 +65,20 @@ class ExampleDraw:
         self.replacement = replacement
         self.options = options
 
-    def draw(self, dataset: TaskDataset, g: torch.Generator, task: int) -> Tensor:
-        """Indices into ``dataset`` (task ``task``'s training data), drawn with ``g``.
+    def draw(self, dataset: MemberSet, seeds: Sequence[int], stream: tuple, task: int) -> Tensor:
+        """``[N, m]``: row k holds positions in member k's examples of ``dataset`` (task ``task``'s
+        training data), drawn with ``generator(seeds[k], *stream)``: what the solo run with seed
+        ``seeds[k]`` draws. Per class, the positions come grouped by class, in the order of the labels."""
+        rows = []
+        for k, seed in enumerate(seeds):
+            g = generator(seed, *stream)
+            if self.per_task is not None:
+                rows.append(self._draw_uniform(len(dataset), g, task))
+            else:
+                rows.append(self._draw_per_class(dataset.base.targets[dataset.base_index[k]].cpu(), g, task))
+        return torch.stack(rows)
 
-        Per class, the indices come grouped by class, in the order of the class labels.
-        """
-        if self.per_task is not None:
-            return self._draw_uniform(len(dataset), g, task)
-        targets = dataset.base.targets[dataset.base_index]
+    def _draw_per_class(self, targets: Tensor, g: torch.Generator, task: int) -> Tensor:
         chosen_per_class = []
         for cls in targets.unique():
             members = (targets == cls).nonzero().flatten()
@@ -82,7 +91,7 @@ class ExampleDraw:
     def check(self, dm: ContinualDataModule) -> None:
         """Fail now, before any training, if some task cannot supply the examples to draw."""
         for task in range(dm.num_tasks):
-            self.draw(dm.task_dataset(task, "train"), torch.Generator(), task)
+            self.draw(dm.task_set(task, "train"), dm.seeds, ("check",), task)
 
     def _draw_uniform(self, n: int, g: torch.Generator, task: int) -> Tensor:
         if self.replacement:
@@ -110,17 +119,20 @@ class EpisodicMemory(ExampleDraw):
         return sorted(self.indices)
 
     def add_task(self, dm: ContinualDataModule, task: int) -> None:
-        """Draw ``task``'s examples from the run's seed (a no-op if the task is already in memory)."""
+        """Draw ``task``'s examples from each member's seed (a no-op if the task is already in memory)."""
         if task not in self.indices:
-            dataset = dm.task_dataset(task, "train")  # sets the datamodule up, resolving its seed
-            self.indices[task] = self.draw(dataset, generator(dm.resolved_seed, "episodic_memory", task), task)
+            self.indices[task] = self.draw(dm.task_set(task, "train"), dm.seeds, ("episodic_memory", task), task)
 
     def batch(self, dm: ContinualDataModule, tasks: int | list[int]) -> Batch:
-        """The stored examples of one task (or several, concatenated) as one ``(x, y, task)`` batch."""
+        """The stored examples of one task (or several, concatenated per member) as one ``(x, y, task)``
+        batch ``[N, m * len(tasks), ...]``."""
         tasks = [tasks] if isinstance(tasks, int) else tasks
-        parts = [dm.task_dataset(t, "train").__getitems__(self.indices[t]) for t in tasks]
+        parts = []
+        for t in tasks:
+            dataset = dm.task_set(t, "train")
+            parts.append(dataset.select(self.indices[t].to(dataset.base_index.device)).batch(0, self.indices[t].shape[1]))
         x, y, task_ids = zip(*parts)
-        return torch.cat(x), torch.cat(y), torch.cat(task_ids)
+        return torch.cat(x, dim=1), torch.cat(y, dim=1), torch.cat(task_ids, dim=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"indices": {t: idx.clone() for t, idx in self.indices.items()}}

@@ -1,4 +1,4 @@
-"""Accuracy of every task in one torchmetrics ``Metric``."""
+"""Accuracy of every task of every population member in one torchmetrics ``Metric``."""
 
 from __future__ import annotations
 
@@ -14,27 +14,30 @@ def accuracy_key(stage: str, task: int) -> str:
 
 
 class TaskAccuracy(Metric):
-    """Accuracy (%) per task from ``(preds, target, task)`` triples.
+    """Accuracy (%) per member and task from ``(preds, target, task)`` of shape ``[N, B]`` each.
 
-    One metric with ``correct[T]`` / ``total[T]`` states instead of T metric objects: the whole
-    row of the accuracy matrix is synchronised across processes in one reduction, and a batch
-    may mix tasks. Tasks without examples compute to NaN.
+    One metric with ``correct[N, T]`` / ``total[N, T]`` states instead of N x T metric objects: the
+    rows of every member's accuracy matrix are synchronised across processes in one reduction, and
+    a batch may mix tasks. Tasks without examples compute to NaN.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_tasks: int, **kwargs) -> None:
+    def __init__(self, num_tasks: int, num_members: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.num_tasks = num_tasks
-        self.add_state("correct", torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+        self.num_tasks, self.num_members = num_tasks, num_members
+        self.add_state("correct", torch.zeros(num_members, num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_members, num_tasks, dtype=torch.long), dist_reduce_fx="sum")
 
     @override
     def update(self, preds: Tensor, target: Tensor, task: Tensor) -> None:
-        self.correct.index_add_(0, task, (preds == target).long())
-        self.total.index_add_(0, task, torch.ones_like(task))
+        members = torch.arange(self.num_members, device=task.device).unsqueeze(1)
+        cell = (members * self.num_tasks + task).flatten()  # (member, task) as one index into the flat states
+        self.correct.view(-1).index_add_(0, cell, (preds == target).long().flatten())
+        self.total.view(-1).index_add_(0, cell, torch.ones_like(cell))
 
     @override
     def compute(self) -> Tensor:
+        """``[N, T]`` accuracies in %."""
         return 100.0 * self.correct.double() / self.total.double()

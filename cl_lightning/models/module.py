@@ -1,26 +1,46 @@
-"""The LightningModule shared by every method: a network, cross-entropy, per-task accuracy and
-the paper's per-task SGD. Continual-learning methods are callbacks and never branch in here.
+"""The LightningModule shared by every method: a population of networks, cross-entropy, per-task
+accuracy and the paper's per-task SGD. Continual-learning methods are callbacks and never branch in
+here.
+
+A run trains a population of N >= 1 members (a plain run is a population of one): stacked copies
+of one network (:class:`~cl_lightning.models.population.Population`), each with its own seed and
+its own settings of everything that changes no shape (learning rate and its per-task decay,
+momentum, weight decay, dropout rate). Batches are ``[N, B, ...]``; the loss Lightning
+backpropagates is the sum of the members' mean cross-entropies, so every member gets exactly its own
+gradient, and :class:`~cl_lightning.models.member_sgd.MemberSGD` steps each with its own settings.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim import Optimizer
 from typing_extensions import override
 
+from cl_lightning.errors import CheckpointError, ConfigError
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
+from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
 from cl_lightning.models.nets import MLP, ResNet18
-from cl_lightning.seeding import generator
+from cl_lightning.models.population import Population, fresh_copy, init_member, member_values
+from cl_lightning.seeding import run_seed
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
 MASKED_LOGIT = -1e11
+#: Training-mode forwards of one step get dropout masks from (member, site, STREAMS * step + stream):
+#: the step's own forward is stream 0, a method's extra forward in the same step takes 1..STREAMS-1.
+STREAMS = 4
+#: The settings members may differ in that the optimizer applies (see ``ContinualModule``'s Args).
+SGD_SETTINGS = ("lr", "momentum", "lr_decay", "lr_floor", "weight_decay")
 
 
 def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
@@ -29,44 +49,43 @@ def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
     return logits if mask is None else logits.masked_fill(~mask, MASKED_LOGIT)
 
 
-class TaskLRFactor:
-    """Learning-rate factor of epoch e: max(floor, lr * decay^(t-1)) / lr for its task t.
-
-    A picklable callable so that ``LambdaLR`` can be checkpointed and resumed.
-    """
-
-    def __init__(self, lr: float, decay: float, floor: float, epochs_per_task: int) -> None:
-        self.lr, self.decay, self.floor, self.epochs_per_task = lr, decay, floor, epochs_per_task
-
-    def __call__(self, epoch: int) -> float:
-        task = epoch // self.epochs_per_task
-        return max(self.floor, self.lr * self.decay**task) / self.lr
-
-
 class ContinualModule(LightningModule):
-    """Network + loss + per-task evaluation for a task sequence.
+    """A population of networks + loss + per-task evaluation for a task sequence.
+
+    Every setting below that takes a list takes one value per member (in the order of ``seeds``);
+    a single value is every member's.
 
     Args:
         net: The network, ``cl_lightning.models.nets.MLP`` or ``...nets.ResNet18`` (the paper's); it
             maps images to logits over all classes. Typed with these two so that the command line
             offers them, not every ``torch.nn.Module``; a new network joins the union (or
-            subclasses one of them).
+            subclasses one of them). Each member is a copy of it with initial weights drawn from
+            the member's seed alone.
         lr: SGD learning rate of task 1.
         momentum: SGD momentum. The momentum buffer is cleared at each task start, as the paper's
             code re-created the optimizer for every task.
         lr_decay: Per-task decay: task t trains with max(lr_floor, lr * lr_decay^(t-1)).
         lr_floor: Lowest learning rate of the per-task decay.
         weight_decay: SGD weight decay (the paper used none).
+        dropout: Dropout rate of every dropout layer of the network, per member; None keeps the
+            network's own.
+        seeds: The members' seeds; None takes them from the datamodule (``data.seeds``, or its
+            ``seed`` / ``seed_everything``). The command line links this to ``data.seeds``.
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = (*SGD_SETTINGS, "dropout")
 
     def __init__(
         self,
         net: MLP | ResNet18,
-        lr: PositiveFloat = 0.1,
-        momentum: NonNegativeFloat = 0.8,
-        lr_decay: PositiveFloat = 1.0,
-        lr_floor: NonNegativeFloat = 0.0005,
-        weight_decay: NonNegativeFloat = 0.0,
+        lr: PositiveFloat | list[PositiveFloat] = 0.1,
+        momentum: NonNegativeFloat | list[NonNegativeFloat] = 0.8,
+        lr_decay: PositiveFloat | list[PositiveFloat] = 1.0,
+        lr_floor: NonNegativeFloat | list[NonNegativeFloat] = 0.0005,
+        weight_decay: NonNegativeFloat | list[NonNegativeFloat] = 0.0,
+        dropout: NonNegativeFloat | list[NonNegativeFloat] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -77,12 +96,63 @@ class ContinualModule(LightningModule):
             # module object in the hparams would not load with `weights_only=True`. (LightningCLI
             # records the net's class_path/init_args here instead, which is what we keep.)
             del self.hparams["net"]
-        self.net = net
-        # Split benchmarks: (T, num_classes) mask of each task's classes, set in `setup` from the
-        # datamodule (it depends on the seed). A non-persistent buffer follows the module's device.
-        self.register_buffer("class_mask", None, persistent=False)
+        # The network every member is a fresh copy of; kept out of the module's submodules (it is
+        # never trained) so that it is not in the state_dict.
+        object.__setattr__(self, "_template", net)
+        self._build([int(seed) for seed in seeds] if seeds is not None else [run_seed(None)])
         self.val_accuracy: TaskAccuracy | None = None
         self.test_accuracy: TaskAccuracy | None = None
+        #: The latest evaluation's ``[N, T]`` accuracies (%) per stage ("val", "test"), NaN for tasks
+        #: not evaluated; combined over all processes.
+        self.task_accuracy: dict[str, Tensor] = {}
+
+    def _build(self, seeds: list[int]) -> None:
+        """Make the population of ``seeds`` and check every per-member setting against its size."""
+        n = len(seeds)
+        if n == 0:
+            raise ConfigError("model.seeds is empty: give at least one seed")
+        hp = self.hparams
+        rates = member_values(hp.dropout, n, "model.dropout") if hp.get("dropout") is not None else None
+        members = []
+        for k, seed in enumerate(seeds):
+            member = init_member(lambda: fresh_copy(self._template), seed)
+            if rates is not None:
+                for module in member.modules():
+                    if isinstance(module, nn.Dropout):
+                        module.p = float(rates[k])
+            members.append(member)
+        self.population = Population(members, seeds)
+        self.seeds = tuple(seeds)
+        self.sgd = {name: member_values(hp[name], n, f"model.{name}") for name in SGD_SETTINGS}
+        #: Members the divergence guard stopped: frozen (lr 0, no loss) for the rest of the run.
+        self.register_buffer("failed", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("members", torch.arange(n), persistent=False)
+        # Split benchmarks: [N, T, num_classes] mask of each member's task classes, set in `setup`
+        # from the datamodule (it depends on the seeds). Non-persistent: it follows the module's device.
+        self.register_buffer("class_mask", None, persistent=False)
+
+    @property
+    def size(self) -> int:
+        """N, the number of members."""
+        return self.population.size
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Evaluate members of a population's checkpoint: a module of some of its seeds (a member's own
+        config.yaml, with the population's checkpoint) takes their weights. Resuming needs the whole
+        population: every method's state has all its members."""
+        saved = list((checkpoint.get("hyper_parameters") or {}).get("seeds") or [])
+        if not saved or saved == list(self.seeds):
+            return
+        missing = [seed for seed in self.seeds if seed not in saved]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds the members with seeds {saved}, not {missing}: pass the "
+                                  "checkpoint of the population (or run) that trained them")
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            raise CheckpointError(f"the checkpoint is of a population of seeds {saved}; resume the whole population "
+                                  "with its own config.yaml (in the checkpoint's run folder), not one member's")
+        checkpoint["state_dict"] = take_members(checkpoint["state_dict"], saved, self.seeds)
+        checkpoint["hyper_parameters"]["seeds"] = list(self.seeds)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook's name before every hook call, about 45 times per
@@ -96,76 +166,112 @@ class ContinualModule(LightningModule):
     # ------------------------------------------------------------------ wiring
     @override
     def setup(self, stage: str) -> None:
-        """Take the task structure from the datamodule (it is derived from the run's seed)."""
+        """Take the members and the task structure from the datamodule (derived from the seeds)."""
         dm = self.trainer.datamodule
+        if list(dm.seeds) != list(self.seeds):
+            if self.hparams.get("seeds") is not None:
+                raise ConfigError(f"model.seeds {list(self.seeds)} differ from data.seeds {list(dm.seeds)}: the "
+                                  "members must be the same (the command line links them; in Python pass the same list)")
+            self._build(list(dm.seeds))  # the datamodule's seed(s); nothing was trained yet
+        self.hparams["seeds"] = list(self.seeds)  # a checkpoint rebuilds the same members
         self.class_mask = dm.class_mask
-        self.val_accuracy = TaskAccuracy(dm.num_tasks)
-        self.test_accuracy = TaskAccuracy(dm.num_tasks)
+        self.val_accuracy = TaskAccuracy(dm.num_tasks, self.size)
+        self.test_accuracy = TaskAccuracy(dm.num_tasks, self.size)
 
     @override
-    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
-        """Logits; on split benchmarks the classes of other tasks are masked out."""
-        mask = self.class_mask[task] if self.class_mask is not None and task is not None else None
-        return mask_logits(self.net(x), mask)
+    def forward(self, x: Tensor, task: Tensor | None = None, stream: int = 0) -> Tensor:
+        """Logits ``[N, B, C]`` of the members on their batches ``x`` ``[N, B, ...]``; on split
+        benchmarks the classes outside each example's task (``task`` ``[N, B]``) are masked out.
+
+        In training mode the dropout masks are keyed by (member seed, site, ``STREAMS * step +
+        stream``): a method's extra training-mode forward in the same step passes its own ``stream``
+        (1 .. ``STREAMS - 1``) for fresh masks.
+        """
+        logits = self.population(x, step=STREAMS * self.global_step + stream)
+        if self.class_mask is None or task is None:
+            return logits
+        return mask_logits(logits, self.class_mask[self.members.unsqueeze(1), task])
 
     # ------------------------------------------------------------------ training
-    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """Mean cross-entropy of a ``(x, y, task)`` batch: the training objective, also used by
-        methods that take gradients on other batches (A-GEM's reference gradient, ER's replay)."""
+    def member_losses(self, batch: tuple[Tensor, Tensor, Tensor], stream: int = 0) -> Tensor:
+        """``[N]``: each member's mean cross-entropy on its ``(x, y, task)`` batch."""
         x, y, task = batch
-        return F.cross_entropy(self(x, task), y)
+        losses = F.cross_entropy(self(x, task, stream).flatten(0, 1), y.flatten(), reduction="none")
+        return losses.view_as(y).mean(dim=1)
+
+    def loss(self, batch: tuple[Tensor, Tensor, Tensor], stream: int = 0) -> Tensor:
+        """The sum of the members' mean cross-entropies: its gradient is each member's own gradient
+        in the member's slice of the stacked parameters. Also used by methods that take gradients on
+        other batches (A-GEM's reference gradient, ER's replay). A member the guard stopped adds
+        nothing (its loss may be NaN)."""
+        return total(self.member_losses(batch, stream), self.failed)
 
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        losses = self.member_losses(batch)
         # Only on the steps the logger writes (every `log_every_n_steps`): `self.log` costs about
-        # as much as a whole MLP step at batch 10, and the other steps' values are never shown.
+        # as much as a whole MLP step at batch size 10, and the other steps' values are never shown.
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
-            self.log("train/loss", loss)
-        return loss
+            if self.size == 1:
+                self.log("train/loss", losses[0].detach())
+            else:
+                self._log_member_losses(losses.detach())
+        return {"loss": total(losses, self.failed), "member_losses": losses.detach()}
+
+    def _log_member_losses(self, losses: Tensor) -> None:
+        """Each member's training loss into its own logger (one read of the ``[N]`` losses)."""
+        self._log_members([{"train/loss": loss} for loss in losses.tolist()])
+
+    def task_lr(self, epoch: int) -> Tensor:
+        """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""
+        dm = self.trainer.datamodule
+        lr = MemberTaskLR(self.sgd["lr"], self.sgd["lr_decay"], self.sgd["lr_floor"], dm.epochs_per_task)(epoch)
+        return lr.masked_fill(self.failed.cpu(), 0.0)
 
     @override
-    def configure_optimizers(self):
-        dm = self.trainer.datamodule
-        hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
-        factor = TaskLRFactor(hp.lr, hp.lr_decay, hp.lr_floor, dm.epochs_per_task)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
+    def configure_optimizers(self) -> Optimizer:
+        return MemberSGD(self.parameters(), lr=self.task_lr(self.current_epoch), momentum=self.sgd["momentum"],
+                         weight_decay=self.sgd["weight_decay"])
 
     @override
     def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        # Lightning checkpoints no RNG state: seeding the epoch's random draws (dropout) from
-        # (seed, epoch) makes a run resumed at an epoch boundary continue exactly.
-        torch.manual_seed(generator(dm.resolved_seed, "epoch", self.current_epoch).initial_seed())
-        # A fresh SGD per task, as the research code: clear the momentum buffers. (Lightning does
-        # not re-run this hook when resuming mid-epoch, so a restored buffer is kept then.)
-        if dm.is_task_start(self.current_epoch):
+        # A fresh SGD per task, as the research code: clear the momentum buffers and set each
+        # member's lr of the task. (Lightning does not re-run this hook when resuming mid-epoch; the
+        # checkpoint's buffers and lr are kept then.)
+        if self.trainer.datamodule.is_task_start(self.current_epoch):
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
+                optimizer.set_lr(self.task_lr(self.current_epoch))
 
-    # ------------------------------------------------------------------ exact resume
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Epoch starts re-seed torch (above), but a checkpoint written in the middle of an epoch
-        # (`--checkpoint.every_n_train_steps`) must also carry where the dropout stream stands.
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+    def stop_members(self, members: Tensor) -> None:
+        """Freeze the members where ``members`` (``[N]`` bool) is True for the rest of the run: lr 0
+        from now on and no loss. Their weights stay as they are; nothing of theirs reaches the others."""
+        self.failed |= members.to(self.failed.device)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"].masked_fill(self.failed.to(group["lr"].device), 0.0)
 
     @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-        if "cuda_rng_states" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``--trainer.gradient_clip_val`` per member: each member's gradient norm (over all of its
+        parameters) is clipped on its own, so one member's gradients never scale another's."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch._foreach_clamp_min_(grads, -gradient_clip_val)
+            torch._foreach_clamp_max_(grads, gradient_clip_val)
+            return
+        norms = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
+        # torch.nn.utils.clip_grad_norm_'s coefficient, per member
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, [scale.view(-1, *([1] * (g.dim() - 1))) for g in grads])
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, metric: TaskAccuracy, batch: tuple[Tensor, Tensor, Tensor]) -> None:
         x, y, task = batch
-        metric.update(self(x, task).argmax(dim=1), y, task)
+        metric.update(self(x, task).argmax(dim=2), y, task)
 
     @override
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -175,18 +281,44 @@ class ContinualModule(LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(self.test_accuracy, batch)
 
-    def _log_task_accuracies(self, metric: TaskAccuracy, stage: str) -> None:
-        # reshape: torchmetrics squeezes a one-element result (a one-task run) to a scalar
-        for task, acc in enumerate(metric.compute().reshape(-1).tolist()):
-            if not math.isnan(acc):
-                # The metric already combined all processes, so the mean over them is the value itself.
-                self.log(accuracy_key(stage, task), acc, sync_dist=True)
+    def _keep(self, metric: TaskAccuracy, stage: str) -> None:
+        """Keep and log each member's accuracies of the evaluation that just ended."""
+        # compute() combines all processes; a stopped member's accuracies are not results
+        accuracy = metric.compute().cpu()
+        self.task_accuracy[stage] = accuracy = accuracy.masked_fill(self.failed.cpu().unsqueeze(1), float("nan"))
         metric.reset()
+        rows = [{accuracy_key(stage, t): acc for t, acc in enumerate(row) if not math.isnan(acc)} for row in accuracy.tolist()]
+        if self.size == 1:
+            for key, acc in rows[0].items():
+                # The metric already combined all processes, so the mean over them is the value itself.
+                self.log(key, acc, sync_dist=True)
+        else:
+            self._log_members(rows)
+
+    @rank_zero_only
+    def _log_members(self, rows: list[dict[str, float]]) -> None:
+        for logger, row in zip(member_loggers(self.trainer), rows):
+            if logger is not None and row:
+                logger.log_metrics(row, step=self.global_step)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_task_accuracies(self.val_accuracy, "val")
+        self._keep(self.val_accuracy, "val")
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_task_accuracies(self.test_accuracy, "test")
+        self._keep(self.test_accuracy, "test")
+
+
+def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
+    """The state dict of the members with ``seeds`` out of ``state_dict``, a module's whose members had
+    the seeds ``saved`` (every population tensor has the members on dim 0)."""
+    index = torch.tensor([list(saved).index(seed) for seed in seeds])
+    return {key: value[index] if key.startswith("population.") or key == "failed" else value
+            for key, value in state_dict.items()}
+
+
+def total(losses: Tensor, failed: Tensor) -> Tensor:
+    """The sum of the members' ``losses`` ``[N]`` without those of ``failed`` members (a NaN there
+    must not reach the others, nor the logged loss)."""
+    return torch.where(failed, torch.zeros_like(losses), losses).sum()

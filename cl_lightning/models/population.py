@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
-__all__ = ["Population", "init_member", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+__all__ = ["Population", "init_member", "fresh_copy", "member_values", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
 
 
 def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -48,6 +49,35 @@ def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator(seed, "init").initial_seed())
         return build()
+
+
+def fresh_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with newly drawn initial weights: every submodule's ``reset_parameters``,
+    in module order, which is the order a network's constructor creates (and initialises) them, so
+    ``init_member(lambda: fresh_copy(net), seed)`` is ``init_member(lambda: type(net)(...), seed)``
+    for the networks here without knowing their constructor's arguments (the command line hands the
+    module a built network)."""
+    copy_ = copy.deepcopy(net)
+    for module in copy_.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return copy_
+
+
+def member_values(value: float | Sequence[float], n: int, name: str) -> Tensor:
+    """A setting of each of ``n`` members as a float64 ``[n]`` CPU tensor: a single value is every
+    member's, a list gives member k's value at position k.
+
+    Raises:
+        ConfigError: a list whose length is not ``n`` (``name`` says which setting).
+    """
+    if isinstance(value, (int, float)):
+        return torch.full((n,), float(value), dtype=torch.float64)
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ConfigError(f"{name} has {len(values)} values but the population has {n} member(s) (model.seeds / "
+                          f"data.seeds): give one value per member, or a single value for all")
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _signed(value: int) -> int:

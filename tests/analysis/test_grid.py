@@ -21,12 +21,18 @@ TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", 
 
 
 def test_fit_command_names_the_run_folder():
-    command = fit_command(Path("configs/mcsgd/rotated_mnist.yaml"), Path("runs"), "rotated_mnist", "mcsgd", 3, ["--x", "1"])
+    command = fit_command(Path("configs/mcsgd/rotated_mnist.yaml"), Path("runs"), "rotated_mnist", "mcsgd", [3], ["--x", "1"])
     assert command[:5] == ["fit", "--config", "configs/mcsgd/rotated_mnist.yaml", "--seed_everything", "3"]
     text = " ".join(command)
     assert ("--trainer.logger.init_args.save_dir runs --trainer.logger.init_args.name rotated_mnist/mcsgd "
             "--trainer.logger.init_args.version seed_3") in text
     assert command[-2:] == ["--x", "1"]  # user overrides last: they win
+
+
+def test_fit_command_of_several_seeds_is_one_population():
+    command = fit_command(Path("c.yaml"), Path("runs"), "rotated_mnist", "mcsgd", [0, 3, 4], ["--x", "1"])
+    assert command[:5] == ["fit", "--config", "c.yaml", "--seeds", "[0,3,4]"]
+    assert "--trainer.logger.init_args.version seeds_0-3-4" in " ".join(command) and command[-2:] == ["--x", "1"]
 
 
 @pytest.mark.slow
@@ -70,11 +76,33 @@ def test_missing_config_is_named_with_what_exists(tmp_path):
 
 
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
-    main(["--methods", "naive", "mcsgd", "--benchmarks", "rotated_mnist", "--seeds", "0", "1", "--root", str(tmp_path),
-          "--configs", str(CONFIGS), "--dry_run"])
+    grid = ["--methods", "naive", "mcsgd", "--benchmarks", "rotated_mnist", "--seeds", "0", "1", "--root", str(tmp_path),
+            "--configs", str(CONFIGS), "--dry_run"]
+    main(grid)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and lines[3].startswith("[4/4] rotated_mnist/mcsgd/seed_1: cl-lightning fit --config")
+    assert len(lines) == 2 and lines[1].startswith("[2/2] rotated_mnist/mcsgd/seeds_0-1: cl-lightning fit --config")
+    assert "--seeds [0,1]" in lines[1]
+    main([*grid, "--solo"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[3].startswith("[2/2] rotated_mnist/mcsgd/seed_1: cl-lightning fit --config")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_grid_packs_a_cells_seeds_into_one_population_that_report_reads_as_runs(tmp_path, capsys):
+    root = tmp_path / "runs"
+    grid = ["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "2", "--root", str(root),
+            "--configs", str(CONFIGS), *TINY]
+    main(grid)
+    cell = root / "permuted_digits" / "naive"
+    assert sorted(p.name for p in cell.iterdir()) == ["seed_0", "seed_2", "seeds_0-2"]
+    assert (cell / "seeds_0-2" / "checkpoints" / "last.ckpt").exists() and (cell / "seeds_0-2" / "run.log").exists()
+    out = capsys.readouterr().out
+    assert "naive/seeds_0-2: done in" in out and "seed_0 " in out and "seed_2 " in out
+    report, _ = write_report(root, draw=False)
+    assert [(r.seed, r.status) for r in report.runs] == [(0, "finished"), (2, "finished")]
+    main(grid)  # everything finished: nothing runs again
+    assert "seed_0: finished already, skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ def test_checkpoint_of_another_seed_creates_no_run_folder(tmp_path):
         main(args(NAIVE, tmp_path, "--trainer.callbacks+=sequence_runs.CrashAtTaskStart", "--trainer.callbacks.task", "1"))
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     message = user_error(args(NAIVE, tmp_path, "--seed_everything", "1", "--ckpt_path", str(last)))
-    assert message.startswith("error: the checkpoint was written by a run with seed 0 but this run has seed 1")
+    assert message.startswith("error: the checkpoint was written by a run with seeds [0] but this run has seeds [1]")
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
 
 

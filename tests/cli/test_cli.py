@@ -4,23 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_runs import tiny_run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cl_lightning.cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
-
-
-def tiny_run_args(config: str, data_root: Path, out: Path, tasks: int = 3) -> list[str]:
-    return [
-        "--config", str(CONFIGS / config),
-        "--data.root", str(data_root),
-        "--data.num_tasks", str(tasks),
-        "--data.batch_size", "32",
-        "--trainer.logger.init_args.save_dir", str(out),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ]
 
 
 @pytest.fixture(scope="module")

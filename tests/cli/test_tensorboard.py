@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_runs import hparams_of
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cl_lightning.cli import main
 from cl_lightning.metrics.heatmap import MAX_PIXELS
@@ -33,17 +33,8 @@ def test_heatmap_logged_after_each_task_within_the_pixel_cap(events):
         assert (image.height, image.width) <= MAX_PIXELS and image.height >= 300  # readable, bounded
 
 
-def _hparams(events: EventAccumulator) -> tuple[dict, list[str]]:
-    content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    values = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
-              for name, value in start.hparams.items()}
-    return values, [m.name.tag for m in experiment.metric_infos]
-
-
 def test_hparams_are_the_science_one_column_each(events):
-    values, metrics = _hparams(events)
+    values, metrics = hparams_of(events)
     assert values["method"] == "MCSGD"
     assert values["method/alpha0"] == 0.3 and values["method/lr"] == 0.005 and values["method/weighting"] == "reference"
     assert values["model/lr"] == 0.1 and values["model/lr_decay"] == 0.8 and values["model/momentum"] == 0.8

@@ -1,7 +1,8 @@
-"""cl_lightning.data.members: member k of a population sees bitwise the data of the solo run with seed k.
+"""cl_lightning.data.members: member k of a population sees bitwise the data of the population of one
+with seed k (the plain run).
 
-Every comparison is against today's ``ContinualDataModule`` with seed s_k on the same fake files:
-its pixel maps, class masks, pools, ``TaskBatches`` and evaluation ``DataLoader`` s.
+Every comparison is against ``ContinualDataModule(seeds=[s_k])`` on the same fake files: its pixel
+maps, class masks, pools, training batches and evaluation batches.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _at_epoch(dm: ContinualDataModule, epoch: int, rank: int = 0, world_size: in
 def _solo_runs(root: Path, source: str, seeds: list[int], **settings) -> list[ContinualDataModule]:
     runs = []
     for seed in seeds:
-        dm = ContinualDataModule(source=source, root=str(root), seed=seed, **settings)
+        dm = ContinualDataModule(source=source, root=str(root), seeds=[seed], **settings)
         dm.setup()
         runs.append(dm)
     return runs
@@ -63,12 +64,12 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _assert_member_batches(member: list, solo: list, k: int) -> None:
-    """Member ``k``'s rows of the population's batches are the solo run's batches, bitwise."""
+    """Member ``k``'s rows of the population's batches are the population of one's batches, bitwise."""
     assert len(member) == len(solo) > 0
     for i, (batch, solo_batch) in enumerate(zip(member, solo)):
         for part, solo_part in zip(batch, solo_batch):
-            assert part.shape[0] == len(SEEDS)
-            assert _same(part[k], solo_part), (k, i)
+            assert part.shape[0] == len(SEEDS) and solo_part.shape[0] == 1
+            assert _same(part[k], solo_part[0]), (k, i)
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +106,13 @@ def test_member_k_sees_the_solo_run_of_seed_k(case: str, mnist_root: Path, mnist
     batches = list(_train_batches(data, trained, epoch, 32, settings.get("shuffle", True)))
     evals = {split: [list(MemberEvalBatches(data.task_set(t, split), 16)) for t in range(3)] for split in ("val", "test")}
     for k, dm in enumerate(solo):
-        maps = tasks.member_pixel_maps(k)
-        assert (maps is None and dm.pixel_maps is None) or _same(maps, dm.pixel_maps)
+        maps, solo_maps = tasks.member_pixel_maps(k), dm.tasks.member_pixel_maps(0)
+        assert (maps is None and solo_maps is None) or _same(maps, solo_maps)
         if settings["benchmark"] == "split":
-            assert _same(tasks.task_classes[k], dm.task_classes) and _same(tasks.class_mask[k], dm.class_mask)
+            assert _same(tasks.task_classes[k], dm.tasks.task_classes[0]) and _same(tasks.class_mask[k], dm.class_mask[0])
         for split in ("train", "val", "test"):
             for t in range(3):
-                assert _same(tasks.pools[split][t][k], dm.task_dataset(t, split).base_index), (split, t)
+                assert _same(tasks.pools[split][t][k], dm.task_set(t, split).base_index[0]), (split, t)
         _at_epoch(dm, epoch)
         _assert_member_batches(batches, list(dm.train_dataloader()), k)
         solo_evals = {"val": dm.val_dataloader(), "test": dm.test_dataloader()}

@@ -54,7 +54,7 @@ def test_table_lists_rows_and_summary():
 
 def test_files_written_and_rewritten(tmp_path):
     callback = AccuracyMatrix()
-    callback.matrix = MATRIX.clone()
+    callback.matrix = MATRIX.unsqueeze(0).clone()  # a population of one
     callback.write(tmp_path, 1)
     record = json.loads((tmp_path / "accuracy_matrix.json").read_text())
     assert record["tasks_completed"] == 2 and record["matrix"] == [[90.0, None, None], [70.0, 80.0, None]]
@@ -67,8 +67,8 @@ def test_files_written_and_rewritten(tmp_path):
 
 def test_state_round_trip():
     callback = AccuracyMatrix()
-    callback.matrix, callback.split = MATRIX.clone(), "val"
+    callback.matrix, callback.split = torch.stack([MATRIX, MATRIX - 10]), "val"  # two members
     restored = AccuracyMatrix()
     restored.load_state_dict(callback.state_dict())
-    assert torch.equal(restored.matrix.nan_to_num(-1), MATRIX.nan_to_num(-1)) and restored.split == "val"
+    assert torch.equal(restored.matrix.nan_to_num(-1), callback.matrix.nan_to_num(-1)) and restored.split == "val"
     assert restored.completed_tasks == 3

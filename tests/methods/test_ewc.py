@@ -1,4 +1,9 @@
-"""EWC: the penalty gradient against autograd, the Fisher, checkpoints, and real runs on digits."""
+"""EWC: the Fisher, the penalty hook, bad values, and real runs on digits (populations of one).
+
+The per-member math (each member's penalty gradient, Fisher, running Fisher and normalisation,
+checkpoints of a population) and "member k of N is the population of one" are in
+``test_ewc_population.py``.
+"""
 
 import json
 
@@ -7,7 +12,6 @@ import torch
 from ddp_probes import FisherAgreement
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
-from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.ewc import EWC
@@ -20,57 +24,22 @@ NUM_TASKS = 5
 
 @pytest.fixture(scope="module")
 def module(digits):
-    torch.manual_seed(0)
-    m = ContinualModule(MLP(64, [32], 10, dropout=0.5))
+    m = ContinualModule(MLP(64, [32], 10, dropout=0.5), seeds=list(digits.seeds))
+    m.class_mask = digits.class_mask  # what ContinualModule.setup provides
     return m
 
 
-def naive_penalty(theta, lam, fishers, anchors):
-    """lam/2 sum_t sum_i F_t,i (theta_i - theta*_t,i)^2, written out per task."""
-    return lam / 2 * sum((f * (theta - a) ** 2).sum() for f, a in zip(fishers, anchors))
-
-
-def test_added_gradient_is_the_penalty_gradient():
-    torch.manual_seed(0)
-    module = ContinualModule(MLP(64, [32, 16], 10))
-    params = list(module.net.parameters())
-    theta = parameters_to_vector(params).detach()
-    fishers = [torch.rand_like(theta) ** 3 for _ in range(3)]  # non-negative, over orders of magnitude
-    anchors = [theta + 0.1 * torch.randn_like(theta) for _ in range(3)]
-    ewc = EWC(lam=7.0)
-    for f, a in zip(fishers, anchors):
-        ewc.add_task(f, a)
-    # autograd of the naive per-task penalty, in float64
-    leaf = theta.double().requires_grad_()
-    (expected,) = torch.autograd.grad(
-        naive_penalty(leaf, 7.0, [f.double() for f in fishers], [a.double() for a in anchors]), leaf)
-
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    ewc.on_before_optimizer_step(None, module, None)
-    added = torch.cat([p.grad.flatten() for p in params]).double()
-    assert (added - expected).norm() <= 1e-6 * expected.norm()
-
-    # it is added to the loss gradient, which is otherwise untouched
-    loss_grads = [torch.randn_like(p) for p in params]
-    for p, g in zip(params, loss_grads):
-        p.grad = g.clone()
-    ewc.on_before_optimizer_step(None, module, None)
-    torch.testing.assert_close(torch.cat([(p.grad - g).flatten() for p, g in zip(params, loss_grads)]).double(),
-                               expected, rtol=1e-5, atol=1e-6)
-
-    # the logged value is the penalty itself
-    naive = naive_penalty(theta.double(), 7.0, [f.double() for f in fishers], [a.double() for a in anchors])
-    assert ewc.penalty(theta) == pytest.approx(naive.item(), rel=1e-6)
+def params_of(module) -> list[torch.Tensor]:
+    return list(module.population.stacked.parameters())
 
 
 def test_no_penalty_before_the_first_task_end(module):
     ewc = EWC(lam=10.0)
-    for p in module.net.parameters():
+    for p in params_of(module):
         p.grad = torch.ones_like(p)
     ewc.on_before_optimizer_step(None, module, None)
-    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in module.net.parameters())
-    assert ewc.penalty(parameters_to_vector(module.net.parameters())) is None
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params_of(module))
+    assert ewc.penalty(module.population.flat()) is None
 
 
 @pytest.mark.parametrize("kind", ["empirical", "true"])
@@ -78,17 +47,17 @@ def test_fisher_is_non_negative_seeded_and_backend_independent(digits, module, k
     fisher = EWC(fisher=kind, fisher_samples=100, fisher_batch_size=32).estimate_fisher(module, digits, 0)
     again = EWC(fisher=kind, fisher_samples=100, fisher_batch_size=32).estimate_fisher(module, digits, 0)
     looped = EWC(fisher=kind, fisher_samples=100, backend="loop").estimate_fisher(module, digits, 0)
-    assert fisher.shape == (sum(p.numel() for p in module.net.parameters()),)
+    assert fisher.shape == module.population.flat().shape
     assert (fisher >= 0).all() and fisher.sum() > 0
     assert torch.equal(fisher, again)
-    torch.testing.assert_close(fisher, looped)  # vmap and the plain per-example loop agree
-    assert module.net.training  # eval mode only during the estimate (dropout off there)
+    torch.testing.assert_close(fisher, looped)  # vmap and the per-example loop agree
+    assert module.population.stacked.training  # eval mode only during the estimate (dropout off there)
 
 
 def test_fisher_examples_come_from_the_seed(digits, module):
     ewc = EWC(fisher_samples=100)
     idx = ewc.fisher_indices(digits, 0)
-    assert len(idx) == 100 and len(idx.unique()) == 100
+    assert idx.shape == (1, 100) and len(idx.unique()) == 100
     assert torch.equal(idx, ewc.fisher_indices(digits, 0))
     assert not torch.equal(idx, ewc.fisher_indices(digits, 1))
     other = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, seed=1)
@@ -101,61 +70,22 @@ def test_fisher_examples_come_from_the_seed(digits, module):
 
 def test_empirical_fisher_is_the_mean_squared_per_example_gradient(digits, module):
     ewc = EWC(fisher_samples=8)
-    x, y, t = digits.task_dataset(0, "train").__getitems__(ewc.fisher_indices(digits, 0))
-    module.net.eval()
+    x, y, _ = digits.task_set(0, "train").select(ewc.fisher_indices(digits, 0)).batch(0, 8)
+    module.population.eval()
     try:
         squares = []
         for i in range(8):
-            loss = torch.nn.functional.cross_entropy(module.net(x[i : i + 1]), y[i : i + 1])
-            squares.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(module.net.parameters()))]) ** 2)
+            loss = torch.nn.functional.cross_entropy(module.population(x[:, i : i + 1])[0], y[0, i : i + 1])
+            squares.append(torch.cat([g.flatten(1) for g in torch.autograd.grad(loss, params_of(module))], dim=1) ** 2)
     finally:
-        module.net.train()
+        module.population.train()
     torch.testing.assert_close(ewc.estimate_fisher(module, digits, 0), torch.stack(squares).mean(0))
 
 
-def test_fisher_of_masked_classes_is_zero():
-    # split benchmark: each example's logits are masked to its task's classes, so the output
-    # weights of the other tasks' classes get no gradient and no importance
-    dm = ContinualDataModule(source="digits", benchmark="split", num_tasks=2, classes_per_task=5, seed=0)
-    dm.setup()
-    torch.manual_seed(0)
-    module = ContinualModule(MLP(64, [16], 10))
-    module.class_mask = dm.class_mask  # what ContinualModule.setup provides
-    fisher = EWC(fisher_samples=64).estimate_fisher(module, dm, 0)
-    out_bias = fisher[-10:]
-    task_classes = dm.class_mask[0]
-    assert (out_bias[~task_classes] == 0).all() and (out_bias[task_classes] > 0).all()
-
-
-def test_min_max_normalisation_spans_zero_to_one(digits, module):
-    fisher = EWC(fisher_samples=50, fisher_normalization="min_max").estimate_fisher(module, digits, 0)
-    assert fisher.min() == 0 and fisher.max() == pytest.approx(1.0)
-
-
-def test_state_survives_a_weights_only_round_trip(tmp_path):
-    torch.manual_seed(0)
-    module = ContinualModule(MLP(64, [32], 10))
-    n = sum(p.numel() for p in module.net.parameters())
-    ewc = EWC(lam=3.0)
-    for _ in range(2):
-        ewc.add_task(torch.rand(n), torch.randn(n))
-    ewc.tasks = [0, 1]
-    torch.save(ewc.state_dict(), tmp_path / "ewc.pt")
-    restored = EWC(lam=3.0)
-    restored.load_state_dict(torch.load(tmp_path / "ewc.pt", weights_only=True))
-    assert restored.tasks == [0, 1]
-    grads = []
-    for method in (ewc, restored):
-        for p in module.net.parameters():
-            p.grad = torch.zeros_like(p)
-        method.on_before_optimizer_step(None, module, None)
-        grads.append(torch.cat([p.grad.flatten() for p in module.net.parameters()]))
-    assert torch.equal(grads[0], grads[1])
-
-
-@pytest.mark.parametrize("kwargs", [{"lam": -1.0}, {"fisher": "diagonal"}, {"fisher_samples": 0},
-                                    {"fisher_batch_size": 0}, {"fisher_normalization": "max"}, {"backend": "jit"},
-                                    {"variant": "online"}, {"fisher_decay": 0.0}, {"fisher_update_every": 0}])
+@pytest.mark.parametrize("kwargs", [{"lam": -1.0}, {"lam": [1.0, -1.0]}, {"lam": []}, {"fisher": "diagonal"},
+                                    {"fisher_samples": 0}, {"fisher_batch_size": 0}, {"fisher_normalization": "max"},
+                                    {"backend": "jit"}, {"variant": "online"}, {"fisher_decay": 0.0},
+                                    {"fisher_decay": [0.9, 1.5]}, {"fisher_update_every": 0}])
 def test_bad_values_are_refused(kwargs):
     with pytest.raises(ValueError):
         EWC(**kwargs)
@@ -178,14 +108,14 @@ def test_ewc_forgets_less_than_naive_sgd(runs):
     last = NUM_TASKS - 1
     print(f"forgetting naive {forgetting(naive, last):.3f} ewc {forgetting(with_ewc, last):.3f}; "
           f"average accuracy naive {average_accuracy(naive, last):.1f} ewc {average_accuracy(with_ewc, last):.1f}")
-    assert forgetting(with_ewc, last) < forgetting(naive, last) - 0.2  # measured: 0.233 vs 0.616
+    assert forgetting(with_ewc, last) < forgetting(naive, last) - 0.2  # measured: 0.268 vs 0.643 (seed 1: 0.185 vs 0.686)
     assert average_accuracy(with_ewc, last) > average_accuracy(naive, last)
 
 
 def test_every_task_is_accumulated_once(runs):
     _, _, ewc, module = runs
     assert ewc.tasks == list(range(NUM_TASKS))
-    assert ewc.fisher_sum.shape == parameters_to_vector(module.net.parameters()).shape
+    assert ewc.fisher_sum.shape == module.population.flat().shape
     assert (ewc.fisher_sum >= 0).all()
 
 
@@ -213,17 +143,17 @@ class GradientRecorder(Callback):
         self.batch = batch
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        x, y, _ = self.batch
-        params = list(pl_module.net.parameters())
+        params = list(pl_module.population.stacked.parameters())
         with torch.enable_grad():
-            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(pl_module.net(x), y), params)
+            grads = torch.autograd.grad(pl_module.loss(self.batch), params)  # the step's own forward (stream 0)
         task = trainer.datamodule.task_of_epoch(trainer.current_epoch)
-        self.squares.append((task, torch.cat([g.flatten() for g in grads]).double() ** 2))
+        self.squares.append((task, torch.cat([g.flatten(1) for g in grads], dim=1).double() ** 2))
 
 
 def reference_fisher(squares: list[tuple[int, torch.Tensor]], decay: float = 0.9, every: int = 10) -> torch.Tensor:
     """The A-GEM code's running Fisher at the last task's end, written out as its training loop
-    runs it (fc_permute_mnist.py 270-279, model.py 1086-1110), in float64."""
+    runs it (fc_permute_mnist.py 270-279, model.py 1086-1110), in float64, each member's row
+    normalised on its own."""
     running = torch.zeros_like(squares[0][1])
     window = torch.zeros_like(running)
     step, last_task = 0, squares[0][0]
@@ -235,7 +165,8 @@ def reference_fisher(squares: list[tuple[int, torch.Tensor]], decay: float = 0.9
             window = torch.zeros_like(running)
         window = window + square
         step += 1
-    return (running - running.min()) / (running.max() - running.min())
+    low, high = running.amin(dim=1, keepdim=True), running.amax(dim=1, keepdim=True)
+    return (running - low) / (high - low)
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +179,13 @@ def agem_run(tmp_path_factory):
 
 def test_agem_keeps_one_anchor_the_last_tasks_weights_and_one_fisher(agem_run):
     _, ewc, module = agem_run
-    theta = parameters_to_vector(module.net.parameters()).detach()  # the weights at the last task's end
+    theta = module.population.flat()  # the weights at the last task's end
     assert ewc.tasks == [0, 1, 2]
     # one Fisher: normalised, so its max is 1 (three summed Fishers would reach about 3) ...
     assert ewc.fisher_sum.max() == 1 and ewc.fisher_sum.min() == 0
     # ... and one anchor: F * theta* with theta* the final weights, and no penalty there
     assert torch.equal(ewc.fisher_anchor, ewc.fisher_sum * theta)
-    assert ewc.penalty(theta) == pytest.approx(0.0, abs=1e-6)
+    assert ewc.penalty(theta).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_agem_fisher_is_the_normalised_moving_average_of_squared_minibatch_gradients(agem_run):
@@ -269,8 +200,8 @@ def test_agem_fisher_is_the_normalised_moving_average_of_squared_minibatch_gradi
 
 def test_agem_penalty_gradient_is_that_of_lam_sum_fisher_squared_distance(agem_run):
     _, ewc, module = agem_run
-    params = list(module.net.parameters())
-    anchor = parameters_to_vector(params).detach().clone()
+    params = params_of(module)
+    anchor = module.population.flat()
     fisher = ewc.fisher_sum.detach().double()
     moved = anchor + 0.05 * torch.randn_like(anchor)
     leaf = moved.double().requires_grad_()
@@ -278,18 +209,16 @@ def test_agem_penalty_gradient_is_that_of_lam_sum_fisher_squared_distance(agem_r
     (expected,) = torch.autograd.grad(value, leaf)
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in ewc.state_dict().items()}
     try:
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(moved, params)
+        module.population.load_flat(moved)
         for p in params:
             p.grad = torch.zeros_like(p)
         ewc.on_before_optimizer_step(None, module, None)
-        added = torch.cat([p.grad.flatten() for p in params]).double()
+        added = torch.cat([p.grad.flatten(1) for p in params], dim=1).double()
         # float32, as F * theta - F * theta*: relative to the whole gradient, not per weight
         assert (added - expected).norm() <= 1e-5 * expected.norm()
-        assert ewc.penalty(moved) == pytest.approx(value.item(), rel=1e-6)
+        assert ewc.penalty(moved).item() == pytest.approx(value.item(), rel=1e-6)
     finally:  # leave the module-scoped run as it was
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(anchor, params)
+        module.population.load_flat(anchor)
         ewc.load_state_dict(state)
 
 
@@ -311,8 +240,8 @@ def test_agem_forgets_less_than_naive_sgd(runs, tmp_path):
     last = NUM_TASKS - 1
     print(f"forgetting naive {forgetting(naive, last):.3f} agem {forgetting(agem, last):.3f}; "
           f"average accuracy naive {average_accuracy(naive, last):.1f} agem {average_accuracy(agem, last):.1f}")
-    # measured: forgetting 0.431 vs 0.616, average accuracy 55.9 vs 41.1 (seed 1: 0.359 vs 0.614); far
-    # below Kirkpatrick's EWC with the same lam here (0.233), and lam 100 diverges (lr * 2 lam > 2)
+    # measured: forgetting 0.414 vs 0.643, average accuracy 56.5 vs 35.5 (seed 1: 0.295 vs 0.686); far
+    # below Kirkpatrick's EWC with the same lam here (0.268), and lam 100 diverges (lr * 2 lam > 2)
     assert forgetting(agem, last) < forgetting(naive, last) - 0.1
     assert average_accuracy(agem, last) > average_accuracy(naive, last)
 

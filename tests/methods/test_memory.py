@@ -20,10 +20,29 @@ def test_per_task_memory_is_seeded_and_task_transformed(digits):
     assert all(torch.equal(a.indices[t], b.indices[t]) for t in range(3))
     assert not all(torch.equal(a.indices[t], c.indices[t]) for t in range(3))
     x, y, task = a.batch(digits, 2)
-    assert x.shape == (10, 1, 8, 8) and torch.all(task == 2)
-    # the memory batch is exactly task 3's training examples at those indices (permuted pixels)
-    expected = digits.task_dataset(2, "train").__getitems__(a.indices[2])
-    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    assert a.indices[2].shape == (1, 10) and x.shape == (1, 10, 1, 8, 8) and torch.all(task == 2)
+    # the memory batch is exactly task 3's training examples at those positions (permuted pixels)
+    examples = digits.task_set(2, "train")
+    expected = [examples.batch(int(i), int(i) + 1) for i in a.indices[2][0]]
+    assert torch.equal(x, torch.cat([e[0] for e in expected], dim=1)) and torch.equal(y, torch.cat([e[1] for e in expected], dim=1))
+
+
+@pytest.mark.parametrize("sizes", [{"per_task": 10, "replacement": True}, {"per_task": 10}, {"per_class": 2}])
+def test_member_k_holds_the_memory_of_the_population_of_one_with_seed_k(sizes):
+    benchmark = "split" if "per_class" in sizes else "permuted"
+    population = ContinualDataModule(source="digits", benchmark=benchmark, num_tasks=2, seeds=[4, 0, 9])
+    memory = EpisodicMemory(**sizes)
+    for t in range(2):
+        memory.add_task(population, t)
+    batch = memory.batch(population, [0, 1])
+    for k, seed in enumerate([4, 0, 9]):
+        solo_dm = ContinualDataModule(source="digits", benchmark=benchmark, num_tasks=2, seeds=[seed])
+        solo = EpisodicMemory(**sizes)
+        for t in range(2):
+            solo.add_task(solo_dm, t)
+            assert torch.equal(memory.indices[t][k], solo.indices[t][0])
+        for part, solo_part in zip(batch, solo.batch(solo_dm, [0, 1])):
+            assert torch.equal(part[k], solo_part[0])
 
 
 def test_adding_a_task_twice_keeps_the_first_draw(digits):
@@ -41,14 +60,14 @@ def test_per_class_memory_holds_exactly_one_per_class():
     for t in range(2):
         memory.add_task(dm, t)
     _, y, task = memory.batch(dm, [0, 1])
-    assert sorted(y.tolist()) == list(range(10))
-    assert task.tolist() == [0] * 5 + [1] * 5
+    assert sorted(y[0].tolist()) == list(range(10))
+    assert task[0].tolist() == [0] * 5 + [1] * 5
 
 
 def test_without_replacement_no_duplicates(digits):
     memory = EpisodicMemory(per_task=200)
     memory.add_task(digits, 0)
-    assert len(memory.indices[0].unique()) == 200
+    assert len(memory.indices[0][0].unique()) == 200
 
 
 @pytest.mark.parametrize("kwargs", [{"per_task": 0}, {}, {"per_task": 1, "per_class": 1}])
@@ -70,15 +89,15 @@ def test_errors_name_the_settings_of_the_draw(digits):
     with pytest.raises(ValueError, match="the subset needs a size: set exactly one of `subset_size` or `subset_per_class`"):
         ExampleDraw(None, None, options=options)
     with pytest.raises(ValueError, match="lower `subset_size` or set `subset_replacement: true`"):
-        ExampleDraw(10_000, options=options).draw(digits.task_dataset(0, "train"), torch.Generator(), 0)
+        ExampleDraw(10_000, options=options).draw(digits.task_set(0, "train"), digits.seeds, ("key",), 0)
 
 
 def test_per_class_draw_takes_exactly_k_of_each_class_without_duplicates():
     dm = ContinualDataModule(source="digits", benchmark="split", num_tasks=2, classes_per_task=5, seed=0)
     dm.setup()
-    dataset = dm.task_dataset(1, "train")
-    index = ExampleDraw(per_class=20).draw(dataset, torch.Generator().manual_seed(0), 1)
+    dataset = dm.task_set(1, "train")
+    index = ExampleDraw(per_class=20).draw(dataset, dm.seeds, ("key",), 1)[0]
     assert len(index.unique()) == len(index) == 100
-    assert dataset.base.targets[dataset.base_index][index].bincount().tolist() == [0] * 5 + [20] * 5
+    assert dataset.base.targets[dataset.base_index[0]][index].bincount().tolist() == [0] * 5 + [20] * 5
     with pytest.raises(ValueError, match="class 5 of task 2 has .*; lower `memory_per_class`"):
-        ExampleDraw(per_class=1000).draw(dataset, torch.Generator(), 1)
+        ExampleDraw(per_class=1000).draw(dataset, dm.seeds, ("key",), 1)

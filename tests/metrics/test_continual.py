@@ -50,12 +50,22 @@ def test_forgetting_ignores_future_task_entries():
 
 def test_task_accuracy_metric_per_task_and_nan_for_unseen():
     metric = TaskAccuracy(num_tasks=3)
-    metric.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0]), torch.tensor([0, 0, 1, 1]))
-    metric.update(torch.tensor([5]), torch.tensor([5]), torch.tensor([1]))
+    metric.update(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 0, 0]]), torch.tensor([[0, 0, 1, 1]]))
+    metric.update(torch.tensor([[5]]), torch.tensor([[5]]), torch.tensor([[1]]))
     acc = metric.compute()
-    assert acc[0].item() == pytest.approx(100.0)
-    assert acc[1].item() == pytest.approx(100 / 3)
-    assert math.isnan(acc[2].item())
+    assert acc.shape == (1, 3)
+    assert acc[0, 0].item() == pytest.approx(100.0)
+    assert acc[0, 1].item() == pytest.approx(100 / 3)
+    assert math.isnan(acc[0, 2].item())
+
+
+def test_task_accuracy_metric_counts_each_member_on_its_own():
+    metric = TaskAccuracy(num_tasks=2, num_members=2)
+    # member 0: task 0 right twice; member 1: task 1 right once, wrong once
+    metric.update(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [1, 1]]))
+    acc = metric.compute()
+    assert acc[0, 0].item() == 100.0 and math.isnan(acc[0, 1].item())
+    assert math.isnan(acc[1, 0].item()) and acc[1, 1].item() == 50.0
 
 
 @pytest.mark.parametrize("future_tasks_evaluated", [False, True])

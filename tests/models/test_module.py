@@ -35,5 +35,5 @@ def test_resume_with_another_seed_is_refused(tmp_path: Path) -> None:
     from cl_lightning.errors import ConfigError
 
     fit_permuted_digits(tmp_path / "run", [ModelCheckpoint(dirpath=tmp_path / "run", save_last=True)], num_tasks=2)
-    with pytest.raises(ConfigError, match="seed 0 but this run has seed 1.*--seed_everything 0"):
+    with pytest.raises(ConfigError, match=r"seeds \[0\] but this run has seeds \[1\].*config.yaml"):
         fit_permuted_digits(tmp_path / "other", num_tasks=2, seed=1, ckpt_path=tmp_path / "run" / "last.ckpt")

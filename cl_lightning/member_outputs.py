@@ -1,0 +1,107 @@
+"""What each member of a population leaves on disk: exactly what a plain run with its seed and
+settings leaves, in its own folder (:func:`~cl_lightning.rundir.member_dirs`), so ``report`` and
+the other analysis commands read members and plain runs alike.
+
+- ``config.yaml``: the population's config with the member's seed and its own value of every
+  per-member setting: the config of the plain run that trains this member alone.
+- TensorBoard events (HParams row, ``cl/*`` summaries, the accuracy matrix, ``train/loss``) from a
+  logger of its own.
+- ``population.json``: which population trained it (its folder, seeds and place in it), because the
+  checkpoint is the population's, in the population's run folder.
+
+A population of one is a plain run: its folder is the run folder and it writes nothing extra.
+
+A per-member setting is one a class lists in its ``MEMBER_SETTINGS``: ``ContinualModule``'s
+learning-rate, momentum, weight decay and dropout settings, and each method callback's own (EWC's
+``lam``, ...). In a population's config such a setting is one value for all members or a list with
+one value per member; member k's config holds its value.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+from cl_lightning.rundir import MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
+
+#: The file in a member's folder that names the population it was trained in.
+POPULATION_FILE = "population.json"
+
+
+def member_settings(class_path: str) -> tuple[str, ...]:
+    """The per-member settings of the class at ``class_path`` (its ``MEMBER_SETTINGS``, or none)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return tuple(getattr(getattr(importlib.import_module(module), name), "MEMBER_SETTINGS", ()))
+    except (ImportError, AttributeError):
+        return ()
+
+
+def _take(init_args: dict[str, Any], names: tuple[str, ...], k: int) -> None:
+    for name in names:
+        if isinstance(init_args.get(name), list):
+            init_args[name] = init_args[name][k]
+
+
+def member_config(config: dict[str, Any], k: int, seed: int, folder: Path) -> dict[str, Any]:
+    """The config of the plain run that trains member ``k`` (seed ``seed``) alone, writing into ``folder``.
+
+    ``config`` is the population's config as a plain dict (LightningCLI's, dumped): the member gets
+    ``seed_everything: seed`` and ``seeds: null``, its own value of every per-member setting, and its
+    logger's version is its folder.
+    """
+    member = copy.deepcopy(config)
+    member["seed_everything"] = seed
+    member["seeds"] = None
+    member.get("data", {})["seed"] = None
+    model = member.get("model", {})
+    _take(model, member_settings("cl_lightning.models.module.ContinualModule"), k)
+    trainer = member.get("trainer", {})
+    for callback in trainer.get("callbacks") or []:
+        if isinstance(callback, dict) and "class_path" in callback:
+            _take(callback.setdefault("init_args", {}), member_settings(callback["class_path"]), k)
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        logger["init_args"]["version"] = folder.name
+    return member
+
+
+def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int]) -> list[Path]:
+    """Write each member's ``config.yaml`` and ``population.json`` (a population of two or more);
+    return the members' folders. Rank 0 only."""
+    population = local_run_dir(trainer)
+    folders = member_dirs(population, seeds)
+    if len(seeds) == 1:
+        return folders
+    record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
+              "checkpoints": str(population / "checkpoints")}
+    files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
+    for k, (seed, folder) in enumerate(zip(seeds, folders)):
+        folder.mkdir(parents=True, exist_ok=True)
+        files[folder / "config.yaml"] = yaml.safe_dump(member_config(config, k, seed, folder), sort_keys=False)
+        files[folder / POPULATION_FILE] = json.dumps({**record, "member": k, "seed": seed}, indent=1)
+    write_atomically(files)
+    return folders
+
+
+def member_loggers(trainer: Trainer) -> list[Logger | None]:
+    """The logger of each member: the run's own for a population of one; for a larger population, a
+    TensorBoard logger writing into each member's folder (when the run logs to TensorBoard), made once
+    per trainer. Call it on rank 0 only (it creates event files)."""
+    loggers = getattr(trainer, "_member_loggers", None)
+    if loggers is None:
+        seeds = list(trainer.datamodule.seeds)
+        if len(seeds) == 1 or not isinstance(trainer.logger, TensorBoardLogger):
+            loggers = [trainer.logger] if len(seeds) == 1 else [None] * len(seeds)
+        else:
+            loggers = [TensorBoardLogger(save_dir=str(f.parent), name="", version=f.name, default_hp_metric=False)
+                       for f in member_dirs(local_run_dir(trainer), seeds)]
+        trainer._member_loggers = loggers
+    return loggers

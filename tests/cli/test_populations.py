@@ -1,0 +1,80 @@
+"""A population from the command line: ``fit --seeds [...]`` trains the members in one fit, each
+member's folder holds what a plain run with its seed and settings writes, and the member's own
+config.yaml re-runs it alone to the same numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_runs import hparams_of, tiny_run_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from user_errors import user_error
+
+from cl_lightning.cli import cli_main
+
+SEEDS = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def population(mnist_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("population")
+    cli_main(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, out), "--seeds", "[0,3]",
+              "--model.lr", "[0.1,0.05]"])
+    return out / "lightning_logs"
+
+
+def test_members_write_what_a_plain_run_writes(population: Path) -> None:
+    members = json.loads((population / "version_0" / "members.json").read_text())
+    assert members["seeds"] == SEEDS and (population / "version_0" / "checkpoints" / "last.ckpt").exists()
+    for k, seed in enumerate(SEEDS):
+        folder = population / f"seed_{seed}"
+        assert members["folders"][k] == str(folder)
+        record = json.loads((folder / "accuracy_matrix.json").read_text())
+        assert record["tasks_completed"] == 3 and record["matrix"][0][0] > 50
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["seed_everything"] == seed and config["seeds"] is None
+        assert config["model"]["lr"] == [0.1, 0.05][k]
+        assert json.loads((folder / "population.json").read_text())["member"] == k
+        events = EventAccumulator(str(folder)).Reload()
+        assert {"val/acc/task_01", "cl/average_accuracy", "matrix/task_02", "train/loss"} <= set(events.Tags()["scalars"])
+        values, _ = hparams_of(events)
+        assert values["seed"] == seed and values["model/lr"] == [0.1, 0.05][k]
+
+
+def test_a_members_config_reruns_it_alone_to_the_same_numbers(population: Path, tmp_path: Path) -> None:
+    folder = population / "seed_3"
+    cli_main(["fit", "--config", str(folder / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    solo = json.loads((tmp_path / "lightning_logs" / "seed_3" / "accuracy_matrix.json").read_text())
+    member = json.loads((folder / "accuracy_matrix.json").read_text())
+    assert solo["matrix"] == member["matrix"]  # bitwise: the same floats
+
+
+def test_a_setting_list_of_the_wrong_length_is_refused(mnist_root: Path, tmp_path: Path) -> None:
+    message = user_error(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path), "--seeds", "[0,1,2]",
+                          "--model.lr", "[0.1,0.05]"])
+    assert "model.lr has 2 values but the population has 3 member(s)" in message
+
+
+def test_test_evaluates_a_member_from_the_populations_checkpoint(population: Path, tmp_path: Path) -> None:
+    checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
+    cli_main(["test", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "member")])
+    member = json.loads((tmp_path / "member" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
+    matrix = json.loads((population / "seed_3" / "accuracy_matrix.json").read_text())["matrix"]
+    assert member["accuracy"] == pytest.approx(matrix[2], abs=1e-9)  # the model kept after task 3
+    # the whole population at once: each member's test_accuracy.json in its folder
+    cli_main(["test", "--config", str(population / "version_0" / "config.yaml"), "--ckpt_path", str(checkpoint),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "all")])
+    both = json.loads((tmp_path / "all" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
+    assert both["accuracy"] == member["accuracy"]
+
+
+def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population: Path, tmp_path: Path) -> None:
+    checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
+    message = user_error(["fit", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
+                          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert "seeds: checkpoint [0, 3]" in message
+    assert f"cl-lightning fit --config {population / 'version_0' / 'config.yaml'} --ckpt_path {checkpoint}" in message
