@@ -30,10 +30,11 @@ Population (docs/populations_plan.md, step 5): the network is a
 piece of MC-SGD's state has one row per member: w_hat_t and w_bar_t are ``[N, P]`` (row k in the
 solo ``parameters_to_vector`` layout), the w_hat accuracy matrix ``[N, T, T]``, the episodic memory
 and the current task's subset are member k's own draws from its seed (the solo run's keys
-``episodic_memory``, ``mcsgd_memory_order``, ``mcsgd_subset``; the shuffle of a class-balanced subset has
-its own key, ``mcsgd_subset_order``). Each consolidation step takes every member's line gradients in
-vmapped calls over the members and steps every member with its own ``alpha0``, ``lr`` and ``momentum`` (:class:`~cl_lightning.models.member_sgd.MemberSGD`).
-Nothing reduces over the members, so member k is the population of one with member k's seed and
+``episodic_memory``, ``mcsgd_memory_order``, ``mcsgd_subset``; the shuffle of a class-balanced
+subset has its own key, ``mcsgd_subset_order``). Each consolidation step takes every member's line
+gradients in vmapped calls over the members and steps every member with its own ``alpha0``, ``lr``
+and ``momentum`` (:class:`~cl_lightning.models.member_sgd.MemberSGD`). Nothing reduces over the
+members, so member k is the population of one with member k's seed and
 settings, and a NaN in one member reaches no other.
 """
 
