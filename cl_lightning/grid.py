@@ -29,12 +29,12 @@ from pathlib import Path
 
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
-    FAILED_MARKER,
     LOG_FILE,
     Terminated,
     interrupted_exit,
     is_finished,
     launch,
+    mark_unfinished_members,
     members_of,
     placement,
     population_folder,
@@ -78,14 +78,10 @@ def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool,
 
 
 def _members_outcome(folder: Path, members: list[Path], seconds: float) -> tuple[bool, str]:
-    results = []
-    for member in members:
-        if is_finished(member):
-            results.append(f"{member.name} {read_result(member)['average_accuracy']:.2f} %")
-            continue
-        (member / FAILED_MARKER).write_text(f"did not finish in the population run {folder}; see {folder / LOG_FILE}\n")
-        results.append(f"{member.name} FAILED")
-    ok = all(is_finished(member) for member in members)
+    unfinished = mark_unfinished_members(folder, members)
+    results = [f"{m.name} FAILED" if m in unfinished else f"{m.name} {read_result(m)['average_accuracy']:.2f} %"
+               for m in members]
+    ok = not unfinished
     return ok, f"{'done' if ok else 'FAILED'} in {seconds:.0f} s, average accuracy " + ", ".join(results) + (
         "" if ok else f"; see {folder / LOG_FILE}")
 

@@ -273,6 +273,17 @@ def members_of(folder: Path) -> list[Path] | None:
     return [Path(f) for f in json.loads(record.read_text())["folders"]]
 
 
+def mark_unfinished_members(folder: Path, members: Sequence[Path]) -> list[Path]:
+    """After the population in ``folder`` ended: give each member that did not finish (the divergence
+    guard stopped it, or the run failed) a ``FAILED`` marker of its own, as its plain run would have;
+    return those members."""
+    unfinished = [member for member in members if not is_finished(member)]
+    for member in unfinished:
+        member.mkdir(parents=True, exist_ok=True)
+        (member / FAILED_MARKER).write_text(f"did not finish in the population run {folder}; see {folder / LOG_FILE}\n")
+    return unfinished
+
+
 def is_finished(folder: Path) -> bool:
     """A run whose folder holds an accuracy matrix with all T rows and no ``FAILED`` marker; a
     population whose members all are."""
@@ -310,11 +321,13 @@ def failure_reason(code: int, folder: Path) -> str:
     lines that continue it, where LightningCLI puts the reason of a bad value)."""
     log = folder / LOG_FILE
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    last = next((i for i in reversed(range(len(lines))) if "Error" in lines[i] or "error:" in lines[i]), None)
+    # the last line that starts an error (not an indented line of one, e.g. jsonargparse's "Errors:")
+    last = next((i for i in reversed(range(len(lines))) if ("Error" in lines[i] or "error:" in lines[i])
+                 and not lines[i].startswith((" ", "\t"))), None)
     error = ""
     if last is not None:
         block = [lines[last].strip()]
-        for line in lines[last + 1:last + 4]:
+        for line in lines[last + 1:last + 9]:
             if not line.startswith((" ", "\t")):
                 break
             block.append(line.strip())

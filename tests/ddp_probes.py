@@ -59,13 +59,12 @@ class RankAgreement(StateAgreement):
 
 
 class MemoryAgreement(StateAgreement):
-    """ER: the reservoir's examples, its sampler state and the weights; how much it saw and holds."""
+    """ER: the reservoir's examples (base indices and task ids) and the weights; how much it saw and holds."""
 
     @override
     def state(self, trainer, pl_module):
-        x, y, task_ids = self.method.buffer.examples()
-        return {"x": x, "y": y, "task_ids": task_ids, "sampler": self.method.sampler.get_state().long(),
-                "weights": pl_module.population.flat()}
+        index, task_ids = self.method.buffer.examples()
+        return {"index": index, "task_ids": task_ids, "weights": pl_module.population.flat()}
 
     @override
     def facts(self, trainer, pl_module):

@@ -17,24 +17,30 @@ the concatenation** of the memory batch and the current batch:
 - the same code in the fork the Stable-SGD/MC-SGD authors ran (imirzadeh/stable-continual-learning
   be4049c, ``external_libs/continual_learning_algorithms/fc_mnist.py`` lines 346-362).
 
-How it plugs into Lightning without touching the LightningModule: with ``B`` current and ``M``
-replayed examples, the gradient of the joined mean is ``B/(B+M) grad(current mean) + M/(B+M)
-grad(memory mean)``. Lightning backpropagates the current batch's mean loss; a hook on that
-loss (``on_before_backward``) scales its gradient by ``B/(B+M)``, and ``on_after_backward``
-backpropagates ``M/(B+M)`` times the memory batch's mean loss into the same ``.grad``. Both
-parts pass through Lightning's division by the accumulation steps and the fp16 loss scale, so
-every micro-batch of an accumulation window contributes its own joined-batch gradient. The
-current batch enters the reservoir after the step (``on_train_batch_end``), so a batch is never
-replayed in its own step.
+A run is a population of N members (``models/population.py``); member k is the solo run with
+seed k, so everything above holds per member: member k's joined batch is its own ``B`` current
+and ``M`` replayed examples (``[N, B + M]`` for the population), its loss the mean over them, and
+the population backpropagates the sum over members of these means, so member k's slice of every
+gradient is its own joined-batch gradient. ``B`` and ``M`` are the same for every member (equal
+batch sizes, equally long streams), so the weights below are scalars.
+
+How it plugs into Lightning without touching the LightningModule: the gradient of the joined
+mean is ``B/(B+M) grad(current mean) + M/(B+M) grad(memory mean)``. Lightning backpropagates the
+current batch's loss; a hook on that loss (``on_before_backward``) scales its gradient by
+``B/(B+M)``, and ``on_after_backward`` backpropagates ``M/(B+M)`` times the memory batch's loss
+into the same ``.grad``. Both parts pass through Lightning's division by the accumulation steps
+and the fp16 loss scale, so every micro-batch of an accumulation window contributes its own
+joined-batch gradient. The current batch enters the reservoir after the step
+(``on_train_batch_end``), so a batch is never replayed in its own step.
 
 This equals the reference step exactly for networks whose output for an example does not
-depend on the rest of the batch (the MLPs of every MNIST config; dropout masks are random
-either way). With ``ResNet18`` in training mode BatchNorm normalises the current batch and the
-memory batch each with its own statistics, where the reference normalised the joined batch with
-one; with ``bn_stats="running"`` the running averages are also updated twice per step (current
-batch, then memory batch) instead of once with the joined batch's statistics. Exact there needs
-the memory concatenated into the batch before the module's forward, which a callback cannot do
-(batches are tuples, and Lightning has no callback hook that replaces the batch).
+depend on the rest of the batch (the MLPs of every MNIST config). With ``ResNet18`` in training
+mode BatchNorm normalises the current batch and the memory batch each with its own statistics,
+where the reference normalised the joined batch with one; with ``bn_stats="running"`` the running
+averages are also updated twice per step (current batch, then memory batch) instead of once with
+the joined batch's statistics. Exact there needs the memory concatenated into the batch before
+the module's forward, which a callback cannot do (batches are tuples, and Lightning has no
+callback hook that replaces the batch).
 """
 
 from __future__ import annotations
@@ -48,45 +54,53 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.data.datamodule import Batch
+from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.methods.reservoir import ReservoirBuffer
-from cl_lightning.seeding import generator
+from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys
+from cl_lightning.models.module import total
+
+#: Dropout stream of the memory batch's forward: masks other than the current batch's (stream 0).
+REPLAY_STREAM = 1
 
 
 class ER(TaskAwareCallback):
-    """Experience replay with a reservoir memory.
+    """Experience replay with a reservoir memory, for every member of the population.
 
-    Each training step, once the memory holds examples, trains on the mean cross-entropy over
-    the current batch joined with ``memory_batch_size`` examples drawn from the memory
-    (uniformly, without replacement; all of it while it holds fewer), then offers the current
-    batch to the reservoir. Replay starts with the first task's own examples as soon as the
-    memory is non-empty (Chaudhry et al.'s algorithm; the memory has no task boundaries). With
+    Each training step, once the memory holds examples, trains each member on the mean
+    cross-entropy over its current batch joined with ``memory_batch_size`` examples drawn from
+    its memory (uniformly, without replacement; all of it while it holds fewer), then offers the
+    current batch to the reservoir. Replay starts with the first task's own examples as soon as
+    the memory is non-empty (Chaudhry et al.'s algorithm; the memory has no task boundaries). With
     several epochs per task, every epoch's pass is part of the stream.
 
-    Every random choice (which examples are kept, which are replayed) comes from the run's seed
-    through two generators whose states are in the checkpoint, so a resumed run replays what
-    the uninterrupted one would have. The memory loss runs through the module's forward (task
-    masking included) in training mode (dropout on), under the Trainer's precision.
+    Every random choice (which examples are kept, which are replayed) of member k is a hash of
+    its seed's keys (``generator(seed_k, "er_reservoir")``, ``(seed_k, "er_sample")``) and of the
+    stream position (:mod:`~cl_lightning.methods.reservoir`), so member k replays what its solo
+    run replays, a resumed run what the uninterrupted one would have, and a step's draws for all
+    members are a few ``[N, ...]`` tensor operations. The memory holds base indices and task ids;
+    the replayed batch is built from them through the training set's own path (pixel maps of the
+    examples' tasks), and its loss runs through the module's forward (task masking included) in
+    training mode (dropout on, masks of stream :data:`REPLAY_STREAM`), under the Trainer's
+    precision.
 
     Multi-process runs (DDP): each process trains on its own shard of every batch, so before
-    inserting, the callback gathers the batch from all processes (rank order) and every process
-    inserts the same global batch with the same generator: the memories stay identical and the
-    reservoir samples the global stream. The memory batch is then the same on every process and
-    so is its gradient (computed on the same weights; dropout masks agree too, since the module
-    re-seeds every process's RNG identically each epoch), so it needs no all-reduce. The weights
-    use the global batch size ``B = world_size x local batch``: DDP's average of the processes'
-    ``B/(B+M)``-scaled current gradients plus the common ``M/(B+M)``-scaled memory gradient is
-    the gradient of the mean over the joined global batch, as one process with the whole batch
-    would compute it. The cost is one all-gather of the batch per step. Processes must see
-    batches of equal size (Lightning's ``DistributedSampler`` ensures it).
+    inserting, the callback gathers the batch's base indices and task ids from all processes
+    (rank order) and every process inserts the same global batch: the memories stay identical and
+    the reservoir samples the global stream. The memory batch is then the same on every process
+    and so is its gradient (computed on the same weights, with the same counter-based dropout
+    masks), so it needs no all-reduce. The weights use the global batch size ``B = world_size x
+    local batch``: DDP's average of the processes' ``B/(B+M)``-scaled current gradients plus the
+    common ``M/(B+M)``-scaled memory gradient is the gradient of the mean over the joined global
+    batch, as one process with the whole batch would compute it. The cost is one all-gather of
+    ``[N, B]`` indices per step. Processes must see batches of equal size (the population's
+    training batches are padded to equal shares).
 
     Args:
-        memory_size: Total number of examples the memory keeps, over all tasks (A-GEM code:
-            1 per class per task, e.g. 10 classes x 20 tasks = 200 on MNIST).
-        memory_batch_size: Examples replayed per training step (all of the memory while it
-            holds fewer). A-GEM code: 64 on MNIST, 256 on CIFAR.
+        memory_size: Examples each member's memory keeps, over all tasks (A-GEM code: 1 per class
+            per task, e.g. 10 classes x 20 tasks = 200 on MNIST).
+        memory_batch_size: Examples replayed per member and training step (all of the memory
+            while it holds fewer). A-GEM code: 64 on MNIST, 256 on CIFAR.
     """
 
     def __init__(self, memory_size: PositiveInt = 200, memory_batch_size: PositiveInt = 64) -> None:
@@ -98,66 +112,99 @@ class ER(TaskAwareCallback):
         self.memory_size = int(memory_size)
         self.memory_batch_size = int(memory_batch_size)
         self.buffer: ReservoirBuffer | None = None
-        self.sampler: torch.Generator | None = None
+        #: ``[N]`` each member's key of the replay draws (``generator(seed_k, "er_sample")``).
+        self.sample_keys: Tensor | None = None
         #: M/(B+M) of the running step: the memory's share of the joined batch (0: no replay).
         self._memory_share = 0.0
+        self._restored: dict[str, Any] | None = None  # a state loaded before `setup`
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Created once (a later fit/test with the same callback keeps the memory); a checkpoint
-        # is loaded after `setup` and overwrites both.
+        # is loaded after `setup` and overwrites the buffer's contents.
         if self.buffer is None:
-            seed = trainer.datamodule.resolved_seed
-            self.buffer = ReservoirBuffer(self.memory_size, generator(seed, "er_reservoir"))
-            self.sampler = generator(seed, "er_sample")
+            seeds = trainer.datamodule.seeds
+            self.buffer = ReservoirBuffer(self.memory_size, seeds)
+            self.sample_keys = member_keys(seeds, "er_sample")
+        if self._restored is not None:
+            self.buffer.load_state_dict(self._restored)
+            self._restored = None
 
     # ------------------------------------------------------------------ training
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int) -> None:
         """The joined batch's make-up for this step: B current (global) and M replayed examples."""
         replayed = min(self.memory_batch_size, len(self.buffer))
-        current = batch[0].shape[0] * trainer.world_size
+        current = batch[0].shape[1] * trainer.world_size
         self._memory_share = replayed / (current + replayed)
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        """Weight the current batch's mean loss by its share B/(B+M) of the joined batch."""
+        """Weight the current batch's loss by its share B/(B+M) of the joined batch."""
         if self._memory_share > 0.0:
             current_share = 1.0 - self._memory_share
             loss.register_hook(lambda grad: grad * current_share)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Add M/(B+M) times the gradient of the memory batch's mean loss."""
+        """Add M/(B+M) times the gradient of every member's memory-batch mean loss."""
         if self._memory_share == 0.0:
             return
-        batch = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sampler)
+        batch = self.memory_batch(trainer, pl_module)
         with torch.inference_mode(False), torch.enable_grad():
             with trainer.precision_plugin.forward_context():
-                loss = pl_module.loss(batch)
-            pl_module.log("er/memory_loss", loss.detach())
+                losses = pl_module.member_losses(batch, stream=REPLAY_STREAM)
+            # Only on the steps the logger writes, as the module's `train/loss`: `log` costs about as
+            # much as a small MLP's step.
+            if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+                pl_module.log("er/memory_loss", losses.detach().mean())
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
-            loss = loss * self._memory_share / trainer.accumulate_grad_batches
+            # A member the guard stopped adds nothing (its loss may be NaN), as in the module's loss.
+            loss = total(losses, pl_module.failed) * (self._memory_share / trainer.accumulate_grad_batches)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             if scaler is not None:
                 loss = scaler.scale(loss)
             loss.backward()
 
+    def memory_batch(self, trainer: Trainer, pl_module: LightningModule) -> Batch:
+        """This step's replayed ``(x, y, task)`` batch, ``[N, M, ...]``: member k's draw from its memory."""
+        self.sample_keys = self.sample_keys.to(pl_module.device)  # once: a no-op when there
+        slots = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sample_keys)
+        return self.stored_batch(trainer, slots)
+
+    def stored_batch(self, trainer: Trainer, slots: Tensor) -> Batch:
+        """The examples in ``slots`` (``[N, m]``, row k: member k's slots) as an ``(x, y, task)``
+        batch, built through the training set's own path (base images, each example's task map)."""
+        training: MemberSet = trainer.train_dataloader.dataset
+        memory = MemberSet(training.base, self.buffer.index.gather(1, slots), self.buffer.task.gather(1, slots),
+                           training.pixel_maps)
+        return memory.batch(0, slots.shape[1])
+
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int
     ) -> None:
-        x, y, task = self._global_batch(trainer, batch)
-        self.buffer.to(pl_module.device).add(x.detach(), y, task)
+        index, task = self._global_examples(trainer, batch, batch_idx)
+        self.buffer.to(pl_module.device).add(index, task)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @staticmethod
-    def _global_batch(trainer: Trainer, batch: Batch) -> Batch:
-        """The batch of every process, concatenated in rank order (the local batch on one process)."""
+    def _global_examples(trainer: Trainer, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Base indices and task ids ``[N, B]`` of the step's examples of every process, in rank order.
+
+        The batch carries images, not indices: its indices are those of the training loader's
+        examples at this batch's place in the epoch (``MemberBatches``: batch i is columns
+        ``[i*B, (i+1)*B)`` of its ordered :class:`MemberSet`, also after a mid-epoch resume, where
+        Lightning's ``batch_idx`` continues the interrupted epoch's count).
+        """
+        loader = trainer.train_dataloader
+        start = batch_idx * loader.batch_size
+        stop = start + batch[1].shape[1]
+        index, task = loader.dataset.base_index[:, start:stop], batch[2]
         if trainer.world_size == 1:
-            return batch
-        return tuple(trainer.strategy.all_gather(t).flatten(0, 1) for t in batch)
+            return index, task
+        return tuple(trainer.strategy.all_gather(t).transpose(0, 1).flatten(1, 2) for t in (index, task))
 
     # ------------------------------------------------------------------ reporting
     @override
@@ -166,30 +213,31 @@ class ER(TaskAwareCallback):
 
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
-        """Once per task: how much of the memory each task holds (a host sync here is fine)."""
+        """Once per task: how much of the memory each task holds, averaged over the members (a host
+        sync here is fine; :meth:`shares` has each member's)."""
         if trainer.logger is None or len(self.buffer) == 0:
             return
-        share = self.shares(trainer.datamodule.num_tasks)
+        share = self.shares(trainer.datamodule.num_tasks).mean(0)
         metrics = {f"er/memory_share/task_{i + 1:02d}": v for i, v in enumerate(share[: task + 1].tolist())}
         metrics["er/examples_seen"] = float(self.buffer.seen)
         trainer.logger.log_metrics(metrics, step=task + 1)
 
     def shares(self, num_tasks: int) -> Tensor:
-        """Fraction of the memory held by each task (CPU)."""
-        _, _, task = self.buffer.examples()
-        return torch.bincount(task.cpu(), minlength=num_tasks).double() / len(self.buffer)
+        """``[N, num_tasks]``: fraction of each member's memory held by each task (CPU)."""
+        _, task = self.buffer.examples()
+        counts = torch.zeros(self.buffer.size, num_tasks, dtype=torch.float64)
+        return counts.scatter_add_(1, task.cpu(), torch.ones(task.shape, dtype=torch.float64)) / len(self.buffer)
 
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict() if self.buffer is not None else None,
-                "sampler": self.sampler.get_state() if self.sampler is not None else None}
+        return {"buffer": self.buffer.state_dict() if self.buffer is not None else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["buffer"] is None:
             return
-        if self.buffer is None:  # loaded before `setup`: the states below replace the seeds anyway
-            self.buffer, self.sampler = ReservoirBuffer(self.memory_size), torch.Generator()
-        self.buffer.load_state_dict(state_dict["buffer"])
-        self.sampler.set_state(state_dict["sampler"])
+        if self.buffer is None:  # loaded before `setup`: applied there, once the seeds are known
+            self._restored = state_dict["buffer"]
+        else:
+            self.buffer.load_state_dict(state_dict["buffer"])

@@ -1,175 +1,181 @@
-"""A reservoir of training examples: a uniform sample of everything seen so far, in fixed memory.
+"""Every population member's reservoir of training examples: a uniform sample of everything the
+member has seen so far, in fixed memory.
 
 Reservoir sampling (Vitter's algorithm R) keeps, after n examples of a stream, each of them
 with the same probability capacity/n, without knowing n in advance and without task
 boundaries. It is the memory of ER-Reservoir (Chaudhry et al., "On Tiny Episodic Memories in
 Continual Learning", 2019), one of the MC-SGD paper's baselines.
 
-Unlike :class:`~cl_lightning.methods.memory.EpisodicMemory` (indices drawn once per task from a
-task's whole training set), the reservoir depends on the order of the stream, so it stores the
-examples themselves (``x``, ``y``, ``task``) on the model's device, and its generator's state is
-part of its ``state_dict``: a resumed run makes the same choices as an uninterrupted one.
+What is stored: per member, ``[capacity]`` **indices into the shared base set plus task ids**
+(``index`` and ``task``, ``[N, capacity]`` int64), never images. An example of a population is a
+base image seen through its task's transform (pixel map), and member k's batches are base indices
+of its own task sets (``data/members.py``), so (base index, task) names it exactly; the replayed
+batch is rebuilt through the same :class:`~cl_lightning.data.members.MemberSet` path as training
+batches. Measured cost, at the paper's sizes: 16 bytes per kept example, 3.2 KB per member for
+200 examples (1.6 MB for N = 512), where float32 images cost 627 KB per member on MNIST (321 MB
+for N = 512) and 1.2 MB per member on CIFAR-100's 100 examples (629 MB for N = 512); a checkpoint
+is as small, and under DDP the processes exchange ``[N, B]`` indices instead of images.
+
+Random choices are counter-based, not drawn from stateful generators: the slot the n-th example
+of member k's stream draws is a hash of (member k's key, n), where the key comes from
+``generator(seed_k, "er_reservoir")`` (the stream key of the solo code). So one step's draws for
+all members are one ``[N, B]`` tensor operation on the device, with no loop over members, no
+host round trip and no generator state to checkpoint; member k's draws depend on its seed and
+the stream position alone, never on N, on the other members or on how the stream is cut into
+batches. The hash is splitmix64 (Steele, Lea, Flood, OOPSLA 2014), as the population's dropout
+masks (``models/population.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cl_lightning.data.datamodule import Batch
 from cl_lightning.errors import ConfigError
+from cl_lightning.models.population import mix64
+from cl_lightning.seeding import generator
+
+__all__ = ["ReservoirBuffer", "member_keys", "stream_bits"]
+
+#: splitmix64's golden-ratio increment (the int64 with its bits), as in ``models/population.py``.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
-def _to_device(index: Tensor, device: torch.device) -> Tensor:
-    """Move a CPU index tensor to ``device`` without making the host wait for the device."""
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+def member_keys(seeds: Sequence[int], *stream: object) -> Tensor:
+    """int64 ``[N]``: each member's key for a purpose, a function of its seed and ``stream`` alone
+    (through the keyed stream ``seeding.generator(seed, *stream)``)."""
+    roots = torch.tensor([generator(seed, *stream).initial_seed() for seed in seeds], dtype=torch.int64)
+    return mix64(roots)
+
+
+def stream_bits(roots: Tensor, index: Tensor) -> Tensor:
+    """int64 ``[N, L]`` in [0, 2**63): output ``index + 1`` (``index`` ``[L]``, 0-based) of the
+    splitmix64 generator seeded with each member's ``roots`` ``[N]``, less its lowest bit.
+
+    Uniform 63-bit integers, independent across indices and members as far as splitmix64 goes;
+    only int64 operations, so the same bits on every device.
+    """
+    bits = mix64(roots.unsqueeze(1) + (index + 1) * _GOLDEN)
+    return (bits >> 1) & ((1 << 63) - 1)  # logical shift: >> on int64 is arithmetic
 
 
 class ReservoirBuffer:
-    """A fixed-capacity uniform sample of a stream of ``(x, y, task)`` examples (algorithm R).
+    """Every member's fixed-capacity uniform sample (algorithm R) of its stream of examples.
 
-    The n-th example of the stream (1-based) fills slot n-1 while the buffer is not full;
-    afterwards it draws j uniformly in [0, n) and replaces slot j if j < capacity, so it is kept
-    with probability capacity/n and every example seen so far is in the buffer with the same
+    Member k's n-th example (1-based) fills slot n-1 while the buffer is not full; afterwards it
+    draws j uniformly in [0, n) and replaces slot j if j < capacity, so it is kept with
+    probability capacity/n and every example seen so far is in the buffer with the same
     probability. A batch is inserted as its examples one after the other: when two examples of
     the same batch draw the same slot, the later one wins, as it would sequentially.
 
-    All random draws are made on the CPU from the buffer's own generator (so they are the same
-    on every device and cost no device synchronisation); only the chosen slots are copied to the
-    device. The number of draws depends only on the batch sizes, so two buffers with the same
-    generator state fed the same stream stay identical.
+    The members share the stream's length (a population's members have equally sized tasks and
+    batches), so ``seen`` and ``len`` are host-side ints common to all, and insertion is one
+    batched operation over ``[N, B]``.
 
     Args:
-        capacity: Total number of examples kept (over all tasks).
-        generator: CPU generator of the insertion draws; its state is saved by
-            :meth:`state_dict`. A fresh unseeded one if None (seed it for reproducible runs).
+        capacity: Examples kept per member (over all tasks).
+        seeds: The members' seeds; member k's draws are keyed by ``generator(seeds[k], "er_reservoir")``.
     """
 
-    def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, capacity: int, seeds: Sequence[int]) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"a reservoir needs a capacity of at least 1 example, got {capacity!r}")
+        if not seeds:
+            raise ValueError("a reservoir needs at least one member seed")
         self.capacity = capacity
-        self.generator = generator if generator is not None else torch.Generator()
-        self.seen = 0  # examples of the stream offered so far (a host-side int: no device sync)
-        self.x: Tensor | None = None
-        self.y: Tensor | None = None
-        self.task: Tensor | None = None
+        self.keys = member_keys(seeds, "er_reservoir")
+        self.seen = 0  # examples each member's stream offered so far (a host-side int: no device sync)
+        #: ``[N, capacity]`` base index and task id of each slot; columns ``[0, len(self))`` are held.
+        self.index = torch.zeros(len(seeds), capacity, dtype=torch.int64)
+        self.task = torch.zeros(len(seeds), capacity, dtype=torch.int64)
 
     def __len__(self) -> int:
-        """Number of examples held (``min(seen, capacity)``)."""
+        """Examples held by each member (``min(seen, capacity)``)."""
         return min(self.seen, self.capacity)
 
     @property
-    def device(self) -> torch.device | None:
-        return None if self.x is None else self.x.device
+    def size(self) -> int:
+        """N, the number of members."""
+        return int(self.keys.shape[0])
 
     def to(self, device: torch.device | str) -> ReservoirBuffer:
-        """Move the stored examples to ``device`` (a no-op when they are there already)."""
+        """Move the slots and keys to ``device`` (a no-op when they are there already)."""
         device = torch.device(device)
-        if self.x is not None and self.x.device != device:
-            self.x, self.y, self.task = (t.to(device) for t in (self.x, self.y, self.task))
+        if self.index.device != device:
+            self.index, self.task, self.keys = (t.to(device) for t in (self.index, self.task, self.keys))
         return self
 
     # ------------------------------------------------------------------ insertion
-    def add(self, x: Tensor, y: Tensor, task: Tensor) -> None:
-        """Offer a batch of examples (in order) to the reservoir."""
-        size = x.shape[0]
-        if not y.shape[0] == task.shape[0] == size:
-            raise ValueError(f"x, y and task must have the same length, got {size}, {y.shape[0]}, {task.shape[0]}")
-        if size == 0:
+    def add(self, index: Tensor, task: Tensor) -> None:
+        """Offer every member's next examples, in order: base indices and task ids, ``[N, B]``."""
+        if index.shape != task.shape or index.dim() != 2 or index.shape[0] != self.size:
+            raise ValueError(f"index and task must both have shape [N={self.size}, B], got {tuple(index.shape)} "
+                             f"and {tuple(task.shape)}")
+        if index.shape[1] == 0:
             return
-        if self.x is None:
-            self.x = x.new_empty((self.capacity, *x.shape[1:]))
-            self.y = y.new_empty((self.capacity, *y.shape[1:]))
-            self.task = task.new_empty((self.capacity, *task.shape[1:]))
-        elif x.shape[1:] != self.x.shape[1:]:
-            raise ValueError(f"examples of shape {tuple(x.shape[1:])} offered to a reservoir of {tuple(self.x.shape[1:])}")
+        writer = self._writers(self._slots(index.shape[1]))
+        self.seen += index.shape[1]
+        written = writer >= 0
+        source = writer.clamp(min=0)
+        self.index = torch.where(written, index.gather(1, source), self.index)
+        self.task = torch.where(written, task.gather(1, source), self.task)
 
-        positions, slots = self._choose(size)
-        self.seen += size
-        if len(positions) == 0:
-            return
-        device = self.x.device
-        positions, slots = _to_device(positions, x.device), _to_device(slots, device)
-        # index_select/index_copy_ rather than advanced indexing: 4x faster for small batches.
-        for stored, offered in ((self.x, x), (self.y, y), (self.task, task)):
-            stored.index_copy_(0, slots, offered.index_select(0, positions).to(device, stored.dtype))
+    def _slots(self, count: int) -> Tensor:
+        """``[N, count]``: the slot each of the next ``count`` examples draws (``capacity``: not kept)."""
+        n = torch.arange(self.seen + 1, self.seen + count + 1, device=self.keys.device)  # 1-based stream positions
+        # j = bits mod n is uniform in [0, n) up to a bias of n / 2**63; exact integer arithmetic
+        drawn = stream_bits(self.keys, n - 1) % n
+        slots = torch.where(n <= self.capacity, n - 1, drawn)
+        return slots.clamp(max=self.capacity)
 
-    #: Up to this many draws per batch are resolved in a Python loop (about 1 us each), above it
-    #: with tensor operations (a fixed ~50 us): both give the same result.
-    python_draws: int = 64
-
-    def _choose(self, size: int) -> tuple[Tensor, Tensor]:
-        """Positions in a batch of ``size`` examples that are stored, and their slots (CPU)."""
-        free = max(0, min(self.capacity - self.seen, size))  # examples that fill empty slots
-        rest = size - free
-        first = self.seen + free + 1  # 1-based stream index of the first example that draws
-        # j = floor(u * n) is uniform in [0, n); float64 is exact for n < 2**53 and its 53-bit
-        # uniforms make the bias of the floor negligible.
-        draws = torch.rand(rest, generator=self.generator, dtype=torch.float64)
-        if rest <= self.python_draws:
-            slot_of: dict[int, int] = {}
-            for k, u in enumerate(draws.tolist()):  # CPU tensor: no device synchronisation
-                j = int(u * (first + k))
-                if j < self.capacity:
-                    slot_of[j] = free + k  # a later example of the batch overwrites an earlier one
-            positions = list(range(free)) + list(slot_of.values())
-            slots = list(range(self.seen, self.seen + free)) + list(slot_of)
-            return torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
-        j = (draws * torch.arange(first, first + rest, dtype=torch.float64)).long()
-        kept = (j < self.capacity).nonzero().flatten()
-        j = j[kept]
-        # The last of several examples drawing the same slot is the one left in it.
-        unique_slots, inverse = torch.unique(j, return_inverse=True)
-        last = torch.full((len(unique_slots),), -1, dtype=torch.long)
-        last.scatter_reduce_(0, inverse, torch.arange(len(j)), reduce="amax")
-        positions = torch.cat([torch.arange(free), free + kept[last]])
-        return positions, torch.cat([torch.arange(self.seen, self.seen + free), unique_slots])
+    def _writers(self, slots: Tensor) -> Tensor:
+        """``[N, capacity]``: for each slot, the position in the batch of the example left in it
+        (the last one that drew it), or -1 where none did. ``amax`` is order-independent, so this
+        is deterministic on every device, unlike a scatter with repeated indices."""
+        positions = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
+        writer = torch.full((self.size, self.capacity + 1), -1, dtype=torch.int64, device=slots.device)
+        return writer.scatter_reduce_(1, slots, positions, reduce="amax")[:, : self.capacity]
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        """``batch_size`` stored examples drawn uniformly without replacement (all of them, in a
-        random order, when the buffer holds fewer), as an ``(x, y, task)`` batch on the buffer's
-        device. The draw uses ``generator`` (CPU) and costs O(len(self)) host work."""
+    def sample(self, batch_size: int, keys: Tensor) -> Tensor:
+        """``[N, min(batch_size, len(self))]`` slots of every member, drawn uniformly without
+        replacement (all of them, in a random order, when the buffer holds fewer).
+
+        Member k's draw is a random order of its held slots, keyed by ``keys[k]`` and by
+        :attr:`seen`, which names the training step (each step offers new examples): the sort of
+        ``len(self)`` hashes per member. Ties (probability about len**2 / 2**64) keep slot order.
+        """
         held = len(self)
         if held == 0:
             raise ValueError("cannot sample from an empty reservoir")
-        index = torch.randperm(held, generator=generator)[:batch_size]
-        index = _to_device(index, self.x.device)
-        return self.x.index_select(0, index), self.y.index_select(0, index), self.task.index_select(0, index)
+        roots = mix64(keys ^ self.seen)
+        order = stream_bits(roots, torch.arange(held, device=keys.device)).argsort(dim=1, stable=True)
+        return order[:, :batch_size]
 
-    def examples(self) -> Batch:
-        """Every stored example, in slot order."""
+    def examples(self) -> tuple[Tensor, Tensor]:
+        """Every member's stored base indices and task ids ``[N, len(self)]``, in slot order."""
         held = len(self)
         if held == 0:
             raise ValueError("the reservoir is empty")
-        return self.x[:held], self.y[:held], self.task[:held]
+        return self.index[:, :held], self.task[:, :held]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and ints only (loads with ``weights_only=True``); the stored examples are
-        copies, so later insertions do not change a state taken earlier."""
-        held = len(self)
-        stored = {name: None if t is None else t[:held].detach().clone()
-                  for name, t in (("x", self.x), ("y", self.y), ("task", self.task))}
-        return {"capacity": self.capacity, "seen": self.seen, "generator": self.generator.get_state(), **stored}
+        """Tensors and ints only (loads with ``weights_only=True``); copies, so later insertions do
+        not change a state taken earlier. No generator state: the draws are counter-based."""
+        return {"capacity": self.capacity, "seen": self.seen,
+                "index": self.index.detach().clone(), "task": self.task.detach().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state (its tensors stay on the device they come on; see :meth:`to`)."""
+        """Restore a state (its tensors are moved to this buffer's device)."""
         if int(state["capacity"]) != self.capacity:
             raise ValueError(f"the saved reservoir holds {state['capacity']} examples but this one "
                              f"{self.capacity}: resume with the run's own memory size")
+        if state["index"].shape[0] != self.size:
+            raise ValueError(f"the saved reservoir has {state['index'].shape[0]} members but this population "
+                             f"{self.size}: resume with the run's own seeds")
         self.seen = int(state["seen"])
-        self.generator.set_state(state["generator"])
-        if state["x"] is None:
-            self.x = self.y = self.task = None
-            return
-        held = state["x"].shape[0]
-        self.x, self.y, self.task = (
-            t.new_empty((self.capacity, *t.shape[1:])) for t in (state["x"], state["y"], state["task"])
-        )
-        self.x[:held], self.y[:held], self.task[:held] = state["x"], state["y"], state["task"]
+        self.index, self.task = (state[name].to(self.keys.device) for name in ("index", "task"))

@@ -169,10 +169,12 @@ class ContinualModule(LightningModule):
         """Take the members and the task structure from the datamodule (derived from the seeds)."""
         dm = self.trainer.datamodule
         if list(dm.seeds) != list(self.seeds):
-            if self.hparams.get("seeds") is not None:
-                raise ConfigError(f"model.seeds {list(self.seeds)} differ from data.seeds {list(dm.seeds)}: the "
+            if self.hparams.get("seeds") is not None or dm.size > 1:
+                # (a population is never rebuilt here: under ddp_spawn the parent's module, which runs
+                # no setup, would not fit the weights its processes send back)
+                raise ConfigError(f"model.seeds {self.hparams.get('seeds')} differ from data.seeds {list(dm.seeds)}: the "
                                   "members must be the same (the command line links them; in Python pass the same list)")
-            self._build(list(dm.seeds))  # the datamodule's seed(s); nothing was trained yet
+            self._build(list(dm.seeds))  # the datamodule's seed (data.seed): nothing was trained yet
         self.hparams["seeds"] = list(self.seeds)  # a checkpoint rebuilds the same members
         self.class_mask = dm.class_mask
         self.val_accuracy = TaskAccuracy(dm.num_tasks, self.size)

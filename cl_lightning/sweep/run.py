@@ -2,13 +2,14 @@
 
 Phases, all below ``<root>/<name>/``:
 
-1. search: every setting of the grid file x its ``seeds`` is a Ray Tune trial running an ordinary
-   ``cl-lightning fit`` of the base config with the setting's overrides and ``data.val_fraction``
-   of the training data held out; runs go to ``search/<benchmark>/<method>[<setting>]/seed_<n>/``.
+1. search: every setting of the grid file is a Ray Tune trial running an ordinary ``cl-lightning
+   fit`` of the base config with the setting's overrides and ``data.val_fraction`` of the training
+   data held out, its ``seeds`` trained together as one population (``--solo``: one trial per seed);
+   each seed's run goes to ``search/<benchmark>/<method>[<setting>]/seed_<n>/``.
 2. selection: the setting of best mean final average accuracy on that validation split
    (:mod:`cl_lightning.sweep.select`), written to ``selection.md`` and as a ready config, ``best.yaml``
    (``data.val_fraction`` 0 again: the whole training set, evaluated on the test set).
-3. final: ``best.yaml`` over ``final_seeds`` into ``final/<benchmark>/<method>/seed_<n>/``, then
+3. final: ``best.yaml`` over ``final_seeds`` (one population) into ``final/<benchmark>/<method>/seed_<n>/``, then
    ``cl-lightning report`` of that folder: test average accuracy ± std and forgetting.
 
 Trials run in parallel on a local Ray started and stopped here, or on the Ray cluster at
@@ -47,7 +48,7 @@ from cl_lightning.sweep.grid_file import (
     short_names,
 )
 from cl_lightning.sweep.select import SettingScore, best, best_config, score, table
-from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, ray_trainable
+from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, pack, ray_trainable
 
 #: The first Ray with the Tune-only ``ray.tune.report`` / ``tune.RunConfig`` (the extra in pyproject.toml says the same).
 MIN_RAY = "2.41"
@@ -141,14 +142,16 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
     finished = [spec for spec in specs if is_finished(spec.folder)]
     failed = [spec for spec in specs if not is_finished(spec.folder) and has_failed(spec.folder) and not args.retry_failed]
     pending = [spec for spec in specs if spec not in finished and spec not in failed]
-    print(f"[{phase}] {len(specs)} trial(s): {len(finished)} finished and {len(failed)} failed already"
+    print(f"[{phase}] {len(specs)} run(s): {len(finished)} finished and {len(failed)} failed already"
           + (" (--retry_failed runs them again)" if failed else ""), flush=True)
     if not pending:
         return
+    # the pending seeds of each setting as one population trial (--solo: one trial per seed)
+    jobs = list(pending) if args.solo else pack(pending)
     # Ctrl-C is the sweep's (main): Tune's own handler would stop the trials and print how to
     # restore its experiment, while a rerun of the same command is what resumes a sweep.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    by_name = {spec.name: spec for spec in pending}
+    by_name = {job.name: job for job in jobs}
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(ray_trainable, specs=by_name), resources),
@@ -157,7 +160,7 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
         run_config=tune.RunConfig(
             name=f"{phase}_{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage), verbose=0,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[StatusLine(phase, by_name, len(finished), [spec.name for spec in failed], len(specs))],
+            callbacks=[StatusLine(phase, by_name, 0, [], len(jobs))],
         ),
     )
     tuner.fit()
@@ -256,6 +259,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--retry_failed", action="store_true", help="run failed trials again (default: a rerun "
                         "keeps their failure and runs only unfinished ones)")
     parser.add_argument("--search_only", action="store_true", help="stop after writing best.yaml")
+    parser.add_argument("--solo", action="store_true", help="one trial per (setting, seed) instead of one population "
+                        "trial per setting (its seeds trained together in one fit)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the final report's PNG figures (as cl-lightning report)")
     parser.add_argument("--dry_run", action="store_true", help="print the search trials' commands; run nothing")
@@ -284,10 +289,14 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> None:
     root = (args.root / (args.name or args.grid.stem)).resolve()
     search = search_specs(grid, config, method, benchmark, root, extra)
     if args.dry_run:
+        pending = []
         for spec in (s for specs in search.values() for s in specs):
-            state = ("finished already" if is_finished(spec.folder) else "failed already" if has_failed(spec.folder) and not
-                     args.retry_failed else "cl-lightning " + " ".join(spec.fit_args()))
-            print(f"{spec.name}: {state}")
+            if is_finished(spec.folder) or (has_failed(spec.folder) and not args.retry_failed):
+                print(f"{spec.name}: {'finished' if is_finished(spec.folder) else 'failed'} already")
+            else:
+                pending.append(spec)
+        for job in (pending if args.solo else pack(pending)):
+            print(f"{job.name}: cl-lightning {' '.join(job.fit_args())}")
         return
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise SweepError(f"--max_concurrent must be at least 1, got {args.max_concurrent}")

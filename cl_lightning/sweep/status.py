@@ -12,14 +12,14 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cl_lightning.rundir import FAILED_MARKER, read_result
-from cl_lightning.sweep.trial import TrialSpec
+from cl_lightning.rundir import FAILED_MARKER
+from cl_lightning.sweep.trial import Job
 
 
 class StatusLine(Callback):
     """Prints ``[phase] d/n done, r running, f failed, p pending | <event>`` on each trial start and end."""
 
-    def __init__(self, phase: str, specs: dict[str, TrialSpec], finished_before: int, failed_before: list[str],
+    def __init__(self, phase: str, specs: dict[str, Job], finished_before: int, failed_before: list[str],
                  total: int) -> None:
         self.phase, self.specs, self.total = phase, specs, total
         self.done, self.running, self.failed = finished_before, set(), list(failed_before)
@@ -38,7 +38,7 @@ class StatusLine(Callback):
         name = trial.config["trial"]
         self.running.discard(name)
         self.done += 1
-        result = read_result(self.specs[name].folder) or {}
+        result = self.specs[name].result() or {}
         score = (f": average accuracy ({result['split']}) {result['average_accuracy']:.2f} %, forgetting "
                  f"{result['forgetting']:.3f}" if result else "")
         self._line(f"{name} finished{score}")

@@ -1,9 +1,12 @@
-"""One trial of a sweep: one ``cl-lightning fit`` of one setting and seed, in its run folder.
+"""One trial of a sweep: one ``cl-lightning fit`` of one setting and its seeds, as one population.
 
-The run goes to ``<phase root>/<benchmark>/<label>/seed_<n>/``, the layout ``cl-lightning
-report`` reads, with the TensorBoard logs, ``config.yaml``, checkpoints and accuracy matrix of any
-``fit``. It runs in a child process (:mod:`cl_lightning.sweep.child`), whose console output goes
-to ``run.log``, so a crash ends that trial only and Ray records it as failed.
+Each seed's run goes to ``<phase root>/<benchmark>/<label>/seed_<n>/``, the layout ``cl-lightning
+report`` reads, with the TensorBoard logs, ``config.yaml`` and accuracy matrix of any ``fit``
+(:class:`TrialSpec`, one per seed, is what selection reads). The seeds of a setting train together
+as one population (:class:`PopulationSpec`, :func:`pack`) whose checkpoints and ``run.log`` are in
+``<label>/seeds_<s1>-.../``; a setting of one pending seed is a plain run in its ``seed_<n>/``.
+A trial runs in a child process (:mod:`cl_lightning.sweep.child`), so a crash ends that trial only
+and Ray records it as failed.
 
 The run folder, not Ray's experiment state, says what is left to do, so a sweep rerun after a
 crash or a kill picks up exactly where the runs are (:func:`cl_lightning.rundir.prepare`, as
@@ -28,7 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_lightning.rundir import LOG_FILE, is_finished, launch, placement, prepare, read_result, run_folder
+from cl_lightning.rundir import (
+    LOG_FILE,
+    is_finished,
+    launch,
+    mark_unfinished_members,
+    placement,
+    population_folder,
+    population_placement,
+    prepare,
+    read_result,
+    run_folder,
+    set_aside,
+)
 
 
 class TrialFailedError(RuntimeError):
@@ -62,13 +77,75 @@ class TrialSpec:
         ]
 
 
-def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume, or skip) the trial; ``report(metrics)`` gets each new row's summaries.
-    Returns the final summaries; raises :class:`TrialFailedError` when the run did not finish
-    (after leaving a ``FAILED`` marker, unless it was stopped by a signal)."""
-    folder = spec.folder
+    def result(self) -> dict[str, Any] | None:
+        """The run's summaries so far (None before its first row)."""
+        return read_result(self.folder)
+
+
+@dataclass(frozen=True)
+class PopulationSpec:
+    """Trials of one setting that differ only in their seed, run as one population in one ``fit``."""
+
+    members: tuple[TrialSpec, ...]
+
+    @property
+    def first(self) -> TrialSpec:
+        return self.members[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [member.seed for member in self.members]
+
+    @property
+    def name(self) -> str:
+        return f"{self.first.benchmark}/{self.first.label}/{self.folder.name}"
+
+    @property
+    def folder(self) -> Path:
+        return population_folder(self.first.phase_root, self.first.benchmark, self.first.label, self.seeds)
+
+    @property
+    def cwd(self) -> Path:
+        return self.first.cwd
+
+    def fit_args(self) -> list[str]:
+        """``fit`` arguments with the population's folder and seeds set (they win over ``args``)."""
+        return [
+            "fit", *self.first.args, *population_placement(self.first.phase_root, self.first.benchmark, self.first.label,
+                                                           self.seeds),
+            "--trainer.enable_progress_bar", "false",
+        ]
+
+    def result(self) -> dict[str, Any] | None:
+        """The members' summaries so far: average accuracy and forgetting are their means, the tasks
+        completed their minimum (None before every member has a row)."""
+        results = [read_result(member.folder) for member in self.members]
+        if any(r is None for r in results):
+            return None
+        mean = {key: sum(r[key] for r in results) / len(results) for key in ("average_accuracy", "forgetting")}
+        return {**results[0], **mean, "tasks_completed": min(r["tasks_completed"] for r in results)}
+
+
+Job = TrialSpec | PopulationSpec
+
+
+def pack(specs: list[TrialSpec]) -> list[Job]:
+    """The trials as jobs: those of one setting (same folder and arguments but the seed) as one
+    population, in the order of their first trial; a setting with one trial stays a plain run."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.phase_root, spec.benchmark, spec.label, tuple(spec.args), spec.cwd), []).append(spec)
+    return [group[0] if len(group) == 1 else PopulationSpec(tuple(group)) for group in groups.values()]
+
+
+def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume, or skip) the job; ``report(metrics)`` gets each new row's summaries (a
+    population's: the members' means). Returns the final summaries; raises :class:`TrialFailedError`
+    when the run, or a member of it, did not finish (after leaving a ``FAILED`` marker, unless it was
+    stopped by a signal)."""
+    folder = job.folder
     if is_finished(folder):
-        result = read_result(folder)
+        result = job.result()
         if report is not None:
             report(result)
         return result
@@ -76,21 +153,29 @@ def execute(spec: TrialSpec, report: Callable[[dict[str, Any]], None] | None = N
 
     def report_new_rows() -> None:
         nonlocal reported
-        result = read_result(folder)
+        result = job.result()
         if result is not None and result["tasks_completed"] > reported and report is not None:
             reported = result["tasks_completed"]
             report(result)
 
+    resume = prepare(folder)
+    if isinstance(job, PopulationSpec) and not resume:  # a fresh population: earlier attempts of its members set aside
+        for member in job.members:
+            if member.folder.exists():
+                set_aside(member.folder)
     entry = (sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()))
-    outcome = launch(folder, spec.fit_args(), prepare(folder), entry=entry, cwd=spec.cwd, on_poll=report_new_rows)
-    if outcome.failure is not None or outcome.stopped:
-        reason = outcome.failure or f"stopped by a signal (exit code {outcome.code}); a rerun resumes it"
-        raise TrialFailedError(f"{spec.name}: {reason} (log: {folder / LOG_FILE})")
+    outcome = launch(folder, job.fit_args(), resume, entry=entry, cwd=job.cwd, on_poll=report_new_rows)
+    unfinished = ([] if outcome.stopped or not isinstance(job, PopulationSpec)
+                  else mark_unfinished_members(folder, [member.folder for member in job.members]))
+    if outcome.failure is not None or outcome.stopped or unfinished:
+        reason = outcome.failure or (f"stopped by a signal (exit code {outcome.code}); a rerun resumes it" if outcome.stopped
+                                     else f"member(s) {', '.join(f.name for f in unfinished)} did not finish")
+        raise TrialFailedError(f"{job.name}: {reason} (log: {folder / LOG_FILE})")
     report_new_rows()
-    return read_result(folder)
+    return job.result()
 
 
-def ray_trainable(config: dict[str, str], specs: dict[str, TrialSpec]) -> None:
+def ray_trainable(config: dict[str, str], specs: dict[str, Job]) -> None:
     """The function Ray Tune runs for a trial: ``config["trial"]`` names its spec."""
     from ray import tune
 

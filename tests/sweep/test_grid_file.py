@@ -116,9 +116,15 @@ def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys
     cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
              "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 36  # 4 consolidation lrs x 3 alpha0 x 3 seeds
-    assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seed_0: cl-lightning fit")
+    assert len(lines) == 12  # 4 consolidation lrs x 3 alpha0, each one population of the 3 seeds
+    assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seeds_0-1-2: cl-lightning fit")
     assert "--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 0.05" in lines[0]
+    assert "--seeds [0,1,2]" in lines[0]
+    cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
+             "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
+             "--solo"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 36 and lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seed_0: cl-lightning")
 
 
 def test_repeated_values_and_a_folder_of_another_sweep_are_refused(tmp_path):

@@ -175,7 +175,7 @@ def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, 
     rerun = ["--config", str(config), "--grid", str(grid), "--root", str(root), "--search_only"]
     capsys.readouterr()
     main(rerun)
-    assert "[search] 4 trial(s): 2 finished and 2 failed already (--retry_failed runs them again)" in capsys.readouterr().out
+    assert "[search] 4 run(s): 2 finished and 2 failed already (--retry_failed runs them again)" in capsys.readouterr().out
     main([*rerun, "--dry_run", "--retry_failed"])
     out = capsys.readouterr().out
     assert "naive[lr=0.1]/seed_0: finished already" in out and "naive[lr=-1.0]/seed_0: cl-lightning fit" in out

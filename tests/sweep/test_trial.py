@@ -10,3 +10,22 @@ def test_a_trial_runs_its_setting_into_the_run_folder_with_the_folder_settings_l
     assert spec.fit_args() == ["fit", "--config", "c.yaml", "--model.lr", "0.1",
                                *placement(tmp_path, "permuted_digits", "naive[lr=0.1]", 0),
                                "--trainer.enable_progress_bar", "false"]
+
+
+def test_the_seeds_of_a_setting_are_packed_into_one_population_trial(tmp_path):
+    from cl_lightning.rundir import population_folder, population_placement
+    from cl_lightning.sweep.trial import PopulationSpec, pack
+
+    def spec(label, seed, lr):
+        return TrialSpec(tmp_path, "permuted_digits", label, seed, ["--config", "c.yaml", "--model.lr", lr])
+
+    specs = [spec("naive[lr=0.1]", 0, "0.1"), spec("naive[lr=0.01]", 0, "0.01"), spec("naive[lr=0.1]", 3, "0.1")]
+    population, alone = pack(specs)
+    assert isinstance(population, PopulationSpec) and population.seeds == [0, 3] and alone is specs[1]
+    assert population.folder == population_folder(tmp_path, "permuted_digits", "naive[lr=0.1]", [0, 3])
+    assert population.name == "permuted_digits/naive[lr=0.1]/seeds_0-3"
+    assert population.fit_args() == ["fit", "--config", "c.yaml", "--model.lr", "0.1",
+                                      *population_placement(tmp_path, "permuted_digits", "naive[lr=0.1]", [0, 3]),
+                                      "--trainer.enable_progress_bar", "false"]
+    # the members' runs are the trials' own folders, which selection reads
+    assert [m.folder for m in population.members] == [specs[0].folder, specs[2].folder]
