@@ -24,10 +24,23 @@ optimizer, momentum, no decay). The research code ran two versions of that SGD (
   (``core/mode_connectivity.py:get_clf_loss``).
 
 Dropout is off. The line gradient is :class:`~cl_lightning.methods.line_gradient.LineGradient`.
+
+Population (docs/populations_plan.md, step 5): the network is a
+:class:`~cl_lightning.models.population.Population` of N members stacked along dim 0, and every
+piece of MC-SGD's state has one row per member: w_hat_t and w_bar_t are ``[N, P]`` (row k in the
+solo ``parameters_to_vector`` layout), the w_hat accuracy matrix ``[N, T, T]``, the episodic memory
+and the current task's subset are member k's own draws from its seed (the solo run's keys
+``episodic_memory``, ``mcsgd_memory_order``, ``mcsgd_subset``; the shuffle of a class-balanced
+subset has its own key, ``mcsgd_subset_order``). Each consolidation step takes every member's line
+gradients in vmapped calls over the members and steps every member with its own ``alpha0``, ``lr``
+and ``momentum`` (:class:`~cl_lightning.models.member_sgd.MemberSGD`). Nothing reduces over the
+members, so member k is the population of one with member k's seed and
+settings, and a NaN in one member reaches no other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -35,19 +48,22 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector
 from typing_extensions import override
 
-from cl_lightning.data.datamodule import Batch, ContinualDataModule
+from cl_lightning.data.datamodule import ContinualDataModule
+from cl_lightning.data.members import Batch
 from cl_lightning.errors import ConfigError
 from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.guards import FiniteGuard
+from cl_lightning.member_outputs import member_loggers
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.continual import average_accuracy
-from cl_lightning.models.params import eval_mode, load_flat
-from cl_lightning.rundir import run_dir, solution_path, write_matrix
+from cl_lightning.models.member_sgd import MemberSGD
+from cl_lightning.models.params import eval_mode
+from cl_lightning.models.population import Population, member_values
+from cl_lightning.rundir import member_dirs, run_dir, solution_path, write_matrix
 from cl_lightning.seeding import generator
 
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
@@ -59,13 +75,27 @@ Steps = Literal["minibatch", "full_batch"]
 #: examples on that line) for each batch whose line gradient the step sums.
 Step = list[tuple[Literal["memory", "subset"], int, float]]
 
+#: ``(x [N, B, ...], y [N, B], logit mask [N, B, C] or None)``: a batch as the line gradient takes it.
+LineBatch = tuple[Tensor, Tensor, Tensor | None]
+
+
+def _checked_members(values: float | Sequence[float], name: str, valid: Callable[[float], bool], rule: str) -> None:
+    """Refuse a per-member setting (one float, or one per member) if any value breaks ``rule``; their
+    number is checked against N by ``member_values`` once the population is known."""
+    listed = [values] if isinstance(values, (int, float)) else list(values)
+    if not listed or not all(valid(float(value)) for value in listed):
+        raise ConfigError(f"{name} must {rule}, got {values}")
+
 
 class MCSGD(TaskAwareCallback):
-    """Consolidates each task's solution with the previous ones along linear paths.
+    """Consolidates each task's solution with the previous ones along linear paths, per member.
+
+    ``alpha0``, ``lr`` and ``momentum`` take one value for every member or a list with one value
+    per member (in the order of the seeds); the other settings are shared.
 
     Args:
         alpha0: Start of the consolidation on the segment w_bar_{t-1} -> w_hat_t (research
-            code: 0.1 rotated MNIST, 0.25 permuted MNIST, 0.01 split CIFAR-100).
+            code: 0.1 rotated MNIST, 0.25 permuted MNIST, 0.01 split CIFAR-100), in [0, 1].
         num_segments: K; the line gradient is taken at the K+1 points j/K, j = 0..K.
         lr: Learning rate of the consolidation SGD.
         momentum: Momentum of the consolidation SGD (a fresh optimizer per task).
@@ -98,19 +128,24 @@ class MCSGD(TaskAwareCallback):
         backend: Line-gradient computation: ``auto``, ``vmap``, ``loop`` or ``affine`` (see
             :class:`~cl_lightning.methods.line_gradient.LineGradient`).
         evaluate_w_hat: Also evaluate w_hat_t on the tasks seen so far (a naive-SGD baseline for
-            free when ``next_task_start`` is ``w_hat``); written as ``w_hat_accuracy_matrix``.
+            free when ``next_task_start`` is ``w_hat``); written as ``w_hat_accuracy_matrix`` into
+            each member's folder.
         save_solutions: Save w_hat_t and w_bar_t of every task as flat parameter vectors,
-            ``solutions/w_hat_XX.pt`` and ``w_bar_XX.pt`` (XX = task, 1-based) in the run folder, for
-            the linear-path analysis (``cl-lightning path --solutions``). Costs 2 x T x the model's
-            size on disk (1 MB per vector for the MNIST MLP, 4.4 MB for the CIFAR ResNet).
+            ``solutions/w_hat_XX.pt`` and ``w_bar_XX.pt`` (XX = task, 1-based) in each member's
+            folder, for the linear-path analysis (``cl-lightning path --solutions``). Costs 2 x T x
+            the model's size on disk per member (1 MB per vector for the MNIST MLP, 4.4 MB for the
+            CIFAR ResNet).
     """
+
+    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
+    MEMBER_SETTINGS = ("alpha0", "lr", "momentum")
 
     def __init__(
         self,
-        alpha0: NonNegativeFloat = 0.1,
+        alpha0: NonNegativeFloat | list[NonNegativeFloat] = 0.1,
         num_segments: PositiveInt = 5,
-        lr: PositiveFloat = 0.01,
-        momentum: NonNegativeFloat = 0.8,
+        lr: PositiveFloat | list[PositiveFloat] = 0.01,
+        momentum: NonNegativeFloat | list[NonNegativeFloat] = 0.8,
         batch_size: PositiveInt = 64,
         epochs: PositiveInt = 1,
         steps: Steps = "minibatch",
@@ -126,12 +161,13 @@ class MCSGD(TaskAwareCallback):
         evaluate_w_hat: bool = True,
         save_solutions: bool = False,
     ) -> None:
-        if not 0.0 <= alpha0 <= 1.0:
-            raise ConfigError(f"alpha0 must be in [0, 1], got {alpha0}")
-        self.alpha0 = float(alpha0)
+        _checked_members(alpha0, "alpha0", lambda v: 0.0 <= v <= 1.0, "be in [0, 1] for every member")
+        _checked_members(lr, "lr", lambda v: v > 0.0, "be positive for every member")
+        _checked_members(momentum, "momentum", lambda v: v >= 0.0, "be non-negative for every member")
+        self.alpha0 = alpha0
         self.num_segments = int(num_segments)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
+        self.lr = lr
+        self.momentum = momentum
         self.batch_size = int(batch_size)
         self.epochs = int(epochs)
         if steps not in get_args(Steps):
@@ -144,29 +180,45 @@ class MCSGD(TaskAwareCallback):
         self.backend = backend
         self.evaluate_w_hat = evaluate_w_hat
         self.save_solutions = save_solutions
+        # One row per member ([N, P]: the layout of Population.flat(); [N, T, T]).
         self.w_bar: Tensor | None = None
         self.w_hat: Tensor | None = None
         self.w_hat_matrix: Tensor | None = None
+        self.line: LineGradient | None = None
+
+    def member_settings(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``alpha0``, ``lr`` and ``momentum`` of each of the ``n`` members, float64 ``[n]`` each."""
+        return tuple(member_values(getattr(self, name), n, name) for name in self.MEMBER_SETTINGS)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        n = trainer.datamodule.num_tasks
-        self.memory.check(trainer.datamodule)
-        self.subset.check(trainer.datamodule)
-        self.w_hat_matrix = torch.full((n, n), float("nan"), dtype=torch.float64)
-        self.line = LineGradient(pl_module.net, self.num_segments, self.weighting, self.backend)
-        self.folder = run_dir(trainer)
+        dm = trainer.datamodule
+        n = dm.num_tasks
+        self.member_settings(dm.size)  # one value per member, or one for all: checked before training
+        self.memory.check(dm)
+        self.subset.check(dm)
+        self.w_hat_matrix = torch.full((dm.size, n, n), float("nan"), dtype=torch.float64)
+        self.line_gradient(pl_module.population)  # checks the backend against the network now
+        self.folders = member_dirs(run_dir(trainer), dm.seeds)
+
+    def line_gradient(self, population: Population) -> LineGradient:
+        """The line gradient of ``population`` (made again if the module rebuilt its population after
+        this callback's ``setup``, as ``ContinualModule.setup`` does for the datamodule's seeds)."""
+        if self.line is None or self.line.population is not population:
+            self.line = LineGradient(population, self.num_segments, self.weighting, self.backend)
+        return self.line
 
     # ------------------------------------------------------------------ task events
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         if task > 0 and self.next_task_start == "w_hat":
-            load_flat(pl_module.net, self.w_hat.to(pl_module.device))
+            pl_module.population.load_flat(self.w_hat.to(pl_module.device))
 
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         dm: ContinualDataModule = trainer.datamodule
-        w_hat = parameters_to_vector(pl_module.net.parameters()).detach().clone()
+        population = pl_module.population
+        w_hat = population.flat()
         self.memory.add_task(dm, task)
         if task == 0:
             w_bar, losses = w_hat.clone(), {}
@@ -177,38 +229,40 @@ class MCSGD(TaskAwareCallback):
             w_bar = trainer.strategy.broadcast(w_bar, src=0)
         self.w_hat, self.w_bar = w_hat, w_bar
         if self.evaluate_w_hat:
-            self.w_hat_matrix[task, : task + 1] = task_accuracies(pl_module, dm, list(range(task + 1)), dm.eval_split)
-        load_flat(pl_module.net, w_bar)
-        self._publish(trainer, task, losses, (w_hat - w_bar).norm().item())
+            self.w_hat_matrix[:, task, : task + 1] = task_accuracies(pl_module, dm, list(range(task + 1)), dm.eval_split)
+        population.load_flat(w_bar)
+        self._publish(trainer, pl_module, task, losses, (w_hat - w_bar).norm(dim=1).cpu().double())
         if self.save_solutions:
-            self._save_solutions(task)
+            self._save_solutions(pl_module, task)
 
     # ------------------------------------------------------------------ consolidation
     def consolidate(
         self, dm: ContinualDataModule, pl_module: LightningModule, task: int, w_bar_prev: Tensor, w_hat: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
-        """w_bar_t from w_bar_{t-1} and w_hat_t; returns it with the mean line losses."""
-        device, class_mask = w_hat.device, pl_module.class_mask
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """w_bar_t ``[N, P]`` from w_bar_{t-1} and w_hat_t (``[N, P]``, row k member k's); returns it with
+        each member's mean line losses (``[N]`` float64 each)."""
+        line = self.line_gradient(pl_module.population)
         lines = {
-            "memory": (w_bar_prev, [self._line_batch(b, device, class_mask) for b in self._memory_batches(dm, task)]),
-            "subset": (w_hat, [self._line_batch(b, device, class_mask) for b in self._subset_batches(dm, task)]),
+            "memory": (w_bar_prev, [self._line_batch(b, pl_module) for b in self._memory_batches(dm, task)]),
+            "subset": (w_hat, [self._line_batch(b, pl_module) for b in self._subset_batches(dm, task)]),
         }
-        w = nn.Parameter(w_bar_prev + self.alpha0 * (w_hat - w_bar_prev))
-        optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
-        loss_sums = {name: torch.zeros((), device=device) for name in lines}
-        plan = self._step_plan({name: [len(b[1]) for b in batches] for name, (_, batches) in lines.items()})
-        with eval_mode(pl_module.net), torch.inference_mode(False), torch.enable_grad():
+        alpha0, lr, momentum = self.member_settings(dm.size)
+        w = nn.Parameter(w_bar_prev + alpha0.to(w_hat).unsqueeze(1) * (w_hat - w_bar_prev))
+        optimizer = MemberSGD([w], lr=lr, momentum=momentum)
+        loss_sums = {name: torch.zeros(dm.size, device=w.device) for name in lines}
+        plan = self._step_plan({name: [b[1].shape[1] for b in batches] for name, (_, batches) in lines.items()})
+        with eval_mode(pl_module.population), torch.inference_mode(False), torch.enable_grad():
             for _ in range(self.epochs):
                 for step in plan:
                     grad = torch.zeros_like(w)
                     for name, i, share in step:
                         start, batches = lines[name]
-                        g, point_losses = self.line(start, w.detach(), *batches[i], share=share)
+                        g, point_losses = line(start, w.detach(), *batches[i], share=share)
                         grad += g
-                        loss_sums[name] += point_losses.mean()
+                        loss_sums[name] += point_losses.mean(dim=1)
                     w.grad = grad
                     optimizer.step()
-        losses = {f"line_loss_{name}": (loss_sums[name] / (self.epochs * len(batches))).item()
+        losses = {f"line_loss_{name}": (loss_sums[name] / (self.epochs * len(batches))).cpu().double()
                   for name, (_, batches) in lines.items()}
         return w.detach().clone(), losses
 
@@ -226,59 +280,96 @@ class MCSGD(TaskAwareCallback):
         return [[(name, i, 1.0) for name, sizes in batch_sizes.items() if i < len(sizes)] for i in range(longest)]
 
     def _memory_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
-        """One batch per task 1..t from the episodic memory, in a seeded order."""
-        order = torch.randperm(task + 1, generator=generator(dm.resolved_seed, "mcsgd_memory_order", task))
-        return [self.memory.batch(dm, int(t)) for t in order]
+        """One batch per task 1..t from each member's episodic memory, ``[N, m, ...]`` each, in a
+        seeded order per member: batch i of member k holds the memory of task ``order_k[i]``."""
+        tasks = list(range(task + 1))
+        orders = torch.stack([torch.randperm(task + 1, generator=generator(seed, "mcsgd_memory_order", task))
+                              for seed in dm.seeds])
+        x, y, task_ids = self.memory.batch(dm, tasks)  # every member's memory of tasks 1..t, task after task
+        sizes = torch.tensor([self.memory.indices[t].shape[1] for t in tasks])
+        offsets = sizes.cumsum(0) - sizes
+        rows = torch.arange(dm.size, device=y.device).unsqueeze(1)
+        batches = []
+        for i in range(task + 1):
+            chosen = orders[:, i]
+            if (sizes[chosen] != sizes[chosen[0]]).any():
+                raise ConfigError(
+                    f"the episodic memory holds {sizes.tolist()} examples of tasks 1..{task + 1}: the members "
+                    "consolidate with one task's memory per batch in their own orders, so a population needs "
+                    "memories of equal size; set memory_per_task (or run these seeds separately)")
+            positions = (offsets[chosen].unsqueeze(1) + torch.arange(int(sizes[chosen[0]]))).to(y.device)
+            batches.append((x[rows, positions], y[rows, positions], task_ids[rows, positions]))
+        return batches
 
     def _subset_batches(self, dm: ContinualDataModule, task: int) -> list[Batch]:
-        """The fixed subset of task t's training data, in batches of ``batch_size``."""
-        dataset = dm.task_dataset(task, "train")
-        return [dataset.__getitems__(chunk) for chunk in self._subset_index(dm, task).split(self.batch_size)]
+        """Each member's fixed subset of task t's training data, in batches ``[N, batch_size, ...]``."""
+        dataset = dm.task_set(task, "train")
+        subset = dataset.select(self._subset_index(dm, task).to(dataset.base_index.device))
+        return [subset.batch(start, start + self.batch_size) for start in range(0, len(subset), self.batch_size)]
 
     def _subset_index(self, dm: ContinualDataModule, task: int) -> Tensor:
-        """Indices of the subset into task t's training data, seeded by the run and the task.
+        """``[N, s]``: row k holds the positions of member k's subset in its training data of task t,
+        drawn from its seed and the task.
 
-        A class-balanced subset is shuffled, so that its batches mix classes as the research
-        code's did (a shuffling DataLoader, materialised once).
+        A class-balanced subset is shuffled (each member in its own seeded order), so that its
+        batches mix classes as the research code's did (a shuffling DataLoader, materialised once).
         """
-        g = generator(dm.resolved_seed, "mcsgd_subset", task)
-        index = self.subset.draw(dm.task_dataset(task, "train"), g, task)
+        index = self.subset.draw(dm.task_set(task, "train"), dm.seeds, ("mcsgd_subset", task), task)
         if self.subset.per_class is not None:
-            index = index[torch.randperm(len(index), generator=g)]
+            orders = torch.stack([torch.randperm(index.shape[1], generator=generator(seed, "mcsgd_subset_order", task))
+                                  for seed in dm.seeds])
+            index = index.gather(1, orders)
         return index
 
     @staticmethod
-    def _line_batch(batch: Batch, device: torch.device, class_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(x, y, logit_mask)`` for :class:`LineGradient`; the mask keeps each example's task classes."""
-        x, y, task_ids = (v.to(device) for v in batch)
-        return x, y, (class_mask[task_ids] if class_mask is not None else None)
+    def _line_batch(batch: Batch, pl_module: LightningModule) -> LineBatch:
+        """``(x, y, logit_mask)`` for :class:`LineGradient` on the module's device; the mask keeps each
+        example's task classes of its member (split benchmarks)."""
+        x, y, task_ids = (v.to(pl_module.device) for v in batch)
+        class_mask = pl_module.class_mask  # [N, T, C] (split benchmarks), else None
+        return x, y, (class_mask[pl_module.members.unsqueeze(1), task_ids] if class_mask is not None else None)
 
     # ------------------------------------------------------------------ reporting
-    def _publish(self, trainer: Trainer, task: int, losses: dict[str, float], distance: float) -> None:
-        """Log the task's consolidation and write its w_hat row, once the task is known not to have
+    def _publish(self, trainer: Trainer, pl_module: LightningModule, task: int, losses: dict[str, Tensor],
+                 distance: Tensor) -> None:
+        """Log each member's consolidation and write its w_hat row, once the task is known not to have
         diverged: the guard checks here (on every process: its check is collective) instead of at the
-        validation that follows, so a run stopped by a divergence leaves no w_hat row that looks like a result."""
+        validation that follows, so that a member stopped by a divergence (or a run whose every member
+        diverged) leaves no w_hat row that looks like a result."""
         for guard in (c for c in trainer.callbacks if isinstance(c, FiniteGuard)):
             guard.check(trainer, trainer.lightning_module)
-        if not trainer.is_global_zero:
-            return
-        metrics = {f"mcsgd/{name}": value for name, value in losses.items()}
-        metrics["mcsgd/distance_w_hat_w_bar"] = distance
-        if self.evaluate_w_hat:
-            row = self.w_hat_matrix[task, : task + 1].tolist()
-            metrics |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": v for i, v in enumerate(row)}
-            metrics["mcsgd/w_hat_average_accuracy"] = average_accuracy(self.w_hat_matrix, task)
-            write_matrix(self.folder, "w_hat_accuracy_matrix", self.w_hat_matrix, task,
-                         trainer.datamodule.eval_split)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=task + 1)
+        failed = pl_module.failed.cpu()
+        self.w_hat_matrix[failed, task] = float("nan")  # a stopped member's rows are not results
+        self._write(trainer, task, losses, distance, failed.tolist())
 
     @rank_zero_only
-    def _save_solutions(self, task: int) -> None:
-        for kind, vector in (("w_hat", self.w_hat), ("w_bar", self.w_bar)):
-            path = solution_path(self.folder, kind, task)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(vector.cpu(), path)
+    def _write(self, trainer: Trainer, task: int, losses: dict[str, Tensor], distance: Tensor, failed: list[bool]) -> None:
+        """Each running member's consolidation metrics into its own logger, its w_hat matrix into its folder."""
+        rows = {f"mcsgd/{name}": value.tolist() for name, value in losses.items()}
+        rows["mcsgd/distance_w_hat_w_bar"] = distance.tolist()
+        for k, (folder, logger) in enumerate(zip(self.folders, member_loggers(trainer))):
+            if failed[k]:
+                continue
+            metrics = {name: row[k] for name, row in rows.items()}
+            if self.evaluate_w_hat:
+                matrix = self.w_hat_matrix[k]
+                metrics |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": v for i, v in enumerate(matrix[task, : task + 1].tolist())}
+                metrics["mcsgd/w_hat_average_accuracy"] = average_accuracy(matrix, task)
+                write_matrix(folder, "w_hat_accuracy_matrix", matrix, task, trainer.datamodule.eval_split)
+            if logger is not None:
+                logger.log_metrics(metrics, step=task + 1)
+
+    @rank_zero_only
+    def _save_solutions(self, pl_module: LightningModule, task: int) -> None:
+        """Each running member's w_hat_t and w_bar_t (flat, 1-D: a plain run's solution files) in its folder."""
+        failed = pl_module.failed.tolist()
+        for k, folder in enumerate(self.folders):
+            if failed[k]:
+                continue
+            for kind, vectors in (("w_hat", self.w_hat), ("w_bar", self.w_bar)):
+                path = solution_path(folder, kind, task)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(vectors[k].cpu().clone(), path)
 
     # ------------------------------------------------------------------ checkpoint
     @override
