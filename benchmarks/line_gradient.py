@@ -3,7 +3,8 @@
 Times (a) one line-gradient call on a batch of 64 for K = 5, 10, 20 and (b) one whole
 consolidation epoch at the last task of a 20-task sequence (20 episodic-memory batches of 10
 plus 7 subset batches of 64, as the Rotated/Permuted MNIST configs), with each backend, on the
-paper's MLP 784-256-256-10 in eval mode. Prints the speed-up over the loop and writes JSON.
+paper's MLP 784-256-256-10 in eval mode, as a population of one. Prints the speed-up over the loop
+and writes JSON.
 
     python benchmarks/line_gradient.py
 """
@@ -18,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parameters_to_vector
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import image_source  # noqa: E402
@@ -28,6 +28,7 @@ from cl_lightning.methods.line_gradient import LineGradient  # noqa: E402
 from cl_lightning.methods.mcsgd import MCSGD  # noqa: E402
 from cl_lightning.models.module import ContinualModule  # noqa: E402
 from cl_lightning.models.nets import MLP  # noqa: E402
+from cl_lightning.models.population import Population  # noqa: E402
 
 BACKENDS = ("loop", "vmap", "affine")
 
@@ -55,32 +56,32 @@ def main() -> None:
     torch.set_num_threads(1)
     device = torch.device(opts.device)
     source, _, pixels = image_source(opts.root)
-    torch.manual_seed(0)
-    net = MLP(pixels, [256, 256], 10).to(device).eval()
-    start = parameters_to_vector(net.parameters()).detach()
+    population = Population.from_seeds(lambda: MLP(pixels, [256, 256], 10), [0]).to(device).eval()
+    start = population.flat()
     end = start + 0.01 * torch.randn_like(start)
-    x, y = torch.rand(64, 1, pixels, device=device), torch.randint(10, (64,), device=device)
+    x, y = torch.rand(1, 64, 1, pixels, device=device), torch.randint(10, (1, 64), device=device)
 
     calls = []
     for k in (5, 10, 20):
-        times = {b: best_of(opts.repeats, lambda b=b: LineGradient(net, k, backend=b)(start, end, x, y)) for b in BACKENDS}
+        times = {b: best_of(opts.repeats, lambda b=b: LineGradient(population, k, backend=b)(start, end, x, y)) for b in BACKENDS}
         calls.append({"K": k, **{f"{b}_ms": 1e3 * t for b, t in times.items()},
                       **{f"{b}_speedup": times["loop"] / times[b] for b in BACKENDS[1:]}})
         print(f"line gradient K={k:2d}, batch 64: " + ", ".join(f"{b} {1e3 * t:6.2f} ms" for b, t in times.items())
               + f"  -> vmap {times['loop'] / times['vmap']:.2f}x, affine {times['loop'] / times['affine']:.2f}x", flush=True)
 
     # One consolidation epoch at task 20 through MCSGD.consolidate itself.
-    dm = ContinualDataModule(source=source, root=opts.root, benchmark="permuted", num_tasks=20, seed=0)
+    dm = ContinualDataModule(source=source, root=opts.root, benchmark="permuted", num_tasks=20, seeds=[0])
     dm.setup()
-    module = ContinualModule(MLP(pixels, [256, 256], 10)).to(device)
+    module = ContinualModule(MLP(pixels, [256, 256], 10), seeds=[0]).to(device)
+    module.class_mask = dm.class_mask
     mcsgd = MCSGD()
     for task in range(20):
-        mcsgd.memory.add_task(dm, task, dm.resolved_seed)
-    w_hat = parameters_to_vector(module.net.parameters()).detach()
+        mcsgd.memory.add_task(dm, task)
+    w_hat = module.population.flat()
     w_bar = w_hat + 0.01 * torch.randn_like(w_hat)
     epochs = {}
     for backend in BACKENDS:
-        mcsgd.line = LineGradient(module.net, mcsgd.num_segments, mcsgd.weighting, backend)
+        mcsgd.line = LineGradient(module.population, mcsgd.num_segments, mcsgd.weighting, backend)
         epochs[backend] = best_of(max(opts.repeats // 4, 3), lambda: mcsgd.consolidate(dm, module, 19, w_bar, w_hat))
         print(f"consolidation epoch at task 20 ({backend}): {1e3 * epochs[backend]:.1f} ms", flush=True)
     print(f"  -> vmap {epochs['loop'] / epochs['vmap']:.2f}x, affine {epochs['loop'] / epochs['affine']:.2f}x faster than the loop")

@@ -86,7 +86,7 @@ from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.models.member_sgd import member_view
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.params import eval_mode, outside_inference
-from cl_lightning.models.population import member_values
+from cl_lightning.models.population import member_list, member_values
 from cl_lightning.seeding import generator
 
 FisherKind = Literal["empirical", "true"]
@@ -108,15 +108,6 @@ def _split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     :meth:`~cl_lightning.models.population.Population.flat`."""
     widths = [p[0].numel() for p in params]
     return [v.view_as(p) for p, v in zip(params, flat.split(widths, dim=1))]
-
-
-def _checked_members(values: float | Sequence[float], name: str, valid: Callable[[float], bool], rule: str) -> list[float]:
-    """The values of a per-member setting (one float, or one per member), refused if any breaks
-    ``rule`` (their number is checked against N by ``member_values`` once the population is known)."""
-    listed = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
-    if not listed or not all(valid(value) for value in listed):
-        raise ConfigError(f"{name} must {rule}, got {values}")
-    return listed
 
 
 class EWC(TaskAwareCallback):
@@ -181,7 +172,7 @@ class EWC(TaskAwareCallback):
         fisher_decay: float | list[float] = 0.9,
         fisher_update_every: PositiveInt = 10,
     ) -> None:
-        lams = _checked_members(lam, "lam", lambda v: v >= 0, "be non-negative for every member")
+        lams = member_list(lam, "lam", lambda v: v >= 0, "be non-negative for every member")
         if variant not in ("kirkpatrick", "agem"):
             raise ConfigError(f"variant must be 'kirkpatrick' or 'agem', got {variant!r}")
         if fisher not in ("empirical", "true"):
@@ -194,7 +185,7 @@ class EWC(TaskAwareCallback):
             raise ConfigError(f"fisher_normalization must be 'none' or 'min_max', got {fisher_normalization!r}")
         if backend not in ("vmap", "loop"):
             raise ConfigError(f"backend must be 'vmap' or 'loop', got {backend!r}")
-        _checked_members(fisher_decay, "fisher_decay", lambda v: 0 < v <= 1, "lie in (0, 1] for every member")
+        member_list(fisher_decay, "fisher_decay", lambda v: 0 < v <= 1, "lie in (0, 1] for every member")
         if fisher_update_every < 1:
             raise ConfigError(f"fisher_update_every must be a positive integer, got {fisher_update_every}")
         self.lam = lam

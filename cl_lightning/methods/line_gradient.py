@@ -35,7 +35,7 @@ from cl_lightning.errors import ConfigError
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.nets import MLP
 from cl_lightning.models.params import outside_inference
-from cl_lightning.models.population import Population, _CounterDropout
+from cl_lightning.models.population import Population
 
 __all__ = ["LineGradient"]
 
@@ -182,7 +182,7 @@ class LineGradient:
         """
         self._check_inputs(start, end, x, y, logit_mask)
         backend = self.resolve_backend(start.device)
-        if _has_active_dropout(self.population.stacked):
+        if self.population.has_active_dropout():
             raise RuntimeError(
                 f"backend {backend!r} would apply the dropout masks of the last training step: "
                 "put the population in eval() mode first, as MC-SGD does"
@@ -325,8 +325,3 @@ def _is_plain_mlp(net: nn.Module) -> bool:
     """Whether ``net`` is an ``MLP`` running ``MLP.forward``, which the affine path assumes."""
     return isinstance(net, MLP) and type(net).forward is MLP.forward
 
-
-def _has_active_dropout(stacked: nn.Module) -> bool:
-    """Whether a dropout of the population's stacked network would drop anything: a training-mode
-    counter dropout (sites where every member's rate is 0 are identities in a population)."""
-    return any(isinstance(m, _CounterDropout) and m.training for m in stacked.modules())

@@ -40,7 +40,6 @@ settings, and a NaN in one member reaches no other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -62,7 +61,7 @@ from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.params import eval_mode
-from cl_lightning.models.population import Population, member_values
+from cl_lightning.models.population import Population, member_list, member_values
 from cl_lightning.rundir import member_dirs, run_dir, solution_path, write_matrix
 from cl_lightning.seeding import generator
 
@@ -77,14 +76,6 @@ Step = list[tuple[Literal["memory", "subset"], int, float]]
 
 #: ``(x [N, B, ...], y [N, B], logit mask [N, B, C] or None)``: a batch as the line gradient takes it.
 LineBatch = tuple[Tensor, Tensor, Tensor | None]
-
-
-def _checked_members(values: float | Sequence[float], name: str, valid: Callable[[float], bool], rule: str) -> None:
-    """Refuse a per-member setting (one float, or one per member) if any value breaks ``rule``; their
-    number is checked against N by ``member_values`` once the population is known."""
-    listed = [values] if isinstance(values, (int, float)) else list(values)
-    if not listed or not all(valid(float(value)) for value in listed):
-        raise ConfigError(f"{name} must {rule}, got {values}")
 
 
 class MCSGD(TaskAwareCallback):
@@ -161,9 +152,9 @@ class MCSGD(TaskAwareCallback):
         evaluate_w_hat: bool = True,
         save_solutions: bool = False,
     ) -> None:
-        _checked_members(alpha0, "alpha0", lambda v: 0.0 <= v <= 1.0, "be in [0, 1] for every member")
-        _checked_members(lr, "lr", lambda v: v > 0.0, "be positive for every member")
-        _checked_members(momentum, "momentum", lambda v: v >= 0.0, "be non-negative for every member")
+        member_list(alpha0, "alpha0", lambda v: 0.0 <= v <= 1.0, "be in [0, 1] for every member")
+        member_list(lr, "lr", lambda v: v > 0.0, "be positive for every member")
+        member_list(momentum, "momentum", lambda v: v >= 0.0, "be non-negative for every member")
         self.alpha0 = alpha0
         self.num_segments = int(num_segments)
         self.lr = lr

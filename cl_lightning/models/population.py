@@ -33,7 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
-__all__ = ["Population", "init_member", "fresh_copy", "member_values", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+__all__ = ["Population", "init_member", "fresh_copy", "member_list", "member_values", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
 
 
 def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -78,6 +78,16 @@ def member_values(value: float | Sequence[float], n: int, name: str) -> Tensor:
         raise ConfigError(f"{name} has {len(values)} values but the population has {n} member(s) (model.seeds / "
                           f"data.seeds): give one value per member, or a single value for all")
     return torch.tensor(values, dtype=torch.float64)
+
+
+def member_list(values: float | Sequence[float], name: str, valid: Callable[[float], bool], rule: str) -> list[float]:
+    """The values of a per-member setting (one float, or one per member) as a list, refused if any
+    breaks ``rule`` (``valid`` says which do): checked when a method is built, while the number of
+    values is checked against N by :func:`member_values` once the population is known."""
+    listed = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    if not listed or not all(valid(value) for value in listed):
+        raise ConfigError(f"{name} must {rule}, got {values}")
+    return listed
 
 
 def _signed(value: int) -> int:
@@ -240,6 +250,11 @@ class Population(nn.Module):
     def size(self) -> int:
         """N, the number of members."""
         return len(self.seeds)
+
+    def has_active_dropout(self) -> bool:
+        """Whether a forward draws dropout masks now: a dropout site (some member's rate above 0) in
+        training mode."""
+        return any(self.stacked.get_submodule(name).training for name in self._dropout_sites)
 
     def forward(self, x: Tensor, step: int | None = None) -> Tensor:
         """Logits ``[N, B, C]`` of the members on their inputs ``x`` of shape ``[N, B, ...]``.
