@@ -30,7 +30,6 @@ triggers no gradient all-reduce of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
 from cl_lightning.models.member_sgd import member_view
-from cl_lightning.seeding import generator
+from cl_lightning.models.population import member_keys, mix64, stream_bits
 
 #: The dropout stream of the reference forward: the step's own forward uses stream 0, so the
 #: memory batch gets fresh masks in the same step (``ContinualModule.forward``'s ``stream``).
@@ -85,16 +84,17 @@ def project_gradients(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
     return dot
 
 
-def memory_positions(seeds: Sequence[int], size: int, count: int, epoch: int, batch_idx: int) -> Tensor:
+def memory_positions(keys: Tensor, size: int, count: int, epoch: int, batch_idx: int) -> Tensor:
     """``[N, count]``: positions in each member's memory of size ``size`` for step ``batch_idx`` of
-    ``epoch``, drawn without replacement; row k from member k's seed alone.
+    ``epoch``, drawn without replacement; row k from member k's key (``member_keys(seeds,
+    "agem_memory_batch")``) alone.
 
-    One small CPU draw per member and step (about 15 us each): keyed by the step, not by a
-    generator carried along, so every DDP process and a resumed run draw the same.
+    Counter-based (the ranks of splitmix64 outputs keyed by the member, epoch and step), on the
+    keys' device, for all members at once: no Python loop over members and no generator carried
+    along, so every DDP process and a resumed run draw the same.
     """
-    return torch.stack([
-        torch.randperm(size, generator=generator(seed, "agem_memory_batch", epoch, batch_idx))[:count] for seed in seeds
-    ])
+    roots = mix64(mix64(keys ^ epoch) ^ batch_idx)
+    return stream_bits(roots, torch.arange(size, device=keys.device)).argsort(dim=1, stable=True)[:, :count]
 
 
 class AGEM(TaskAwareCallback):
@@ -137,6 +137,7 @@ class AGEM(TaskAwareCallback):
         self.steps = 0  # steps of the current task with a reference gradient
         self._batch_idx = 0
         self._cache: tuple[list[int], Batch] | None = None
+        self._keys: Tensor | None = None  # each member's key of its memory-batch draws, on the device
 
     # ------------------------------------------------------------------ task events
     @override
@@ -157,9 +158,9 @@ class AGEM(TaskAwareCallback):
     def memory_batch(self, dm: ContinualDataModule, device: torch.device, epoch: int, batch_idx: int) -> Batch:
         """Every member's memory batch of step ``batch_idx`` of ``epoch``, ``[N, M, ...]``, on ``device``.
 
-        The memory (a few hundred examples per member) is kept on the device; only the positions of
-        the step travel, drawn on the CPU from (member seed, epoch, batch index): identical on every
-        process and after a resume, whatever happened before.
+        The memory (a few hundred examples per member) is kept on the device, and the step's
+        positions are drawn there from (member seed, epoch, batch index): identical on every process
+        and after a resume, whatever happened before.
         """
         tasks = self.memory.tasks
         if self._cache is None or self._cache[0] != tasks or self._cache[1][0].device != device:
@@ -168,7 +169,9 @@ class AGEM(TaskAwareCallback):
         size = y.shape[1]
         if size <= self.memory_batch_size:
             return x, y, task_ids
-        index = memory_positions(dm.seeds, size, self.memory_batch_size, epoch, batch_idx).to(device, non_blocking=True)
+        if self._keys is None or self._keys.device != device:
+            self._keys = member_keys(dm.seeds, "agem_memory_batch").to(device)
+        index = memory_positions(self._keys, size, self.memory_batch_size, epoch, batch_idx)
         rows = torch.arange(len(index), device=device).unsqueeze(1)
         return x[rows, index], y[rows, index], task_ids[rows, index]
 

@@ -57,8 +57,9 @@ from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
 from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.methods.reservoir import ReservoirBuffer, member_keys
+from cl_lightning.methods.reservoir import ReservoirBuffer
 from cl_lightning.models.module import total
+from cl_lightning.models.population import member_keys
 
 #: Dropout stream of the memory batch's forward: masks other than the current batch's (stream 0).
 REPLAY_STREAM = 1

@@ -35,32 +35,9 @@ import torch
 from torch import Tensor
 
 from cl_lightning.errors import ConfigError
-from cl_lightning.models.population import mix64
-from cl_lightning.seeding import generator
+from cl_lightning.models.population import member_keys, mix64, stream_bits
 
-__all__ = ["ReservoirBuffer", "member_keys", "stream_bits"]
-
-#: splitmix64's golden-ratio increment (the int64 with its bits), as in ``models/population.py``.
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-
-
-def member_keys(seeds: Sequence[int], *stream: object) -> Tensor:
-    """int64 ``[N]``: each member's key for a purpose, a function of its seed and ``stream`` alone
-    (through the keyed stream ``seeding.generator(seed, *stream)``)."""
-    roots = torch.tensor([generator(seed, *stream).initial_seed() for seed in seeds], dtype=torch.int64)
-    return mix64(roots)
-
-
-def stream_bits(roots: Tensor, index: Tensor) -> Tensor:
-    """int64 ``[N, L]`` in [0, 2**63): output ``index + 1`` (``index`` ``[L]``, 0-based) of the
-    splitmix64 generator seeded with each member's ``roots`` ``[N]``, less its lowest bit.
-
-    Uniform 63-bit integers, independent across indices and members as far as splitmix64 goes;
-    only int64 operations, so the same bits on every device.
-    """
-    bits = mix64(roots.unsqueeze(1) + (index + 1) * _GOLDEN)
-    return (bits >> 1) & ((1 << 63) - 1)  # logical shift: >> on int64 is arithmetic
-
+__all__ = ["ReservoirBuffer"]
 
 class ReservoirBuffer:
     """Every member's fixed-capacity uniform sample (algorithm R) of its stream of examples.

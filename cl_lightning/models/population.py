@@ -33,7 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from cl_lightning.errors import ConfigError
 from cl_lightning.seeding import generator
 
-__all__ = ["Population", "init_member", "fresh_copy", "member_list", "member_values", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+__all__ = ["Population", "init_member", "fresh_copy", "member_keys", "member_list", "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
 
 
 def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -119,6 +119,24 @@ def mix64(z: Tensor) -> Tensor:
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
     return z ^ _shift_right(z, 31)
+
+
+def member_keys(seeds: Sequence[int], *stream: object) -> Tensor:
+    """int64 ``[N]``: each member's key for a purpose, a function of its seed and ``stream`` alone
+    (through the keyed stream ``seeding.generator(seed, *stream)``)."""
+    roots = torch.tensor([generator(seed, *stream).initial_seed() for seed in seeds], dtype=torch.int64)
+    return mix64(roots)
+
+
+def stream_bits(roots: Tensor, index: Tensor) -> Tensor:
+    """int64 ``[N, L]`` in [0, 2**63): output ``index + 1`` (``index`` ``[L]``, 0-based) of the
+    splitmix64 generator seeded with each member's ``roots`` ``[N]``, less its lowest bit.
+
+    Uniform 63-bit integers, independent across indices and members as far as splitmix64 goes;
+    only int64 operations, so the same bits on every device.
+    """
+    bits = mix64(roots.unsqueeze(1) + (index + 1) * _GOLDEN)
+    return (bits >> 1) & ((1 << 63) - 1)  # logical shift: >> on int64 is arithmetic
 
 
 def dropout_keys(seeds: Sequence[int], site: int) -> Tensor:

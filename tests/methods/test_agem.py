@@ -13,6 +13,7 @@ from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
+from cl_lightning.models.population import member_keys
 
 NUM_TASKS = 5
 SEEDS = [0, 5, 9]
@@ -172,15 +173,26 @@ def test_dot_products_run_over_each_members_own_parameters():
 
 
 # ---------------------------------------------------------------------- memory batches, state, settings
+def keys(seeds):
+    return member_keys(seeds, "agem_memory_batch")
+
+
 def test_memory_positions_come_from_each_members_seed_and_step():
-    rows = memory_positions(SEEDS, 30, 8, epoch=2, batch_idx=5)
+    rows = memory_positions(keys(SEEDS), 30, 8, epoch=2, batch_idx=5)
     assert rows.shape == (3, 8)
     for k, seed in enumerate(SEEDS):
-        assert torch.equal(rows[k], memory_positions([seed], 30, 8, 2, 5)[0])
+        assert torch.equal(rows[k], memory_positions(keys([seed]), 30, 8, 2, 5)[0])
         assert len(rows[k].unique()) == 8  # without replacement
     assert not torch.equal(rows[0], rows[1])
-    assert not torch.equal(rows, memory_positions(SEEDS, 30, 8, 2, 6))
-    assert not torch.equal(rows, memory_positions(SEEDS, 30, 8, 3, 5))
+    assert not torch.equal(rows, memory_positions(keys(SEEDS), 30, 8, 2, 6))
+    assert not torch.equal(rows, memory_positions(keys(SEEDS), 30, 8, 3, 5))
+
+
+def test_memory_positions_are_uniform():
+    """Each position of a memory of 10 is drawn into a batch of 3 with probability 3/10 (many members)."""
+    rows = memory_positions(keys(range(4000)), 10, 3, epoch=0, batch_idx=0)
+    frequency = torch.bincount(rows.flatten(), minlength=10).double() / 4000
+    assert torch.allclose(frequency, torch.full((10,), 0.3, dtype=torch.float64), atol=0.03)  # ~4 standard errors
 
 
 def test_memory_batches_are_seeded_per_member_and_step(population_digits):
@@ -192,7 +204,7 @@ def test_memory_batches_are_seeded_per_member_and_step(population_digits):
     assert a[0].shape[:2] == (3, 4) and all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], c[0])
     whole_x, whole_y, _ = agem.memory.batch(dm, 0)
-    index = memory_positions(SEEDS, 10, 4, 1, 0)
+    index = memory_positions(keys(SEEDS), 10, 4, 1, 0)
     for k in range(3):  # member k's rows of its own memory
         assert torch.equal(a[0][k], whole_x[k, index[k]]) and torch.equal(a[1][k], whole_y[k, index[k]])
     whole = AGEM(memory_batch_size=64)
