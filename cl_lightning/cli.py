@@ -30,7 +30,7 @@ from typing_extensions import override
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
 from cl_lightning.data.datamodule import ContinualDataModule, sequence_trainer_settings
-from cl_lightning.errors import UserError
+from cl_lightning.errors import DeviceMemoryError, UserError
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.hparams import METRICS, science
@@ -288,6 +288,8 @@ def main(args: ArgsType = None) -> None:
         # Lightning's own SIGTERM handling (test, validate) raises it with exit status 0: a batch
         # scheduler would count a preempted job as a success.
         raise SystemExit(stop.code or 128 + signal.SIGTERM) from stop
+    except torch.cuda.OutOfMemoryError as err:
+        sys.exit(f"error: {out_of_memory(err)}")
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -309,6 +311,21 @@ def overview() -> str:
     lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
     return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
                       "commands:", *lines])
+
+
+#: Part of every out-of-memory message, which ``grid`` and ``sweep`` look for to split a population.
+OUT_OF_MEMORY = "the device ran out of memory"
+
+
+def out_of_memory(err: BaseException) -> DeviceMemoryError:
+    """The message of an accelerator running out of memory: what a population costs and the fix."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return DeviceMemoryError(
+        f"{OUT_OF_MEMORY} ({first}). A population of N members needs about N times one run's memory for weights, "
+        "gradients, activations and the method's state (the data are shared): train fewer seeds at once (--seeds), "
+        "or let `cl-lightning grid` / `sweep` train them, which split a population that does not fit into smaller ones. "
+        "The checkpoints and accuracy matrices written so far are kept."
+    )
 
 
 def user_error(err: BaseException) -> UserError | None:

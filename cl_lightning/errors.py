@@ -29,3 +29,7 @@ class TrainingDivergedError(UserError, FloatingPointError):
 class ResultsWriteError(UserError, OSError):
     """A result file (accuracy matrix, test accuracies) could not be written; the previous
     version of the file is still on disk."""
+
+
+class DeviceMemoryError(UserError, MemoryError):
+    """The accelerator ran out of memory, typically for a population too large to train at once."""

@@ -40,6 +40,7 @@ from cl_lightning.rundir import (
     population_folder,
     population_placement,
     prepare,
+    ran_out_of_memory,
     read_result,
     run_folder,
     set_aside,
@@ -171,4 +172,13 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
     print(f"{label}: {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
     ok, summary = run_one(folder, command, resume)
     print(f"{label}: {summary}", flush=True)
+    if not ok and population and ran_out_of_memory(folder):
+        # too large for the device: two populations of half the seeds, each split again if need be
+        halves = [seeds[: len(seeds) // 2], seeds[len(seeds) // 2:]]
+        print(f"{label}: out of the device's memory; training seeds {halves[0]} and {halves[1]} separately", flush=True)
+        set_aside(folder)
+        for seed in seeds:
+            if (member := run_folder(args.root, benchmark, method, seed)).exists():
+                set_aside(member)
+        return all([run_group(args, benchmark, method, half, config, overrides, prefix) for half in halves])
     return ok

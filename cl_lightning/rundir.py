@@ -264,6 +264,14 @@ def has_failed(folder: Path) -> bool:
     return (Path(folder) / FAILED_MARKER).exists()
 
 
+def ran_out_of_memory(folder: Path) -> bool:
+    """Whether the failed run in ``folder`` stopped because the device's memory was exhausted (its
+    ``FAILED`` marker quotes the error: ``cl-lightning``'s message, or PyTorch's for a crash elsewhere)."""
+    marker = Path(folder) / FAILED_MARKER
+    text = marker.read_text(errors="replace") if marker.exists() else ""
+    return "ran out of memory" in text or "CUDA out of memory" in text
+
+
 def members_of(folder: Path) -> list[Path] | None:
     """The member folders of the population whose run folder is ``folder`` (its ``members.json``,
     written when the fit starts), or None for a plain run's folder."""

@@ -115,3 +115,15 @@ def assert_same_run(straight: tuple, resumed: tuple) -> None:
     assert torch.equal(resumed_matrix.nan_to_num(-1), straight_matrix.nan_to_num(-1))
     for a, b in zip(resumed_module.parameters(), straight_module.parameters()):
         assert torch.equal(a, b)
+
+
+class OutOfMemoryAbove(Callback):
+    """Simulates an accelerator running out of memory when a population has more than ``members``
+    members (as PyTorch raises it: a CUDA allocation failure), at the start of training."""
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.size > self.members:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {pl_module.size} GiB (simulated)")

@@ -40,6 +40,7 @@ from cl_lightning.rundir import (
     population_folder,
     population_placement,
     prepare,
+    ran_out_of_memory,
     read_result,
     run_folder,
     set_aside,
@@ -165,6 +166,8 @@ def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) ->
                 set_aside(member.folder)
     entry = (sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()))
     outcome = launch(folder, job.fit_args(), resume, entry=entry, cwd=job.cwd, on_poll=report_new_rows)
+    if isinstance(job, PopulationSpec) and not outcome.stopped and ran_out_of_memory(folder):
+        return _in_halves(job, report)
     unfinished = ([] if outcome.stopped or not isinstance(job, PopulationSpec)
                   else mark_unfinished_members(folder, [member.folder for member in job.members]))
     if outcome.failure is not None or outcome.stopped or unfinished:
@@ -172,6 +175,19 @@ def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) ->
                                      else f"member(s) {', '.join(f.name for f in unfinished)} did not finish")
         raise TrialFailedError(f"{job.name}: {reason} (log: {folder / LOG_FILE})")
     report_new_rows()
+    return job.result()
+
+
+def _in_halves(job: PopulationSpec, report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """A population too large for the device: its attempt set aside, two populations of half its seeds
+    (each split again if need be) in this trial."""
+    set_aside(job.folder)
+    for member in job.members:
+        if member.folder.exists():
+            set_aside(member.folder)
+    middle = len(job.members) // 2
+    for half in (job.members[:middle], job.members[middle:]):
+        execute(half[0] if len(half) == 1 else PopulationSpec(half), report)
     return job.result()
 
 

@@ -157,3 +157,20 @@ def test_a_stopped_grid_stops_the_running_fit_with_its_checkpoint_and_the_rerun_
     assert f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in log
     record = json.loads((run / "accuracy_matrix.json").read_text())
     assert record["tasks_completed"] == record["num_tasks"] == 2
+
+
+@pytest.mark.slow
+def test_a_population_that_runs_out_of_device_memory_is_split_until_it_fits(tmp_path, capsys, monkeypatch):
+    tests = Path(__file__).parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    root = tmp_path / "runs"
+    main(["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "1", "2", "--root", str(root),
+          "--configs", str(CONFIGS), *TINY, "--trainer.callbacks+=sequence_runs.OutOfMemoryAbove",
+          "--trainer.callbacks.members", "1"])
+    out = capsys.readouterr().out
+    assert "seeds_0-1-2: out of the device's memory; training seeds [0] and [1, 2] separately" in out
+    assert "seeds_1-2: out of the device's memory; training seeds [1] and [2] separately" in out
+    cell = root / "permuted_digits" / "naive"
+    assert "the device ran out of memory" in (cell / ".seeds_0-1-2.attempt1" / "FAILED").read_text()
+    report, _ = write_report(root, draw=False)
+    assert [(r.seed, r.status) for r in report.runs] == [(0, "finished"), (1, "finished"), (2, "finished")]

@@ -29,3 +29,23 @@ def test_the_seeds_of_a_setting_are_packed_into_one_population_trial(tmp_path):
                                       "--trainer.enable_progress_bar", "false"]
     # the members' runs are the trials' own folders, which selection reads
     assert [m.folder for m in population.members] == [specs[0].folder, specs[2].folder]
+
+
+def test_a_population_trial_that_runs_out_of_device_memory_is_split_until_it_fits(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    from cl_lightning.rundir import is_finished
+    from cl_lightning.sweep.trial import execute, pack
+
+    tests = Path(__file__).parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    config = tests.parent / "configs" / "naive" / "permuted_digits.yaml"
+    args = ["--config", str(config), "--data.num_tasks", "2", "--data.train_examples_per_task", "200",
+            "--trainer.callbacks+=sequence_runs.OutOfMemoryAbove", "--trainer.callbacks.members", "1"]
+    specs = [TrialSpec(tmp_path, "permuted_digits", "naive", seed, args) for seed in (0, 1)]
+    [population] = pack(specs)
+    reported = []
+    result = execute(population, reported.append)
+    assert all(is_finished(spec.folder) for spec in specs) and result["tasks_completed"] == 2
+    assert (tmp_path / "permuted_digits" / "naive" / ".seeds_0-1.attempt1" / "FAILED").exists()
