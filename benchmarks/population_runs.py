@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -37,17 +38,20 @@ from population import batch_orders, members, time_training  # noqa: E402  (benc
 DEFAULT_CONFIGS = ["configs/naive/permuted_fashion_mnist.yaml", "configs/mcsgd/rotated_fashion_mnist.yaml"]
 
 
-def fit_seconds(config: str, placement: list[str], overrides: list[str], out: Path) -> float:
-    """Wall time of one ``cl-lightning fit`` process (it must succeed)."""
+def fit_seconds(config: str, placement: list[str], overrides: list[str], out: Path) -> tuple[float, float]:
+    """Wall time and peak resident memory (MB) of one ``cl-lightning fit`` process (it must succeed)."""
     command = [sys.executable, "-m", "cl_lightning", "fit", "--config", config, *placement,
                "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
                "--trainer.enable_model_summary", "false", "--checkpoint.every_n_epochs", "0", *overrides]
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    with open(out / "fit.log", "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return seconds
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{(out / 'fit.log').read_text()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def steps_of(config: str, overrides: list[str]) -> tuple[int, int]:
@@ -91,12 +95,15 @@ def main() -> None:
         for n in args.sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 seeds = "[" + ",".join(map(str, range(n))) + "]"
-                population = fit_seconds(config, ["--seeds", seeds], overrides, Path(tmp) / "population")
-                solo = [fit_seconds(config, ["--seed_everything", str(k)], overrides, Path(tmp) / f"solo_{k}")
-                        for k in range(n)]
+                population, population_mb = fit_seconds(config, ["--seeds", seeds], overrides, Path(tmp) / "population")
+                solos = [fit_seconds(config, ["--seed_everything", str(k)], overrides, Path(tmp) / f"solo_{k}")
+                         for k in range(n)]
+            solo = [seconds for seconds, _ in solos]
             floor = floor_seconds(n, batch, steps, device)
             row = {"config": config, "overrides": overrides, "n": n, "steps": steps, "batch": batch,
                    "population_s": population, "solo_s": solo, "floor_s": floor,
+                   "peak_rss_mb": {"population": population_mb, "solo": solos[0][1],
+                                   "per_extra_member": (population_mb - solos[0][1]) / max(n - 1, 1)},
                    "population_vs_one_solo": population / solo[0], "n_solo_vs_population": sum(solo) / population,
                    "population_vs_floor": population / floor,
                    "runs_per_hour": {"population": 3600 * n / population, "solo": 3600 * n / sum(solo)}}
@@ -104,7 +111,8 @@ def main() -> None:
             print(f"{config} N={n}: population {population:.1f} s ({row['population_vs_one_solo']:.2f}x one solo run, "
                   f"{row['n_solo_vs_population']:.2f}x faster than {n} solo runs), floor {floor:.1f} s "
                   f"(population {row['population_vs_floor']:.2f}x the floor); runs/hour population "
-                  f"{row['runs_per_hour']['population']:.0f} vs solo {row['runs_per_hour']['solo']:.0f}", flush=True)
+                  f"{row['runs_per_hour']['population']:.0f} vs solo {row['runs_per_hour']['solo']:.0f}; peak RSS "
+                  f"{population_mb:.0f} MB (solo {solos[0][1]:.0f} MB)", flush=True)
     Path(args.out).write_text(json.dumps({"machine": platform.platform(), "device": str(device), "torch": torch.__version__,
                                           "results": results}, indent=1))
     print(f"written to {args.out}")

@@ -125,6 +125,10 @@ class ContinualDataModule(LightningDataModule):
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if seeds is not None and len(seeds) == 0:
             raise ConfigError("data.seeds is empty: give at least one seed (or null for the run's seed_everything)")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds {list(seeds)} repeat a seed: each member writes into its own folder seed_<n>, so "
+                              "each needs its own seed. To compare settings on the same seeds, run one population per "
+                              "setting (cl-lightning sweep does: each setting in its own folder).")
         if benchmark == "split" and source in NUM_CLASSES:  # early: before any file is read
             check_split(num_tasks, classes_per_task, NUM_CLASSES[source])
         self.save_hyperparameters()

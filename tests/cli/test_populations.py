@@ -78,3 +78,9 @@ def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population:
                           "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert "seeds: checkpoint [0, 3]" in message
     assert f"cl-lightning fit --config {population / 'version_0' / 'config.yaml'} --ckpt_path {checkpoint}" in message
+
+
+def test_a_repeated_seed_is_refused(mnist_root: Path, tmp_path: Path) -> None:
+    message = user_error(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path), "--seeds", "[0,0]",
+                          "--model.lr", "[0.1,0.05]"])
+    assert "repeat a seed" in message and "cl-lightning sweep" in message
