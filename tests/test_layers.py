@@ -30,7 +30,7 @@ TESTS = Path(__file__).parent
 
 LAYERS: list[set[str]] = [
     {"errors", "seeding"},
-    {"data", "metrics", "guards", "saving", "signals", "hparams", "rundir"},
+    {"data", "metrics", "guards", "saving", "signals", "hparams", "rundir", "member_outputs"},
     {"models"},
     {"evaluation", "progress"},
     {"methods"},

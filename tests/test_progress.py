@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from sequence_runs import CrashAtStep
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 from cl_lightning.progress import TaskProgressBar
-from sequence_runs import CrashAtStep
 
 
 def test_a_log_file_gets_one_line_per_task_with_the_average_accuracy(tmp_path: Path, caplog, capsys) -> None:
@@ -33,7 +33,7 @@ def test_a_log_file_gets_one_line_per_task_with_the_average_accuracy(tmp_path: P
     for t, line in enumerate(lines):
         found = re.fullmatch(rf"task {t + 1}/3: (\d+) steps in [\d.]+ s \(with evaluation\), average accuracy ([\d.]+) %", line)
         assert found and int(found[1]) == steps
-        assert float(found[2]) == pytest.approx(matrix.matrix[t, : t + 1].mean().item(), abs=0.01)
+        assert float(found[2]) == pytest.approx(matrix.matrix[0, t, : t + 1].mean().item(), abs=0.01)
     assert "\r" not in capsys.readouterr().err  # no animated bar in a non-interactive output
 
 

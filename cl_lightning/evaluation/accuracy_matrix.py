@@ -101,6 +101,7 @@ class AccuracyMatrix(Callback):
         #: ``[N, T, T]``: member k's accuracy matrix in ``matrix[k]``.
         self.matrix: Tensor | None = None
         self.split = "test"
+        self.seeds: list[int] | None = None  # the members' seeds (set up from the datamodule)
 
     @property
     def completed_tasks(self) -> int:
@@ -215,6 +216,5 @@ class AccuracyMatrix(Callback):
         self.matrix = state_dict["matrix"]
         self.split = state_dict["split"]
         saved = state_dict.get("seeds")
-        seeds = getattr(self, "seeds", saved)
-        if saved and seeds and saved != seeds and set(seeds) <= set(saved):  # evaluating members of a population
-            self.matrix = self.matrix[[saved.index(seed) for seed in seeds]]
+        if saved and self.seeds and saved != self.seeds and set(self.seeds) <= set(saved):  # members of a population
+            self.matrix = self.matrix[[saved.index(seed) for seed in self.seeds]]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.analysis.linear_path import (
     EndpointError,
@@ -22,7 +21,6 @@ from cl_lightning.analysis.linear_path import (
 )
 from cl_lightning.cli import cli_main
 from cl_lightning.cli import main as cl_lightning
-from cl_lightning.models.params import load_flat
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -72,13 +70,13 @@ def test_interpolation_at_alpha_0_and_1_gives_the_endpoints_metrics(run):
     assert result.accuracy[-1].tolist() == pytest.approx(a[2], abs=1e-4)
     # losses: plain cross-entropy of each endpoint over each task's whole test set
     for row, vector in ((0, start), (-1, end)):
-        load_flat(module.net, vector)
+        module.population.load_flat(vector.unsqueeze(0))
         module.eval()
         for task in range(3):
-            dataset = dm.task_dataset(task, "test")
-            x, y, t = dataset.__getitems__(torch.arange(len(dataset)))
+            dataset = dm.task_set(task, "test")
+            x, y, t = dataset.batch(0, len(dataset))
             with torch.no_grad():
-                expected = F.cross_entropy(module(x, t), y).item()
+                expected = F.cross_entropy(module(x, t)[0], y[0]).item()
             assert result.loss[row, task].item() == pytest.approx(expected, rel=1e-5)
     assert not torch.equal(result.loss[2], result.loss[0])  # the midpoint is another model
 
@@ -123,8 +121,9 @@ def test_solutions_of_a_run_that_did_not_save_them_are_asked_for(tmp_path, capsy
 def test_endpoint_vector_matches_the_checkpoint_module(run):
     _, module, _ = setup(run)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    module.net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-    assert torch.equal(parameters_to_vector(module.net.parameters()), load_endpoint(run / "checkpoints" / "last.ckpt", module))
+    module.population.load_state_dict({k.removeprefix("population."): v for k, v in state.items()
+                                       if k.startswith("population.")})
+    assert torch.equal(module.population.flat()[0], load_endpoint(run / "checkpoints" / "last.ckpt", module))
 
 
 def test_two_last_checkpoints_are_named_from_their_runs_and_never_overwritten_silently(run, tmp_path, capsys):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.models.nets import MLP, ResNet18
+from cl_lightning.models.population import Population
 
 
 def num_params(net: nn.Module) -> int:
@@ -137,18 +137,19 @@ def test_resnet18_options_work_in_mcsgd_line_gradient(dropout: float, bn_stats: 
     """MC-SGD's consolidation runs the net in eval mode (LIGHTNING_NOTES §4.3): vmap and the loop
     agree with either BatchNorm option and dropout, and the running statistics are only read."""
     torch.manual_seed(0)
-    net = ResNet18(num_classes=10, width=4, dropout=dropout, bn_stats=bn_stats).double()
-    with torch.no_grad():
-        net.train()(torch.rand(8, 3, 32, 32, dtype=torch.float64))  # running averages away from (0, 1)
-    net.eval()
-    buffers = [b.clone() for b in net.buffers()]
-    start = parameters_to_vector(net.parameters()).detach()
+    population = Population.from_seeds(lambda: ResNet18(num_classes=10, width=4, dropout=dropout, bn_stats=bn_stats),
+                                       [0, 1]).double()
+    with torch.no_grad():  # running averages away from (0, 1)
+        population.train()(torch.rand(2, 8, 3, 32, 32, dtype=torch.float64), step=0)
+    population.eval()
+    buffers = [b.clone() for b in population.buffers()]
+    start = population.flat()
     end = start + 0.05 * torch.randn_like(start)
-    x, y = torch.rand(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
-    loop, _ = LineGradient(net, 5, "reference", "loop")(start, end, x, y)
-    vmapped, _ = LineGradient(net, 5, "reference", "vmap")(start, end, x, y)
+    x, y = torch.rand(2, 6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (2, 6))
+    loop, _ = LineGradient(population, 5, "reference", "loop")(start, end, x, y)
+    vmapped, _ = LineGradient(population, 5, "reference", "vmap")(start, end, x, y)
     torch.testing.assert_close(vmapped, loop)
-    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, population.buffers()))
 
 
 @pytest.mark.parametrize(
