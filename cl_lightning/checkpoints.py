@@ -94,13 +94,14 @@ def finished_run_message(path: str, checkpoint: dict[str, Any]) -> str | None:
     """
     state = checkpoint["callbacks"].get("AccuracyMatrix")
     matrix = state.get("matrix") if isinstance(state, dict) else None
-    if not isinstance(matrix, torch.Tensor) or not (~matrix.isnan()).any(dim=1).all():
+    # [N, T, T]: finished when every task's row was evaluated (by the members still training)
+    if not isinstance(matrix, torch.Tensor) or not (~matrix.isnan()).any(dim=2).any(dim=0).all():
         return None
     run = Path(path).parent.parent
     results = f" Its results: {run / 'accuracy_matrix.csv'}." if (run / "accuracy_matrix.csv").is_file() else ""
     config = run / "config.yaml"
     test = f"cl-lightning test --config {config if config.is_file() else '<run>/config.yaml'} --ckpt_path {path}"
-    return f"nothing to resume: checkpoint {path} holds a finished run (all {matrix.shape[0]} tasks trained and " \
+    return f"nothing to resume: checkpoint {path} holds a finished run (all {matrix.shape[1]} tasks trained and " \
            f"evaluated).{results} To evaluate its model: {test}"
 
 
@@ -113,7 +114,8 @@ def _saved_before_epoch_end(checkpoint: dict[str, Any]) -> bool:
 
 
 def _warn_model_overridden(saved: dict[str, Any], model: dict[str, Any]) -> None:
-    diff = _differences(saved, _init_args(model))
+    # the members' seeds are the datamodule's to check (a plain run's config leaves them null)
+    diff = _differences(saved, _init_args(model), ignore=("seeds",))
     if diff:
         rank_zero_warn(f"--ckpt_path: the checkpoint's model settings replace the config's ({diff}); the run uses "
                        "the checkpoint's, as the weights require.")

@@ -111,7 +111,7 @@ class FiniteGuard(Callback):
             finite = torch.stack([torch.isfinite(p).flatten(1).all(dim=1) for p in pl_module.parameters()]).all(dim=0)
             bad_weights = trainer.strategy.reduce((~finite & running).to(torch.int64), reduce_op="max")
         positions, local, weights_bad = first_everywhere.tolist(), first.tolist(), bad_weights.tolist()
-        messages = {}
+        messages: dict[int, tuple[str, str]] = {}
         for k in range(pl_module.size):
             if positions[k] != _NONE:
                 messages[k] = self._loss_message(trainer, positions[k], k, local=local[k] == positions[k])
@@ -123,34 +123,40 @@ class FiniteGuard(Callback):
         stopped = torch.zeros(pl_module.size, dtype=torch.bool)
         stopped[list(messages)] = True
         if bool((pl_module.failed.cpu() | stopped).all()):
-            raise TrainingDivergedError(self._who(pl_module, messages) + self._kept(trainer))
+            raise TrainingDivergedError(self._who(pl_module, messages, f"Training stopped; {self._kept(trainer)}"))
         pl_module.stop_members(stopped)
-        rank_zero_warn(self._who(pl_module, messages) + "The other members train on; this member's accuracy "
-                       "matrix keeps the tasks it completed.")
+        rank_zero_warn(self._who(pl_module, messages, "This member is stopped; the others train on, and its accuracy "
+                                 "matrix keeps the tasks it completed."))
 
     @staticmethod
-    def _who(pl_module: LightningModule, messages: dict[int, str]) -> str:
+    def _who(pl_module: LightningModule, messages: dict[int, tuple[str, str]], outcome: str) -> str:
+        """One message: what happened to each member, then ``outcome``, then the usual fixes."""
+        fixes = " ".join(dict.fromkeys(fix for _, fix in messages.values() if fix))
         if pl_module.size == 1:
-            return messages[0]
-        return " ".join(f"Member {k} (seed {pl_module.seeds[k]}): {message}" for k, message in messages.items())
+            events = messages[0][0]
+        else:
+            events = " ".join(f"Member {k} (seed {pl_module.seeds[k]}): {event}" for k, (event, _) in messages.items())
+        return " ".join(filter(None, [events, outcome, fixes]))
 
     # ------------------------------------------------------------------ messages
-    def _loss_message(self, trainer: Trainer, position: int, member: int, local: bool) -> str:
+    def _loss_message(self, trainer: Trainer, position: int, member: int, local: bool) -> tuple[str, str]:
+        """(what happened, the usual fixes) for a member whose loss at recorded ``position`` is not finite."""
         epoch, batch_idx, step = self._batches[position]
         task = trainer.datamodule.task_of_epoch(epoch) + 1
         value = f" ({float(self._losses[position][member])})" if local else ""
         return (
-            f"the training loss is not finite{value} at task {task}, epoch {epoch}, batch {batch_idx} "
-            f"(global step {step}). Training stopped. Usual fixes: a lower learning rate "
-            "(model.lr, or model.lr_decay if later tasks diverge) or gradient clipping (--trainer.gradient_clip_val 1.0). "
+            f"the training loss is not finite{value} at task {task}, epoch {epoch}, batch {batch_idx} (global step {step}).",
+            "Usual fixes: a lower learning rate (model.lr, or model.lr_decay if later tasks diverge) or gradient clipping "
+            "(--trainer.gradient_clip_val 1.0).",
         )
 
-    def _weights_message(self, trainer: Trainer) -> str:
+    def _weights_message(self, trainer: Trainer) -> tuple[str, str]:
         task = trainer.datamodule.task_of_epoch(trainer.current_epoch) + 1
         return (
             f"the weights are not finite at task {task}, epoch {trainer.current_epoch} (global step "
             f"{trainer.global_step}), although every training loss was finite: the last optimizer step or the "
-            f"method's end-of-task update (e.g. MC-SGD's consolidation: lower its lr) diverged. Training stopped. "
+            f"method's end-of-task update (e.g. MC-SGD's consolidation: lower its lr) diverged.",
+            "",
         )
 
     @staticmethod

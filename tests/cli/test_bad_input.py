@@ -89,7 +89,7 @@ def test_more_split_tasks_than_classes_fails_before_reading_data(out, tmp_path):
 def test_more_examples_per_task_than_the_dataset_has(out):
     message = user_error(args(NAIVE, out, "--data.train_examples_per_task", "5000"))
     assert message == ("error: data.train_examples_per_task is 5000 but task 1 has only 1438 training examples "
-                       "(digits, permuted); set it to at most 1438, or to null to use all of them.")
+                       "for seed 0 (permuted); set it to at most 1438, or to null to use all of them.")
 
 
 def test_memory_size_zero(out, capsys):

@@ -83,14 +83,14 @@ def test_same_seed_same_run_other_seed_other_run(straight, tmp_path):
     seed0_run, seed0 = straight["mcsgd"]
     again = cli_main(fit_args("mcsgd", tmp_path / "again", "--seed_everything", "0"))
     assert matrix_files(run_folder(tmp_path / "again", 0)) == matrix_files(seed0_run)
-    assert torch.equal(again.datamodule.pixel_maps, seed0.datamodule.pixel_maps)
+    assert torch.equal(again.datamodule.tasks.pixel_maps, seed0.datamodule.tasks.pixel_maps)
     for a, b in zip(again.model.parameters(), seed0.model.parameters()):
         assert torch.equal(a, b)
 
     other = cli_main(fit_args("mcsgd", tmp_path / "other", "--seed_everything", "1"))
     # task 1 is the identity in every seed; the other tasks' permutations change
-    assert torch.equal(other.datamodule.pixel_maps[0], seed0.datamodule.pixel_maps[0])
-    assert not torch.equal(other.datamodule.pixel_maps[1:], seed0.datamodule.pixel_maps[1:])
+    assert torch.equal(other.datamodule.tasks.pixel_maps[0, 0], seed0.datamodule.tasks.pixel_maps[0, 0])
+    assert not torch.equal(other.datamodule.tasks.pixel_maps[0, 1:], seed0.datamodule.tasks.pixel_maps[0, 1:])
     memory, memory0 = _mcsgd(other).memory.indices, _mcsgd(seed0).memory.indices
     assert memory.keys() == memory0.keys() == {0, 1, 2}
     assert all(not torch.equal(memory[t], memory0[t]) for t in memory)
