@@ -82,16 +82,21 @@ class FaultInjector(Callback):
     def _wrap_line_gradient(self, trainer: Trainer) -> None:
         """Fire at MC-SGD's second line-gradient call while consolidating ``task``."""
         mcsgd = next(c for c in trainer.callbacks if type(c).__name__ == "MCSGD")
-        line, calls = mcsgd.line, [0]
+        make_line, calls = mcsgd.line_gradient, [0]
 
-        def line_gradient(*args: Any, **kwargs: Any) -> Any:
-            if self._in_task(trainer):
-                calls[0] += 1
-                if calls[0] == 2:
-                    self.fire()
-            return line(*args, **kwargs)
+        def line_gradient(population: Any) -> Any:
+            line = make_line(population)
 
-        mcsgd.line = line_gradient
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                if self._in_task(trainer):
+                    calls[0] += 1
+                    if calls[0] == 2:
+                        self.fire()
+                return line(*args, **kwargs)
+
+            return counted
+
+        mcsgd.line_gradient = line_gradient
 
     def _wrap_checkpoint_write(self, trainer: Trainer) -> None:
         """Fire while the checkpoint after ``task`` is being written, half of its bytes on disk.
