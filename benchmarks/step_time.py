@@ -20,7 +20,6 @@ noise hits both. Prints the ratio per setting and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
@@ -68,7 +67,7 @@ def setting_args(net: str, batch: int, steps: int, root: str) -> list[str]:
     """
     source, channels, pixels = image_source(root, color=net == "resnet")
     task = ContinualDataModule(source=source, root=root, benchmark="split" if net == "resnet" else "permuted",
-                               num_tasks=2, classes_per_task=5).task_dataset(1, "train")
+                               num_tasks=2, classes_per_task=5).task_set(1, "train")
     config = CONFIGS / ("split_cifar100.yaml" if net == "resnet" else "permuted_fashion_mnist.yaml")
     args = ["fit", "--config", str(config), "--data.source", source, "--data.root", root, "--data.num_tasks", "2",
             "--data.batch_size", str(batch), "--data.train_examples_per_task", str(min(steps * batch, len(task))),
@@ -98,18 +97,19 @@ def time_lightning_floor(dm: ContinualDataModule, module: torch.nn.Module, steps
     floor = ContinualDataModule(**settings)
     trainer = Trainer(**floor.trainer_settings(), callbacks=[timer], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(type(module)(copy.deepcopy(module.net), lr=module.hparams.lr, momentum=module.hparams.momentum), floor)
+    trainer.fit(type(module)(module.member_net(0), lr=module.hparams.lr, momentum=module.hparams.momentum,
+                             seeds=list(module.seeds)), floor)
     return timer.seconds / timer.steps
 
 
 def time_bare(dm: ContinualDataModule, net: torch.nn.Module, lr: float, momentum: float, steps: int) -> float:
-    """The same work written as a plain PyTorch loop: task 2's data materialised once."""
+    """The same work written as a plain PyTorch loop on one network: task 2's data materialised once."""
     device = next(net.parameters()).device
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
-    data = dm.task_dataset(1, "train")
-    x, y, _ = data.__getitems__(torch.arange(len(data)))
-    x, y = x.to(device), y.to(device)
-    mask = dm.class_mask[1].to(device) if dm.class_mask is not None else None
+    data = dm.task_set(1, "train")
+    x, y, _ = data.batch(0, len(data))
+    x, y = x[0].to(device), y[0].to(device)  # the run's one member
+    mask = dm.class_mask[0, 1].to(device) if dm.class_mask is not None else None
     batch = dm.batch_size
     order = torch.randperm(len(y), device=device)
     net.train()
@@ -150,7 +150,7 @@ def main() -> None:
                 seconds, n, dm, module = time_ours([*args, "--trainer.default_root_dir", workdir,
                                                     "--trainer.logger.init_args.save_dir", workdir])
             ours.append(seconds / n)
-            bare.append(time_bare(dm, copy.deepcopy(module.net), module.hparams.lr, module.hparams.momentum, n) / n)
+            bare.append(time_bare(dm, module.member_net(0), module.hparams.lr, module.hparams.momentum, n) / n)
             floor.append(time_lightning_floor(dm, module, n))
         row = {"net": net_name, "batch_size": batch, "steps": n, "source": dm.source,
                "ours_ms": 1e3 * min(ours), "bare_ms": 1e3 * min(bare), "ratio": min(ours) / min(bare),

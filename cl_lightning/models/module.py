@@ -12,6 +12,7 @@ gradient, and :class:`~cl_lightning.models.member_sgd.MemberSGD` steps each with
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -134,6 +135,20 @@ class ContinualModule(LightningModule):
     def size(self) -> int:
         """N, the number of members."""
         return self.population.size
+
+    def member_net(self, k: int) -> nn.Module:
+        """Member ``k`` as a plain network of the configured class (a copy of its weights and buffers,
+        with its dropout rate): to export or analyse one member outside the population."""
+        net = copy.deepcopy(self._template)
+        wanted = net.state_dict()
+        net.load_state_dict({name: value[k] for name, value in self.population.stacked.state_dict().items()
+                             if name in wanted})
+        if self.hparams.get("dropout") is not None:
+            rate = float(member_values(self.hparams.dropout, self.size, "model.dropout")[k])
+            for module in net.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = rate
+        return net.to(self.device)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

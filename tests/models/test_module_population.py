@@ -79,3 +79,13 @@ def test_gradient_clipping_is_per_member(tmp_path: Path) -> None:
     for k, (seed, lr) in enumerate([(5, 0.1), (0, 0.2)]):
         _, solo = fit_with_guard(tmp_path / f"seed_{seed}", [seed], lr=[lr], **clip)
         torch.testing.assert_close(population.population.flat()[k], solo.population.flat()[0], rtol=0, atol=1e-6)
+
+
+def test_member_net_is_a_plain_network_with_the_members_weights(tmp_path: Path) -> None:
+    _, population = fit_permuted_digits(tmp_path, num_tasks=1, seeds=[5, 0], dropout=[0.2, 0.5])
+    population.eval()
+    x = torch.rand(2, 7, 64)
+    for k in range(2):
+        net = population.member_net(k).eval()
+        assert isinstance(net, MLP) and net.layers[2].p == [0.2, 0.5][k]
+        torch.testing.assert_close(net(x[k]), population(x)[k], rtol=0, atol=1e-6)
