@@ -8,7 +8,7 @@ root=${1:-data}
 python -m pytest -q -p no:cacheprovider tests/models/test_population.py tests/models/test_member_sgd.py \
   tests/data/test_members.py -k "cuda or accelerator or device"
 python benchmarks/population.py --sizes 1 8 64 512 --batches 64 --device cuda --out benchmarks/results/population_gpu.json
-python benchmarks/population_runs.py --configs configs/mcsgd/rotated_fashion_mnist.yaml --sizes 1 64 --device cuda \
+python benchmarks/population_runs.py --configs configs/mcsgd/rotated_fashion_mnist.yaml --sizes 1 64 --solo_runs 2 --device cuda \
   --out benchmarks/results/population_runs_gpu.json -- --data.root "$root" --trainer.accelerator gpu
 python benchmarks/end_to_end.py --config configs/mcsgd/rotated_fashion_mnist.yaml --out benchmarks/results/end_to_end_gpu.json \
   -- --data.root "$root" --trainer.accelerator gpu
