@@ -43,7 +43,7 @@ from cl_lightning.rundir import (
     ran_out_of_memory,
     read_result,
     run_folder,
-    set_aside,
+    set_aside_existing,
     signal_of,
     sigterm_raises_terminated,
 )
@@ -164,11 +164,10 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
     if args.dry_run:
         print(f"{label}: cl-lightning {' '.join(command)}")
         return True
+    members = [run_folder(args.root, benchmark, method, seed) for seed in seeds]
     resume = prepare(folder)
     if population and not resume:  # a fresh population: earlier attempts of its members are set aside
-        for seed in seeds:
-            if (member := run_folder(args.root, benchmark, method, seed)).exists():
-                set_aside(member)
+        set_aside_existing(members)
     print(f"{label}: {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
     ok, summary = run_one(folder, command, resume)
     print(f"{label}: {summary}", flush=True)
@@ -176,9 +175,6 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
         # too large for the device: two populations of half the seeds, each split again if need be
         halves = [seeds[: len(seeds) // 2], seeds[len(seeds) // 2:]]
         print(f"{label}: out of the device's memory; training seeds {halves[0]} and {halves[1]} separately", flush=True)
-        set_aside(folder)
-        for seed in seeds:
-            if (member := run_folder(args.root, benchmark, method, seed)).exists():
-                set_aside(member)
+        set_aside_existing([folder, *members])
         return all([run_group(args, benchmark, method, half, config, overrides, prefix) for half in halves])
     return ok

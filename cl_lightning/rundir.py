@@ -160,6 +160,14 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
+def set_aside_existing(folders: Sequence[Path]) -> None:
+    """Set aside each of ``folders`` that exists: a population's attempt (its run folder) and its
+    members' earlier attempts, before a population starts afresh."""
+    for folder in folders:
+        if folder.exists():
+            set_aside(folder)
+
+
 # ---------------------------------------------------------------------------------- the matrix file
 def write_atomically(files: dict[Path, str]) -> None:
     """Write every file to a temporary file first, then rename them all into place: a failed

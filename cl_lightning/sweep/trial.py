@@ -43,7 +43,7 @@ from cl_lightning.rundir import (
     ran_out_of_memory,
     read_result,
     run_folder,
-    set_aside,
+    set_aside_existing,
 )
 
 
@@ -161,9 +161,7 @@ def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) ->
 
     resume = prepare(folder)
     if isinstance(job, PopulationSpec) and not resume:  # a fresh population: earlier attempts of its members set aside
-        for member in job.members:
-            if member.folder.exists():
-                set_aside(member.folder)
+        set_aside_existing([member.folder for member in job.members])
     entry = (sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()))
     outcome = launch(folder, job.fit_args(), resume, entry=entry, cwd=job.cwd, on_poll=report_new_rows)
     if isinstance(job, PopulationSpec) and not outcome.stopped and ran_out_of_memory(folder):
@@ -181,10 +179,7 @@ def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) ->
 def _in_halves(job: PopulationSpec, report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     """A population too large for the device: its attempt set aside, two populations of half its seeds
     (each split again if need be) in this trial."""
-    set_aside(job.folder)
-    for member in job.members:
-        if member.folder.exists():
-            set_aside(member.folder)
+    set_aside_existing([job.folder, *(member.folder for member in job.members)])
     middle = len(job.members) // 2
     for half in (job.members[:middle], job.members[middle:]):
         execute(half[0] if len(half) == 1 else PopulationSpec(half), report)
