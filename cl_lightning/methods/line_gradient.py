@@ -33,7 +33,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from cl_lightning.errors import ConfigError
 from cl_lightning.models.module import mask_logits
-from cl_lightning.models.nets import MLP
+from cl_lightning.models.nets import is_plain_mlp
 from cl_lightning.models.params import outside_inference
 from cl_lightning.models.population import Population
 
@@ -118,7 +118,7 @@ class LineGradient:
             raise ConfigError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
         if backend not in get_args(Backend):
             raise ConfigError(f"backend must be one of {get_args(Backend)}, got {backend!r}")
-        if backend == "affine" and not _is_plain_mlp(population.stacked):
+        if backend == "affine" and not is_plain_mlp(population.stacked):
             raise ConfigError(
                 f"backend 'affine' needs a cl_lightning.models.nets.MLP, got {type(population.stacked).__name__}"
             )
@@ -131,7 +131,7 @@ class LineGradient:
         """The backend a call on ``device`` uses: ``backend`` itself unless it is ``"auto"``."""
         if self.backend != "auto":
             return self.backend
-        if _is_plain_mlp(self.population.stacked):
+        if is_plain_mlp(self.population.stacked):
             return "affine"
         return "loop" if device.type == "cpu" else "vmap"
 
@@ -320,8 +320,4 @@ def _weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:
     """``sum_j weights[j] * grads[:, j]``: each member's combination of its K+1 point gradients."""
     return torch.einsum("j,nj...->n...", weights, grads)
 
-
-def _is_plain_mlp(net: nn.Module) -> bool:
-    """Whether ``net`` is an ``MLP`` running ``MLP.forward``, which the affine path assumes."""
-    return isinstance(net, MLP) and type(net).forward is MLP.forward
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from cl_lightning.errors import ConfigError
 
-__all__ = ["MLP", "ResNet18", "BNStats"]
+__all__ = ["MLP", "ResNet18", "BNStats", "is_plain_mlp"]
 
 
 def _require_positive(**values: int) -> None:
@@ -81,6 +81,12 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` for inputs ``(N, input_size)`` or ``(N, C, H, W)``."""
         return self.layers(x.flatten(1))
+
+
+def is_plain_mlp(net: nn.Module) -> bool:
+    """Whether ``net`` is an :class:`MLP` running ``MLP.forward`` (a subclass with another forward is
+    not): the layer-by-layer batched paths of a population and of MC-SGD's line gradient assume it."""
+    return isinstance(net, MLP) and type(net).forward is MLP.forward
 
 
 #: Where a ResNet18 BatchNorm takes its normalisation statistics from in evaluation mode.

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from cl_lightning.errors import ConfigError
+from cl_lightning.models.nets import is_plain_mlp
 from cl_lightning.seeding import generator
 
 __all__ = ["Population", "init_member", "fresh_copy", "member_keys", "member_list", "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
@@ -202,9 +203,25 @@ class _CounterDropout(nn.Module):
         if not self.training:
             return x
         keep = keep_mask(self.key, self.step, x.shape, self.threshold)
-        # 1 / (1 - actual drop probability), exact in float64 before rounding to x's dtype
-        scale = (2.0**_UNIFORM_BITS / (2**_UNIFORM_BITS - self.threshold).to(torch.float64)).to(x.dtype)
-        return x * (keep.to(x.dtype) * scale)
+        return x * (keep.to(x.dtype) * self._scale(self.threshold, x.dtype))
+
+    def stacked_forward(self, x: Tensor) -> Tensor:
+        """The forward of every member at once on ``x`` ``[N, ...]`` outside ``vmap`` (the batched-matmul
+        MLP path): member k's rows get exactly the mask its vmapped forward would."""
+        if not self.training:
+            return x
+        n, member_shape = x.shape[0], x.shape[1:]
+        stream = mix64(self.key ^ self.step).view(n, *([1] * len(member_shape)))
+        index = torch.arange(1, member_shape.numel() + 1, device=x.device, dtype=torch.int64).view(member_shape)
+        bits = mix64(stream + index * _GOLDEN)
+        threshold = self.threshold.view(stream.shape)
+        keep = _shift_right(bits, 64 - _UNIFORM_BITS) >= threshold
+        return x * (keep.to(x.dtype) * self._scale(threshold, x.dtype))
+
+    @staticmethod
+    def _scale(threshold: Tensor, dtype: torch.dtype) -> Tensor:
+        """1 / (1 - actual drop probability), exact in float64 before rounding to ``dtype``."""
+        return (2.0**_UNIFORM_BITS / (2**_UNIFORM_BITS - threshold).to(torch.float64)).to(dtype)
 
 
 class Population(nn.Module):
@@ -248,6 +265,8 @@ class Population(nn.Module):
             _set(self.stacked, name, value)
         # Site s is the s-th nn.Dropout in module order, whatever its rates. A site where every
         # member's rate is 0 is an identity (no hashing); any other random module makes vmap fail.
+        # The paper's MLP (Linear, ReLU, dropout layers): batched matmuls instead of vmap.
+        self._plain_mlp = is_plain_mlp(nets[0])
         self._dropout_sites: list[str] = []
         dropouts = [name for name, module in self.stacked.named_modules() if type(module) is nn.Dropout]
         for site, name in enumerate(dropouts):
@@ -287,9 +306,25 @@ class Population(nn.Module):
                 raise ValueError("a training-mode forward with dropout needs `step` (it keys the masks)")
             for name in self._dropout_sites:
                 self.stacked.get_submodule(name).step = step
+        if self._plain_mlp:
+            return self._mlp_forward(x)
         params = dict(self.stacked.named_parameters())
         buffers = dict(self.stacked.named_buffers())
         return vmap(self._member_forward)(params, buffers, x)
+
+    def _mlp_forward(self, x: Tensor) -> Tensor:
+        """The paper's MLP for every member with one batched matmul per layer: the same function as
+        the vmapped forward (member k's rows depend on member k's weights and masks only), with a
+        fraction of its per-call overhead, which dominates small batches (``benchmarks/population.py``)."""
+        h = x.flatten(2)
+        for layer in self.stacked.layers:
+            if isinstance(layer, nn.Linear):
+                h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu(h)
+            elif isinstance(layer, _CounterDropout):
+                h = layer.stacked_forward(h)
+        return h
 
     def _member_forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.stacked, (params, buffers), (x,))

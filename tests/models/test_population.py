@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 from torch.nn.utils import parameters_to_vector
 
 from cl_lightning.models.nets import MLP, ResNet18
@@ -266,3 +267,14 @@ def test_dropout_masks_and_members_are_the_same_on_cpu_and_cuda() -> None:
     pop = Population.from_seeds(partial(small_mlp, dropout=0.25), SEEDS)
     x = torch.rand(3, 6, 20)
     torch.testing.assert_close(pop(x, step=9), pop.cuda()(x.cuda(), step=9).cpu())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_mlps_batched_matmul_path_is_the_vmapped_forward_with_the_same_dropout_masks(training: bool) -> None:
+    population = Population.from_seeds(lambda: MLP(20, [16, 16], 5, dropout=0.3), [3, 1, 4]).train(training)
+    assert population._plain_mlp  # the paper's MLP takes the batched path
+    x = torch.rand(3, 7, 20)
+    params, buffers = dict(population.stacked.named_parameters()), dict(population.stacked.named_buffers())
+    batched = population(x, step=11)
+    vmapped = vmap(population._member_forward)(params, buffers, x)  # the step was set by the call above
+    torch.testing.assert_close(batched, vmapped, rtol=0, atol=1e-6)  # masks differing would move logits by ~0.1
