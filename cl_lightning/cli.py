@@ -34,10 +34,11 @@ from cl_lightning.errors import DeviceMemoryError, UserError
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.hparams import METRICS, science
-from cl_lightning.member_outputs import member_config, member_loggers, write_member_files
+from cl_lightning.member_outputs import member_loggers, write_member_files
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar
+from cl_lightning.rundir import OUT_OF_MEMORY
 from cl_lightning.saving import AtomicCheckpointIO, TaskCheckpoint
 from cl_lightning.signals import CheckpointOnSignal
 
@@ -58,11 +59,9 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         seeds = list(trainer.datamodule.seeds)
         if len(seeds) > 1:  # each member's own config.yaml and HParams row, in its own folder
-            folders = write_member_files(trainer, config, seeds)
-            for k, (logger, folder) in enumerate(zip(member_loggers(trainer), folders)):
+            for logger, member in zip(member_loggers(trainer), write_member_files(trainer, config, seeds)):
                 if logger is not None:
-                    logger.log_hyperparams(science(member_config(config, k, seeds[k], folder)),
-                                           metrics=dict.fromkeys(METRICS, 0.0))
+                    logger.log_hyperparams(science(member), metrics=dict.fromkeys(METRICS, 0.0))
         elif isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.log_hyperparams(science(config), metrics=dict.fromkeys(METRICS, 0.0))
 
@@ -311,10 +310,6 @@ def overview() -> str:
     lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
     return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
                       "commands:", *lines])
-
-
-#: Part of every out-of-memory message, which ``grid`` and ``sweep`` look for to split a population.
-OUT_OF_MEMORY = "the device ran out of memory"
 
 
 def out_of_memory(err: BaseException) -> DeviceMemoryError:

@@ -157,8 +157,8 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
               overrides: list[str], prefix: str) -> bool:
     """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish."""
     population = len(seeds) > 1
-    folder = (population_folder if population else lambda r, b, m, s: run_folder(r, b, m, s[0]))(
-        args.root, benchmark, method, seeds)
+    folder = (population_folder(args.root, benchmark, method, seeds) if population
+              else run_folder(args.root, benchmark, method, seeds[0]))
     command = fit_command(config, args.root, benchmark, method, seeds, overrides)
     label = f"{prefix}/{folder.name}"
     if args.dry_run:

@@ -30,7 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from cl_lightning.rundir import MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
+from cl_lightning.rundir import CONFIG_FILE, MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
 
 #: The file in a member's folder that names the population it was trained in.
 POPULATION_FILE = "population.json"
@@ -74,22 +74,22 @@ def member_config(config: dict[str, Any], k: int, seed: int, folder: Path) -> di
     return member
 
 
-def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int]) -> list[Path]:
-    """Write each member's ``config.yaml`` and ``population.json`` (a population of two or more);
-    return the members' folders. Rank 0 only."""
+def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+    """Write the population's ``members.json`` and each member's ``config.yaml`` and
+    ``population.json`` (a population of two or more); return the members' configs. Rank 0 only."""
     population = local_run_dir(trainer)
     folders = member_dirs(population, seeds)
-    if len(seeds) == 1:
-        return folders
     record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
               "checkpoints": str(population / "checkpoints")}
     files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
+    configs = []
     for k, (seed, folder) in enumerate(zip(seeds, folders)):
+        configs.append(member_config(config, k, seed, folder))
         folder.mkdir(parents=True, exist_ok=True)
-        files[folder / "config.yaml"] = yaml.safe_dump(member_config(config, k, seed, folder), sort_keys=False)
+        files[folder / CONFIG_FILE] = yaml.safe_dump(configs[-1], sort_keys=False)
         files[folder / POPULATION_FILE] = json.dumps({**record, "member": k, "seed": seed}, indent=1)
     write_atomically(files)
-    return folders
+    return configs
 
 
 def member_loggers(trainer: Trainer) -> list[Logger | None]:

@@ -58,6 +58,9 @@ MATRIX_FILE = f"{MATRIX_STEM}.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 #: A population's run folder lists its members' folders in this file.
 MEMBERS_FILE = "members.json"
+#: Part of ``cl-lightning``'s message when the accelerator's memory is exhausted; ``grid`` and
+#: ``sweep`` look for it (:func:`ran_out_of_memory`) to split a population.
+OUT_OF_MEMORY = "the device ran out of memory"
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 #: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
@@ -116,12 +119,7 @@ def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
 def placement(root: Path, benchmark: str, method: str, seed: int) -> list[str]:
     """The ``fit`` overrides that put the run of (benchmark, method, seed) into :func:`run_folder`
     (plain LightningCLI options, so a job script can use them as they are)."""
-    return [
-        "--seed_everything", str(seed),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.logger.init_args.name", f"{benchmark}/{method}",
-        "--trainer.logger.init_args.version", f"seed_{seed}",
-    ]
+    return ["--seed_everything", str(seed), *_logger_folder(root, benchmark, method, run_folder(root, benchmark, method, seed))]
 
 
 def population_folder(root: Path, benchmark: str, method: str, seeds: Sequence[int]) -> Path:
@@ -133,11 +131,16 @@ def population_folder(root: Path, benchmark: str, method: str, seeds: Sequence[i
 def population_placement(root: Path, benchmark: str, method: str, seeds: Sequence[int]) -> list[str]:
     """The ``fit`` overrides that train ``seeds`` of (benchmark, method) as one population in
     :func:`population_folder`, each member writing into its :func:`run_folder`."""
+    folder = population_folder(root, benchmark, method, seeds)
+    return ["--seeds", "[" + ",".join(map(str, seeds)) + "]", *_logger_folder(root, benchmark, method, folder)]
+
+
+def _logger_folder(root: Path, benchmark: str, method: str, folder: Path) -> list[str]:
+    """The TensorBoard logger overrides that make ``folder`` (in ``<root>/<benchmark>/<method>/``) the run folder."""
     return [
-        "--seeds", "[" + ",".join(map(str, seeds)) + "]",
         "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.name", f"{benchmark}/{method}",
-        "--trainer.logger.init_args.version", population_folder(root, benchmark, method, seeds).name,
+        "--trainer.logger.init_args.version", folder.name,
     ]
 
 
@@ -277,7 +280,7 @@ def ran_out_of_memory(folder: Path) -> bool:
     ``FAILED`` marker quotes the error: ``cl-lightning``'s message, or PyTorch's for a crash elsewhere)."""
     marker = Path(folder) / FAILED_MARKER
     text = marker.read_text(errors="replace") if marker.exists() else ""
-    return "ran out of memory" in text or "CUDA out of memory" in text
+    return OUT_OF_MEMORY in text or "CUDA out of memory" in text
 
 
 def members_of(folder: Path) -> list[Path] | None:

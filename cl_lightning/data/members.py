@@ -19,8 +19,8 @@ refuse (:class:`~cl_lightning.errors.ConfigError`) the settings where it does no
 
 The units: :func:`member_tasks` (every member's maps, classes and pools, on the CPU, once),
 :class:`MemberData` (the base images once on a device, and :class:`MemberSet` s of one task or
-several), :class:`MemberBatches` (an epoch of training batches, DDP shares and mid-epoch resume
-as :class:`~cl_lightning.data.datamodule.TaskBatches`) and :class:`MemberEvalBatches`.
+several), :class:`MemberBatches` (an epoch of training batches, DDP shares and mid-epoch resume)
+and :class:`MemberEvalBatches`; :class:`~cl_lightning.data.datamodule.ContinualDataModule` serves them.
 """
 
 from __future__ import annotations
@@ -223,9 +223,8 @@ def epoch_orders(seeds: Sequence[int], length: int, epoch: int, shuffle: bool) -
 class MemberSet:
     """Examples of one task, or the union of several, for every member of a population.
 
-    The population's :class:`~cl_lightning.data.datamodule.TaskDataset`: row k of ``base_index``
-    holds member k's base indices, so the examples of all members together are indices into ONE
-    base set, never an ``[N, ...]`` copy of its images.
+    Row k of ``base_index`` holds member k's base indices, so the examples of all members together
+    are indices into ONE base set, never an ``[N, ...]`` copy of its images.
 
     Args:
         base: The shared base set (on the device batches are made on).
@@ -253,8 +252,8 @@ class MemberSet:
     def batch(self, start: int, stop: int) -> Batch:
         """Examples ``[start, stop)`` of every member: ``x [N, B, C, H, W]`` in [0, 1], ``y``, ``task`` ``[N, B]``.
 
-        One index into the shared base images, then, for pixel-map tasks, one gather: the values
-        of ``TaskDataset`` (the same uint8 pixels scaled the same way), so bitwise a solo run's.
+        One index into the shared base images, then, for pixel-map tasks, one gather: member k's rows
+        are bitwise those of the population of one with its seed.
         """
         index, task = self.base_index[:, start:stop], self.task[:, start:stop]
         images = self.base.images[index]
@@ -313,17 +312,15 @@ class MemberData:
 
 
 class MemberBatches:
-    """One epoch of a population's training batches, ``[N, B, ...]``: the population's
-    :class:`~cl_lightning.data.datamodule.TaskBatches`, and a sized iterable Lightning takes as a
-    train loader.
+    """One epoch of a population's training batches, ``[N, B, ...]``: a sized iterable Lightning takes
+    as a train loader (leaner than a ``DataLoader``: no sampler, fetcher or collate).
 
     Batch i is columns ``[i*B, (i+1)*B)`` of the members' epoch orders. Under DDP each process
     takes its interleaved share of every member's order, padded by wrap-around to equal shares as
-    ``TaskBatches`` pads a solo run's, so member k's share on each process is its solo run's share.
+    ``DistributedSampler`` pads, so every process steps the same number of equal-sized batches.
 
-    Resumable mid-epoch through Lightning's stateful-loader protocol, as ``TaskBatches``: the
-    checkpoint records how many batches the loop has processed, and a loader restored with that
-    state starts after them.
+    Resumable mid-epoch through Lightning's stateful-loader protocol: the checkpoint records how
+    many batches the loop has processed, and a loader restored with that state starts after them.
 
     Args:
         dataset: Every member's training examples of the current task(s).

@@ -179,7 +179,7 @@ class AccuracyMatrix(Callback):
         for k, folder in enumerate(self.folders):
             title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
             if len(self.folders) > 1:
-                title = f"Member {k} (seed {trainer.datamodule.seeds[k]}): " + title
+                title = f"Member {k} (seed {self.seeds[k]}): " + title
             print(format_table(self.matrix[k], rows, title, full=str(folder / "accuracy_matrix.csv")))
         print(f"written to {self.folders[0] / 'accuracy_matrix.csv'}" + (" and the other members' folders" if len(self.folders) > 1 else "")
               + f" (and .json); TensorBoard: tensorboard --logdir {self.folders[0].parent}")

@@ -45,7 +45,7 @@ from cl_lightning.member_outputs import log_members
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.memory import EpisodicMemory
 from cl_lightning.models.member_sgd import member_view
-from cl_lightning.models.population import member_keys, mix64, stream_bits
+from cl_lightning.models.population import keyed_subsets, member_keys, mix64
 
 #: The dropout stream of the reference forward: the step's own forward uses stream 0, so the
 #: memory batch gets fresh masks in the same step (``ContinualModule.forward``'s ``stream``).
@@ -93,8 +93,7 @@ def memory_positions(keys: Tensor, size: int, count: int, epoch: int, batch_idx:
     keys' device, for all members at once: no Python loop over members and no generator carried
     along, so every DDP process and a resumed run draw the same.
     """
-    roots = mix64(mix64(keys ^ epoch) ^ batch_idx)
-    return stream_bits(roots, torch.arange(size, device=keys.device)).argsort(dim=1, stable=True)[:, :count]
+    return keyed_subsets(mix64(mix64(keys ^ epoch) ^ batch_idx), size, count)
 
 
 class AGEM(TaskAwareCallback):

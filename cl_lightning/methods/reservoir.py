@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from cl_lightning.errors import ConfigError
-from cl_lightning.models.population import member_keys, mix64, stream_bits
+from cl_lightning.models.population import keyed_subsets, member_keys, mix64, stream_bits
 
 __all__ = ["ReservoirBuffer"]
 
@@ -128,9 +128,7 @@ class ReservoirBuffer:
         held = len(self)
         if held == 0:
             raise ValueError("cannot sample from an empty reservoir")
-        roots = mix64(keys ^ self.seen)
-        order = stream_bits(roots, torch.arange(held, device=keys.device)).argsort(dim=1, stable=True)
-        return order[:, :batch_size]
+        return keyed_subsets(mix64(keys ^ self.seen), held, batch_size)
 
     def examples(self) -> tuple[Tensor, Tensor]:
         """Every member's stored base indices and task ids ``[N, len(self)]``, in slot order."""

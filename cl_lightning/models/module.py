@@ -29,7 +29,7 @@ from typing_extensions import override
 from cl_lightning.errors import CheckpointError, ConfigError
 from cl_lightning.member_outputs import log_members
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
-from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR
+from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR, member_view
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.models.population import Population, fresh_copy, init_member, member_values
 from cl_lightning.seeding import run_seed
@@ -112,16 +112,10 @@ class ContinualModule(LightningModule):
         if n == 0:
             raise ConfigError("model.seeds is empty: give at least one seed")
         hp = self.hparams
-        rates = member_values(hp.dropout, n, "model.dropout") if hp.get("dropout") is not None else None
-        members = []
-        for k, seed in enumerate(seeds):
-            member = init_member(lambda: fresh_copy(self._template), seed)
-            if rates is not None:
-                for module in member.modules():
-                    if isinstance(module, nn.Dropout):
-                        module.p = float(rates[k])
-            members.append(member)
-        self.population = Population(members, seeds)
+        #: Each member's dropout rate (``model.dropout``), or None: the network's own.
+        self.dropout_rates = member_values(hp.dropout, n, "model.dropout") if hp.get("dropout") is not None else None
+        self.population = Population([self._with_member_dropout(init_member(lambda: fresh_copy(self._template), seed), k)
+                                      for k, seed in enumerate(seeds)], seeds)
         self.seeds = tuple(seeds)
         self.sgd = {name: member_values(hp[name], n, f"model.{name}") for name in SGD_SETTINGS}
         #: Members the divergence guard stopped: frozen (lr 0, no loss) for the rest of the run.
@@ -143,12 +137,15 @@ class ContinualModule(LightningModule):
         wanted = net.state_dict()
         net.load_state_dict({name: value[k] for name, value in self.population.stacked.state_dict().items()
                              if name in wanted})
-        if self.hparams.get("dropout") is not None:
-            rate = float(member_values(self.hparams.dropout, self.size, "model.dropout")[k])
+        return self._with_member_dropout(net, k).to(self.device)
+
+    def _with_member_dropout(self, net: nn.Module, k: int) -> nn.Module:
+        """``net`` with member ``k``'s dropout rate in every dropout layer (when ``model.dropout`` is set)."""
+        if self.dropout_rates is not None:
             for module in net.modules():
                 if isinstance(module, nn.Dropout):
-                    module.p = rate
-        return net.to(self.device)
+                    module.p = float(self.dropout_rates[k])
+        return net
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -228,13 +225,9 @@ class ContinualModule(LightningModule):
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
             if self.size == 1:
                 self.log("train/loss", losses[0].detach())
-            else:
-                self._log_member_losses(losses.detach())
+            else:  # each member's into its own logger (one read of the [N] losses)
+                log_members(self.trainer, [{"train/loss": loss} for loss in losses.detach().tolist()], self.global_step)
         return {"loss": total(losses, self.failed), "member_losses": losses.detach()}
-
-    def _log_member_losses(self, losses: Tensor) -> None:
-        """Each member's training loss into its own logger (one read of the ``[N]`` losses)."""
-        log_members(self.trainer, [{"train/loss": loss} for loss in losses.tolist()], self.global_step)
 
     def task_lr(self, epoch: int) -> Tensor:
         """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""
@@ -280,7 +273,7 @@ class ContinualModule(LightningModule):
         norms = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
         # torch.nn.utils.clip_grad_norm_'s coefficient, per member
         scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [scale.view(-1, *([1] * (g.dim() - 1))) for g in grads])
+        torch._foreach_mul_(grads, [member_view(scale, g) for g in grads])
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, metric: TaskAccuracy, batch: tuple[Tensor, Tensor, Tensor]) -> None:

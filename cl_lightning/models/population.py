@@ -34,7 +34,7 @@ from cl_lightning.errors import ConfigError
 from cl_lightning.models.nets import is_plain_mlp
 from cl_lightning.seeding import generator
 
-__all__ = ["Population", "init_member", "fresh_copy", "member_keys", "member_list", "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+__all__ = ["Population", "init_member", "fresh_copy", "keyed_subsets", "member_keys", "member_list", "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
 
 
 def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -136,15 +136,21 @@ def stream_bits(roots: Tensor, index: Tensor) -> Tensor:
     Uniform 63-bit integers, independent across indices and members as far as splitmix64 goes;
     only int64 operations, so the same bits on every device.
     """
-    bits = mix64(roots.unsqueeze(1) + (index + 1) * _GOLDEN)
-    return (bits >> 1) & ((1 << 63) - 1)  # logical shift: >> on int64 is arithmetic
+    return _shift_right(mix64(roots.unsqueeze(1) + (index + 1) * _GOLDEN), 1)
+
+
+def keyed_subsets(roots: Tensor, size: int, count: int) -> Tensor:
+    """``[N, min(count, size)]``: for each member, the first ``count`` of a random order of
+    ``range(size)`` drawn from its ``roots`` ``[N]`` (the ranks of :func:`stream_bits`): a uniform
+    draw without replacement. Ties (probability about size**2 / 2**64) keep index order."""
+    order = stream_bits(roots, torch.arange(size, device=roots.device)).argsort(dim=1, stable=True)
+    return order[:, :count]
 
 
 def dropout_keys(seeds: Sequence[int], site: int) -> Tensor:
     """int64 ``[N]``: the key of each member's ``site``-th dropout module, a function of its seed
     (through the keyed stream ``seeding.generator(seed, "dropout")``) and the site alone."""
-    roots = torch.tensor([generator(seed, "dropout").initial_seed() for seed in seeds], dtype=torch.int64)
-    return mix64(mix64(roots) ^ site)
+    return mix64(member_keys(seeds, "dropout") ^ site)
 
 
 def drop_threshold(p: float) -> int:
@@ -200,22 +206,21 @@ class _CounterDropout(nn.Module):
         self.step = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x
-        keep = keep_mask(self.key, self.step, x.shape, self.threshold)
-        return x * (keep.to(x.dtype) * self._scale(self.threshold, x.dtype))
+        """One member's forward (inside the population's ``vmap``: ``key`` and ``threshold`` are its scalars)."""
+        return self._drop(x, self.key, self.threshold, x.shape)
 
     def stacked_forward(self, x: Tensor) -> Tensor:
         """The forward of every member at once on ``x`` ``[N, ...]`` outside ``vmap`` (the batched-matmul
         MLP path): member k's rows get exactly the mask its vmapped forward would."""
+        per_member = (x.shape[0], *([1] * (x.dim() - 1)))
+        return self._drop(x, self.key.view(per_member), self.threshold.view(per_member), x.shape[1:])
+
+    def _drop(self, x: Tensor, key: Tensor, threshold: Tensor, shape: Sequence[int]) -> Tensor:
+        """``x`` with the :func:`keep_mask` of ``shape`` (one member's activation) applied and rescaled;
+        ``key`` and ``threshold`` broadcast against the mask."""
         if not self.training:
             return x
-        n, member_shape = x.shape[0], x.shape[1:]
-        stream = mix64(self.key ^ self.step).view(n, *([1] * len(member_shape)))
-        index = torch.arange(1, member_shape.numel() + 1, device=x.device, dtype=torch.int64).view(member_shape)
-        bits = mix64(stream + index * _GOLDEN)
-        threshold = self.threshold.view(stream.shape)
-        keep = _shift_right(bits, 64 - _UNIFORM_BITS) >= threshold
+        keep = keep_mask(key, self.step, shape, threshold)
         return x * (keep.to(x.dtype) * self._scale(threshold, x.dtype))
 
     @staticmethod
