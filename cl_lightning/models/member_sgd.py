@@ -91,6 +91,8 @@ class MemberSGD(torch.optim.Optimizer):
         momentum: Tensor | float = 0.0,
         weight_decay: Tensor | float = 0.0,
     ) -> None:
+        # group id -> (its weight_decay tensor, whether some member decays): see _decays
+        self._decay_checks: dict[int, tuple[Tensor, bool]] = {}
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -118,7 +120,8 @@ class MemberSGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One SGD step of every member (see the class docstring for the update).
 
-        Four ``torch._foreach_*`` calls per group whatever N: the members are dim 0 of each tensor,
+        Four ``torch._foreach_*`` calls per group whatever N (three when no member has weight decay:
+        then d = g, as in ``torch.optim.SGD``): the members are dim 0 of each tensor,
         never a Python loop. (On CUDA, foreach's multi-tensor kernels need the tensors of one index
         to share shape and strides, which the ``[N, 1, ..., 1]`` settings do not, so each call runs
         one kernel per parameter tensor; a flat ``[N, P]`` layout would fuse them, should the
@@ -135,8 +138,13 @@ class MemberSGD(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("MemberSGD does not support sparse gradients")
             lr, momentum, weight_decay = (self._setting(group, name) for name in MEMBER_SETTINGS)
-            # d = g + weight_decay * w: a new tensor per parameter, so it can become the buffer as it is
-            directions = torch._foreach_addcmul([p.grad for p in params], params, [member_view(weight_decay, p) for p in params])
+            if self._decays(group, weight_decay):
+                # d = g + weight_decay * w: a new tensor per parameter, so it can become the buffer as it is
+                directions = torch._foreach_addcmul([p.grad for p in params], params,
+                                                    [member_view(weight_decay, p) for p in params])
+                fresh = True
+            else:  # d = g, as torch.optim.SGD without weight decay: saves a pass over the population
+                directions, fresh = [p.grad for p in params], False
             buffers = []
             # buffers that exist already (not the first step since the last state.clear()), with their d and momentum
             kept, kept_directions, kept_momenta = [], [], []
@@ -147,7 +155,7 @@ class MemberSGD(torch.optim.Optimizer):
                     kept_directions.append(d)
                     kept_momenta.append(member_view(momentum, p))
                 else:
-                    state["momentum_buffer"] = d
+                    state["momentum_buffer"] = d if fresh else d.clone()
                 buffers.append(state["momentum_buffer"])
             if kept:
                 torch._foreach_mul_(kept, kept_momenta)
@@ -155,6 +163,15 @@ class MemberSGD(torch.optim.Optimizer):
             # w -= lr * buf; addcmul rounds as torch.optim.SGD's add(buf, alpha=-lr) does (one fused multiply-add)
             torch._foreach_addcmul_(params, buffers, [member_view(lr, p) for p in params], value=-1)
         return loss
+
+    def _decays(self, group: dict[str, Any], weight_decay: Tensor) -> bool:
+        """Whether some member of ``group`` has a weight decay above 0, checked once per settings
+        tensor (the check reads its values: a device synchronisation on an accelerator), again only
+        when the group's ``weight_decay`` is a new tensor (loaded, moved or assigned)."""
+        checked = self._decay_checks.get(id(group))
+        if checked is None or checked[0] is not weight_decay:
+            checked = self._decay_checks[id(group)] = (weight_decay, bool((weight_decay != 0).any()))
+        return checked[1]
 
     def _setting(self, group: dict[str, Any], name: str) -> Tensor:
         """The group's ``[N]`` setting ``name`` on its parameters' device and dtype: moved there once

@@ -229,6 +229,35 @@ class _CounterDropout(nn.Module):
         return (2.0**_UNIFORM_BITS / (2**_UNIFORM_BITS - threshold).to(torch.float64)).to(dtype)
 
 
+class _StackedLinear(torch.autograd.Function):
+    """``x @ weight^T + bias`` for every member at once (``x`` ``[N, B, in]``, ``weight`` ``[N, out, in]``,
+    ``bias`` ``[N, out]``), with a backward that writes the weight's gradient in the weight's own layout.
+
+    Why not autograd's ``baddbmm`` backward: for the transposed operand ``weight^T`` it returns
+    ``x^T @ grad`` (``[N, in, out]``), whose transpose ``AccumulateGrad`` then copies into the
+    parameter's contiguous ``[N, out, in]`` layout, and that strided copy costs about ten times the
+    matmul itself on a CPU (the paper's MLP, N = 10, batch 10: 12.5 ms against 0.7 ms). Here the
+    gradient is ``grad^T @ x``, the same products of the same numbers, already laid out as ``weight``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 class Population(nn.Module):
     """N members of one architecture with stacked parameters, run as one vmapped network.
 
@@ -324,7 +353,7 @@ class Population(nn.Module):
         h = x.flatten(2)
         for layer in self.stacked.layers:
             if isinstance(layer, nn.Linear):
-                h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
+                h = _StackedLinear.apply(h, layer.weight, layer.bias)
             elif isinstance(layer, nn.ReLU):
                 h = torch.relu(h)
             elif isinstance(layer, _CounterDropout):

@@ -60,8 +60,10 @@ def equal(a: list[Tensor], b: list[Tensor]) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("as_tensors", [False, True])
-def test_population_of_one_is_torch_sgd_bitwise(dtype: torch.dtype, foreach: bool, as_tensors: bool) -> None:
-    settings = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])  # without: d = g, no pass over the weights
+def test_population_of_one_is_torch_sgd_bitwise(dtype: torch.dtype, foreach: bool, as_tensors: bool,
+                                                weight_decay: float) -> None:
+    settings = {"lr": 0.1, "momentum": 0.9, "weight_decay": weight_decay}
     ours, theirs = initial_params([0], dtype), initial_params([0], dtype)
     member = {k: torch.tensor([v], dtype=dtype) for k, v in settings.items()} if as_tensors else settings
     with torch.no_grad():  # as in a training loop that steps outside autograd
@@ -104,6 +106,27 @@ def test_changing_member_2s_lr_leaves_member_1s_trajectory_unchanged() -> None:
 
 
 # ---------------------------------------------------------------- task starts and resume
+@pytest.mark.parametrize("how", ["assigned", "loaded"])
+def test_a_weight_decay_set_after_steps_without_one_takes_effect(how: str) -> None:
+    """Whether any member decays is checked once per settings tensor (not per step): a new tensor
+    in the group, assigned or loaded with a state dict, is checked again. Against torch.optim.SGD,
+    whose weight decay is read at every step."""
+    ours, theirs = initial_params([1]), initial_params([1])
+    optimizer, reference = MemberSGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    train(optimizer, ours, [1], range(2))
+    train(reference, theirs, [1], range(2))
+    if how == "assigned":
+        optimizer.param_groups[0]["weight_decay"] = torch.tensor([0.1])
+    else:
+        state = optimizer.state_dict()
+        state["param_groups"][0]["weight_decay"] = torch.tensor([0.1])
+        optimizer.load_state_dict(state)
+    reference.param_groups[0]["weight_decay"] = 0.1
+    train(optimizer, ours, [1], range(2, 4))
+    train(reference, theirs, [1], range(2, 4))
+    assert equal(ours, theirs)
+
+
 def test_clearing_the_state_at_a_task_start_is_a_fresh_optimizer() -> None:
     seeds = [0, 1]
     momentum, weight_decay = torch.tensor([0.9, 0.5]), torch.tensor([0.01, 0.0])
