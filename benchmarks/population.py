@@ -67,18 +67,22 @@ def vmap_population(nets: list[nn.Module], device: torch.device) -> tuple[Forwar
 
 
 def bmm_population(nets: list[nn.Module], device: torch.device) -> tuple[Forward, list[Tensor]]:
-    """Weights ``[N, out, in]`` and biases ``[N, out]`` per layer, in the solo layout's order."""
+    """Weights ``[N, in, out]`` (the transpose of ``nn.Linear``'s, stored once) and biases ``[N, out]``
+    per layer. In this layout ``baddbmm``'s backward returns each weight gradient in the weight's own
+    layout; with ``[N, out, in]`` weights and a transposed operand, autograd copies every gradient
+    into the parameter's layout, which on a CPU costs more than the matmul (``Population`` avoids it
+    with its own backward instead, to keep the solo layout)."""
     linears = [[m for m in net.modules() if isinstance(m, nn.Linear)] for net in nets]
     layers = []
     for depth in range(len(linears[0])):
-        weight = torch.stack([net[depth].weight.detach() for net in linears]).to(device).requires_grad_()
+        weight = torch.stack([net[depth].weight.detach().t() for net in linears]).to(device).requires_grad_()
         bias = torch.stack([net[depth].bias.detach() for net in linears]).to(device).requires_grad_()
         layers.append((weight, bias))
 
     def forward(x: Tensor) -> Tensor:
         h = x.flatten(2)
         for depth, (weight, bias) in enumerate(layers):
-            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            h = torch.baddbmm(bias.unsqueeze(1), h, weight)
             if depth + 1 < len(layers):
                 h = F.relu(h)
         return h

@@ -166,13 +166,20 @@ class ContinualCLI(LightningCLI):
             "--seeds", type=Optional[list[int]], default=None,
             help="Train these seeds together as one population in one fit, e.g. --seeds [0,1,2,3,4]: member k is "
             "the run with seed_everything seeds[k] (its own initial weights, tasks, batch order, dropout and "
-            "memories) and writes its results into its own folder seed_<seeds[k]> beside the run folder. Settings "
+            "memories) and writes its results into its own folder seed_<seeds[k]> beside the run folder (or --member_dirs). Settings "
             "that change no shape may then be lists with one value per member (e.g. --model.lr [0.1,0.05]). "
             "Default (null): one member, seed_everything.",
         )
         # One list of members: the model's population and the datamodule's task sequences.
         parser.link_arguments("seeds", "data.seeds")
         parser.link_arguments("seeds", "model.seeds")
+        parser.add_argument(
+            "--member_dirs", type=Optional[list[str]], default=None,
+            help="The folder each member of a population writes its results into, one per seed, e.g. "
+            "--seeds [0,0] --model.lr [0.1,0.01] --member_dirs [runs/lr0.1/seed_0,runs/lr0.01/seed_0]. Default "
+            "(null): seed_<seed> beside the run folder; needed when a seed repeats.",
+        )
+        parser.link_arguments("member_dirs", "data.member_dirs")
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")

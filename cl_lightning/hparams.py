@@ -50,11 +50,17 @@ def method_columns(config: dict[str, Any]) -> dict[str, Scalar]:
     return columns
 
 
+#: Model arguments that place a run in a population rather than change what it learns (the seed has its own column).
+MODEL_PLUMBING = ("seeds", "population_member")
+
+
 def model_columns(model: dict[str, Any]) -> dict[str, Scalar]:
     """``model/<setting>`` (lr, momentum, lr_decay, ...), ``model/net`` (the class) and
     ``model/net/<setting>`` (hidden sizes, dropout, ...)."""
     columns: dict[str, Scalar] = {}
     for name, value in model.items():
+        if name in MODEL_PLUMBING:
+            continue
         if isinstance(value, dict) and "class_path" in value:
             columns[f"model/{name}"] = _class_name(value["class_path"])
             columns |= {f"model/{name}/{k}": _scalar(v) for k, v in (value.get("init_args") or {}).items()}

@@ -51,19 +51,23 @@ def _take(init_args: dict[str, Any], names: tuple[str, ...], k: int) -> None:
             init_args[name] = init_args[name][k]
 
 
-def member_config(config: dict[str, Any], k: int, seed: int, folder: Path) -> dict[str, Any]:
+def member_config(config: dict[str, Any], k: int, seed: int, folder: Path, named: bool = False) -> dict[str, Any]:
     """The config of the plain run that trains member ``k`` (seed ``seed``) alone, writing into ``folder``.
 
     ``config`` is the population's config as a plain dict (LightningCLI's, dumped): the member gets
-    ``seed_everything: seed`` and ``seeds: null``, its own value of every per-member setting, and its
-    logger's version is its folder.
+    ``seed_everything: seed``, ``seeds: null``, ``member_dirs: null`` and ``model.population_member: k``,
+    its own value of every per-member setting, and its logger's version is its folder (``named``: a folder the population
+    named, anywhere: then the logger's ``save_dir`` is the folder's parent too).
     """
     member = copy.deepcopy(config)
     member["seed_everything"] = seed
     member["seeds"] = None
+    if "member_dirs" in member:
+        member["member_dirs"] = None
     member.get("data", {})["seed"] = None
     model = member.get("model", {})
     _take(model, member_settings("cl_lightning.models.module.ContinualModule"), k)
+    model["population_member"] = k  # which weights of the population's checkpoint are this member's
     trainer = member.get("trainer", {})
     for callback in trainer.get("callbacks") or []:
         if isinstance(callback, dict) and "class_path" in callback:
@@ -71,6 +75,8 @@ def member_config(config: dict[str, Any], k: int, seed: int, folder: Path) -> di
     logger = trainer.get("logger")
     if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
         logger["init_args"]["version"] = folder.name
+        if named:
+            logger["init_args"].update(save_dir=str(folder.parent), name="")
     return member
 
 
@@ -78,13 +84,14 @@ def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int
     """Write the population's ``members.json`` and each member's ``config.yaml`` and
     ``population.json`` (a population of two or more); return the members' configs. Rank 0 only."""
     population = local_run_dir(trainer)
-    folders = member_dirs(population, seeds)
+    named = trainer.datamodule.member_dirs
+    folders = member_dirs(population, seeds, named)
     record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
               "checkpoints": str(population / "checkpoints")}
     files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
     configs = []
     for k, (seed, folder) in enumerate(zip(seeds, folders)):
-        configs.append(member_config(config, k, seed, folder))
+        configs.append(member_config(config, k, seed, folder, named is not None))
         folder.mkdir(parents=True, exist_ok=True)
         files[folder / CONFIG_FILE] = yaml.safe_dump(configs[-1], sort_keys=False)
         files[folder / POPULATION_FILE] = json.dumps({**record, "member": k, "seed": seed}, indent=1)
@@ -103,7 +110,7 @@ def member_loggers(trainer: Trainer) -> list[Logger | None]:
             loggers = [trainer.logger] if len(seeds) == 1 else [None] * len(seeds)
         else:
             loggers = [TensorBoardLogger(save_dir=str(f.parent), name="", version=f.name, default_hp_metric=False)
-                       for f in member_dirs(local_run_dir(trainer), seeds)]
+                       for f in member_dirs(local_run_dir(trainer), seeds, trainer.datamodule.member_dirs)]
         trainer._member_loggers = loggers
     return loggers
 

@@ -100,14 +100,17 @@ def local_run_dir(trainer: Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-def member_dirs(folder: Path, seeds: Sequence[int]) -> list[Path]:
+def member_dirs(folder: Path, seeds: Sequence[int], given: Sequence[str] | None = None) -> list[Path]:
     """Where each member of the population whose run folder is ``folder`` writes its results: a
-    population of one writes into the run folder itself; member k of a larger population into the
+    population of one writes into the run folder itself; member k of a larger population into
+    ``given[k]`` when the run names its members' folders (``data.member_dirs``), else into the
     sibling ``seed_<seeds[k]>``, the folder a solo run with that seed gets from ``grid``
     (:func:`run_folder`), so ``report`` reads members and solo runs alike."""
     folder = Path(folder)
     if len(seeds) == 1:
         return [folder]
+    if given is not None:
+        return [Path(d).resolve() for d in given]
     return [folder.parent / f"seed_{seed}" for seed in seeds]
 
 
@@ -128,11 +131,16 @@ def population_folder(root: Path, benchmark: str, method: str, seeds: Sequence[i
     return Path(root) / benchmark / method / ("seeds_" + "-".join(map(str, seeds)))
 
 
-def population_placement(root: Path, benchmark: str, method: str, seeds: Sequence[int]) -> list[str]:
+def population_placement(root: Path, benchmark: str, method: str, seeds: Sequence[int], folder: Path | None = None,
+                         members: Sequence[Path] | None = None) -> list[str]:
     """The ``fit`` overrides that train ``seeds`` of (benchmark, method) as one population in
-    :func:`population_folder`, each member writing into its :func:`run_folder`."""
-    folder = population_folder(root, benchmark, method, seeds)
-    return ["--seeds", "[" + ",".join(map(str, seeds)) + "]", *_logger_folder(root, benchmark, method, folder)]
+    :func:`population_folder`, each member writing into its :func:`run_folder`; or in ``folder``
+    (in ``<root>/<benchmark>/<method>/``) with member k writing into ``members[k]``."""
+    folder = folder or population_folder(root, benchmark, method, seeds)
+    args = ["--seeds", "[" + ",".join(map(str, seeds)) + "]", *_logger_folder(root, benchmark, method, folder)]
+    if members is not None:  # JSON: a folder's name may hold commas and brackets (``mcsgd[lr=0.1,alpha0=0.25]``)
+        args += ["--member_dirs", json.dumps([str(member) for member in members])]
+    return args
 
 
 def _logger_folder(root: Path, benchmark: str, method: str, folder: Path) -> list[str]:
@@ -298,6 +306,8 @@ def mark_unfinished_members(folder: Path, members: Sequence[Path]) -> list[Path]
     return those members."""
     unfinished = [member for member in members if not is_finished(member)]
     for member in unfinished:
+        if has_failed(member):  # the divergence guard wrote why it stopped the member
+            continue
         member.mkdir(parents=True, exist_ok=True)
         (member / FAILED_MARKER).write_text(f"did not finish in the population run {folder}; see {folder / LOG_FILE}\n")
     return unfinished

@@ -16,6 +16,7 @@ gather (see :mod:`cl_lightning.data.tasks`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -94,6 +95,10 @@ class ContinualDataModule(LightningDataModule):
             tasks, subsets and batch order are those of the run with ``seed = seeds[k]``.
             Overrides ``seed``; None is the population of one ``[seed]``. The model must hold the
             same members (the command line links ``model.seeds`` to this).
+        member_dirs: The folder each member writes its results into, one per seed (a population of
+            two or more). Default: ``seed_<seed>`` beside the run folder, the layout of
+            ``cl-lightning grid``. Needed when a seed repeats (members that differ in a setting
+            only, as ``cl-lightning sweep`` packs them), since their default folders would coincide.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class ContinualDataModule(LightningDataModule):
         eval_future_tasks: bool = False,
         seed: int | None = None,
         seeds: Sequence[int] | None = None,
+        member_dirs: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if num_tasks < 1 or epochs_per_task < 1 or batch_size < 1 or eval_batch_size < 1:
@@ -125,10 +131,7 @@ class ContinualDataModule(LightningDataModule):
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if seeds is not None and len(seeds) == 0:
             raise ConfigError("data.seeds is empty: give at least one seed (or null for the run's seed_everything)")
-        if seeds is not None and len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds {list(seeds)} repeat a seed: each member writes into its own folder seed_<n>, so "
-                              "each needs its own seed. To compare settings on the same seeds, run one population per "
-                              "setting (cl-lightning sweep does: each setting in its own folder).")
+        check_member_dirs(seeds, member_dirs)
         if benchmark == "split" and source in NUM_CLASSES:  # early: before any file is read
             check_split(num_tasks, classes_per_task, NUM_CLASSES[source])
         self.save_hyperparameters()
@@ -151,6 +154,7 @@ class ContinualDataModule(LightningDataModule):
         self.eval_future_tasks = eval_future_tasks
         self.seed = seed
         self.seed_list = None if seeds is None else [int(k) for k in seeds]
+        self.member_dirs = None if member_dirs is None else [str(d) for d in member_dirs]
         #: Every member's task sequence (index tensors on the CPU), known once ``setup`` has run.
         self.tasks: MemberTasks | None = None
         self._data: MemberData | None = None
@@ -291,3 +295,23 @@ class ContinualDataModule(LightningDataModule):
         shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         rank, world_size = (shards["rank"], shards["num_replicas"]) if shards else (0, 1)
         return MemberEvalBatches(dataset, self.eval_batch_size, rank=rank, world_size=world_size)
+
+
+def check_member_dirs(seeds: Sequence[int] | None, member_dirs: Sequence[str] | None) -> None:
+    """Refuse members that would write into one folder: a repeated seed without ``member_dirs``, or
+    ``member_dirs`` that are not one distinct folder per member of a population of two or more."""
+    if member_dirs is None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds {list(seeds)} repeat a seed: each member writes into its own folder seed_<n> unless "
+                              "--member_dirs gives one folder per member (e.g. to train several settings on the same "
+                              "seeds: --seeds [0,0] --model.lr [0.1,0.01] --member_dirs [lr0.1/seed_0,lr0.01/seed_0])")
+        return
+    if seeds is None or len(seeds) < 2:
+        raise ConfigError("member_dirs is for a population of two or more members (--seeds); a plain run writes into its "
+                          "run folder (--trainer.logger.init_args.save_dir / name / version)")
+    if len(member_dirs) != len(seeds):
+        raise ConfigError(f"member_dirs names {len(member_dirs)} folder(s) for {len(seeds)} members (seeds {list(seeds)}): "
+                          "give one folder per member, in the order of the seeds")
+    resolved = [Path(d).resolve() for d in member_dirs]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"member_dirs {list(member_dirs)} name a folder twice: each member needs its own")

@@ -114,7 +114,7 @@ class AccuracyMatrix(Callback):
         self.matrix = torch.full((dm.size, dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
         self.seeds = list(dm.seeds)
-        self.folders = member_dirs(run_dir(trainer), dm.seeds)
+        self.folders = member_dirs(run_dir(trainer), dm.seeds, dm.member_dirs)
 
     def _check_restored(self, trainer: Trainer) -> None:
         """A checkpoint's matrices (loaded after ``setup``) must match the configured sequence."""

@@ -190,7 +190,7 @@ class MCSGD(TaskAwareCallback):
         self.subset.check(dm)
         self.w_hat_matrix = torch.full((dm.size, n, n), float("nan"), dtype=torch.float64)
         self.line_gradient(pl_module.population)  # checks the backend against the network now
-        self.folders = member_dirs(run_dir(trainer), dm.seeds)
+        self.folders = member_dirs(run_dir(trainer), dm.seeds, dm.member_dirs)
 
     def line_gradient(self, population: Population) -> LineGradient:
         """The line gradient of ``population`` (made again if the module rebuilt its population after

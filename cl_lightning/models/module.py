@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -71,6 +71,10 @@ class ContinualModule(LightningModule):
             network's own.
         seeds: The members' seeds; None takes them from the datamodule (``data.seeds``, or its
             ``seed`` / ``seed_everything``). The command line links this to ``data.seeds``.
+        population_member: In a member's own config.yaml (written by its population): its place k
+            in the population, so that evaluating it with the population's checkpoint (``test``)
+            takes member k's weights. None: the member of the same seed (ambiguous when a seed
+            repeats). Ignored without such a checkpoint.
     """
 
     #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
@@ -86,6 +90,7 @@ class ContinualModule(LightningModule):
         weight_decay: NonNegativeFloat | list[NonNegativeFloat] = 0.0,
         dropout: NonNegativeFloat | list[NonNegativeFloat] | None = None,
         seeds: Sequence[int] | None = None,
+        population_member: NonNegativeInt | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -160,7 +165,7 @@ class ContinualModule(LightningModule):
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             raise CheckpointError(f"the checkpoint is of a population of seeds {saved}; resume the whole population "
                                   "with its own config.yaml (in the checkpoint's run folder), not one member's")
-        checkpoint["state_dict"] = take_members(checkpoint["state_dict"], saved, self.seeds)
+        checkpoint["state_dict"] = take_members(checkpoint["state_dict"], saved, self.seeds, self.hparams.get("population_member"))
         checkpoint["hyper_parameters"]["seeds"] = list(self.seeds)
 
     def __setattr__(self, name: str, value) -> None:
@@ -311,10 +316,24 @@ class ContinualModule(LightningModule):
         self._keep(self.test_accuracy, "test")
 
 
-def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
+def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Sequence[int],
+                 member: int | None = None) -> dict[str, Tensor]:
     """The state dict of the members with ``seeds`` out of ``state_dict``, a module's whose members had
-    the seeds ``saved`` (every population tensor has the members on dim 0)."""
-    index = torch.tensor([list(saved).index(seed) for seed in seeds])
+    the seeds ``saved`` (every population tensor has the members on dim 0); ``member``: the place of
+    the one member wanted (needed when its seed repeats in ``saved``)."""
+    if member is not None and len(seeds) == 1:
+        if member >= len(saved) or saved[member] != seeds[0]:
+            raise CheckpointError(f"population_member {member} is not the member with seed {seeds[0]} of this checkpoint "
+                                  f"(its seeds: {list(saved)}): use the member's own config.yaml with its population's checkpoint")
+        index = torch.tensor([member])
+    else:
+        repeated = sorted({seed for seed in seeds if list(saved).count(seed) > 1})
+        if repeated:
+            raise CheckpointError(
+                f"the checkpoint's population holds seed {repeated[0]} more than once (members that differ in a setting), "
+                "so a member cannot be picked out of it by its seed: use the member's own config.yaml (it names its "
+                "place, model.population_member), or evaluate the whole population with its config.yaml")
+        index = torch.tensor([list(saved).index(seed) for seed in seeds])
     return {key: value[index] if key.startswith("population.") or key == "failed" else value
             for key, value in state_dict.items()}
 

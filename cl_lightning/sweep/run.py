@@ -36,6 +36,7 @@ import yaml
 
 from cl_lightning.analysis.report import write_report
 from cl_lightning.errors import UserError
+from cl_lightning.member_outputs import member_settings
 from cl_lightning.rundir import has_failed, interrupted_exit, is_finished
 from cl_lightning.sweep.grid_file import (
     Grid,
@@ -48,7 +49,7 @@ from cl_lightning.sweep.grid_file import (
     short_names,
 )
 from cl_lightning.sweep.select import SettingScore, best, best_config, score, table
-from cl_lightning.sweep.trial import TrialFailedError, TrialSpec, pack, ray_trainable
+from cl_lightning.sweep.trial import Job, TrialFailedError, TrialSpec, pack, ray_trainable
 
 #: The first Ray with the Tune-only ``ray.tune.report`` / ``tune.RunConfig`` (the extra in pyproject.toml says the same).
 MIN_RAY = "2.41"
@@ -127,7 +128,23 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, storage: Path) -> None:
+def per_member_keys(config: dict[str, Any]) -> frozenset[str]:
+    """The grid keys whose values members of one population may differ in: the model's and the
+    method's (the config's last callback) per-member settings (their ``MEMBER_SETTINGS``)."""
+    keys = {f"model.{name}" for name in member_settings("cl_lightning.models.module.ContinualModule")}
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    if callbacks and isinstance(callbacks[-1], dict) and "class_path" in callbacks[-1]:
+        keys |= {f"trainer.callbacks.init_args.{name}" for name in member_settings(callbacks[-1]["class_path"])}
+    return frozenset(keys)
+
+
+def jobs_of(pending: list[TrialSpec], args: argparse.Namespace, member_keys: frozenset[str]) -> list[Job]:
+    """The pending trials as Ray trials: populations (:func:`pack`), or one per trial with ``--solo``."""
+    return list(pending) if args.solo else pack(pending, member_keys, args.members_per_trial)
+
+
+def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, storage: Path,
+              member_keys: frozenset[str] = frozenset()) -> None:
     """Run the specs neither finished nor failed yet (failed too with ``--retry_failed``) as Ray
     Tune trials, printing the live status. A failure is a result of the search (a learning rate
     that diverges fails again), so a rerun does not repeat it unless asked."""
@@ -146,8 +163,8 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
           + (" (--retry_failed runs them again)" if failed else ""), flush=True)
     if not pending:
         return
-    # the pending seeds of each setting as one population trial (--solo: one trial per seed)
-    jobs = list(pending) if args.solo else pack(pending)
+    # populations of a setting's seeds and of settings differing in per-member values (--solo: one trial per run)
+    jobs = jobs_of(pending, args, member_keys)
     # Ctrl-C is the sweep's (main): Tune's own handler would stop the trials and print how to
     # restore its experiment, while a rerun of the same command is what resumes a sweep.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -180,8 +197,8 @@ def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Pa
         labels[label] = setting
     return {
         setting: [TrialSpec(root / "search", benchmark, f"{method}[{label}]", seed,
-                            ["--config", str(config), *extra, *override_args(setting),
-                             "--data.val_fraction", str(grid.val_fraction)], Path.cwd())
+                            ["--config", str(config), *extra, "--data.val_fraction", str(grid.val_fraction)], Path.cwd(),
+                            setting)
                   for seed in grid.seeds]
         for label, setting in labels.items()
     }
@@ -259,8 +276,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--retry_failed", action="store_true", help="run failed trials again (default: a rerun "
                         "keeps their failure and runs only unfinished ones)")
     parser.add_argument("--search_only", action="store_true", help="stop after writing best.yaml")
-    parser.add_argument("--solo", action="store_true", help="one trial per (setting, seed) instead of one population "
-                        "trial per setting (its seeds trained together in one fit)")
+    parser.add_argument("--solo", action="store_true", help="one trial per (setting, seed) instead of population "
+                        "trials (a setting's seeds, and settings that differ only in per-member values, trained together "
+                        "in one fit)")
+    parser.add_argument("--members_per_trial", type=int, default=8, help="most runs one population trial holds "
+                        "(default: %(default)s; raise it on a GPU, where a population of hundreds costs about one run)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the final report's PNG figures (as cl-lightning report)")
     parser.add_argument("--dry_run", action="store_true", help="print the search trials' commands; run nothing")
@@ -285,7 +305,9 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> None:
                          "(run from the repository root)")
     config = args.config.resolve()
     method, benchmark = config.parent.name, config.stem
-    check_keys(grid, yaml.safe_load(resolve_config(["--config", str(config), *extra])), args.config)
+    resolved = yaml.safe_load(resolve_config(["--config", str(config), *extra]))
+    check_keys(grid, resolved, args.config)
+    member_keys = per_member_keys(resolved)
     root = (args.root / (args.name or args.grid.stem)).resolve()
     search = search_specs(grid, config, method, benchmark, root, extra)
     if args.dry_run:
@@ -295,15 +317,17 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> None:
                 print(f"{spec.name}: {'finished' if is_finished(spec.folder) else 'failed'} already")
             else:
                 pending.append(spec)
-        for job in (pending if args.solo else pack(pending)):
+        for job in jobs_of(pending, args, member_keys):
             print(f"{job.name}: cl-lightning {' '.join(job.fit_args())}")
         return
+    if args.members_per_trial < 1:
+        raise SweepError(f"--members_per_trial must be at least 1, got {args.members_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise SweepError(f"--max_concurrent must be at least 1, got {args.max_concurrent}")
     claim(root, config, args.grid)
     start = time.monotonic()
     with ray_session(args.address):
-        run_phase("search", [s for specs in search.values() for s in specs], args, root / "ray")
+        run_phase("search", [s for specs in search.values() for s in specs], args, root / "ray", member_keys)
         chosen = select(grid, search, config, extra, root, args)
         if args.search_only:
             return

@@ -80,7 +80,38 @@ def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population:
     assert f"cl-lightning fit --config {population / 'version_0' / 'config.yaml'} --ckpt_path {checkpoint}" in message
 
 
-def test_a_repeated_seed_is_refused(mnist_root: Path, tmp_path: Path) -> None:
-    message = user_error(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path), "--seeds", "[0,0]",
-                          "--model.lr", "[0.1,0.05]"])
-    assert "repeat a seed" in message and "cl-lightning sweep" in message
+def test_a_repeated_seed_needs_member_dirs(mnist_root: Path, tmp_path: Path) -> None:
+    args = [*tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path), "--seeds", "[0,0]", "--model.lr", "[0.1,0.05]"]
+    message = user_error(["fit", *args])
+    assert "repeat a seed" in message and "--member_dirs" in message
+    assert "one folder per member" in user_error(["fit", *args, "--member_dirs", f"[{tmp_path / 'a'}]"])
+    assert "name a folder twice" in user_error(["fit", *args, "--member_dirs", f"[{tmp_path / 'a'},{tmp_path / 'a'}]"])
+
+
+def test_settings_on_one_seed_train_together_into_named_folders(mnist_root: Path, tmp_path: Path) -> None:
+    """Two learning rates on seed 3 in one population, each member in the folder it was given (as
+    ``sweep`` packs settings); member k is its plain run with that lr, bitwise."""
+    folders = [tmp_path / "sweep" / "naive[lr=0.1]" / "seed_3", tmp_path / "sweep" / "naive[lr=0.05]" / "seed_3"]
+    cli_main(["fit", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path / "population"), "--seeds", "[3,3]",
+              "--model.lr", "[0.1,0.05]", "--member_dirs", json.dumps([str(f) for f in folders])])  # JSON: names hold brackets
+    population = tmp_path / "population" / "lightning_logs" / "version_0"
+    assert json.loads((population / "members.json").read_text())["folders"] == [str(f) for f in folders]
+    matrices = []
+    for k, folder in enumerate(folders):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["model"]["lr"] == [0.1, 0.05][k] and config["member_dirs"] is None and config["seed_everything"] == 3
+        assert "cl/average_accuracy" in EventAccumulator(str(folder)).Reload().Tags()["scalars"]
+        matrices.append(json.loads((folder / "accuracy_matrix.json").read_text())["matrix"])
+    assert matrices[0] != matrices[1]  # the same seed, another lr: another run
+    cli_main(["fit", "--config", str(folders[1] / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "solo")])
+    assert json.loads((tmp_path / "solo" / "seed_3" / "accuracy_matrix.json").read_text())["matrix"] == matrices[1]
+    # the member's config names its place in the population: test takes its weights from the population's checkpoint
+    checkpoint = str(population / "checkpoints" / "last.ckpt")
+    cli_main(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "t")])
+    tested = json.loads((tmp_path / "t" / "seed_3" / "test_accuracy.json").read_text())["accuracy"]
+    assert tested == pytest.approx(matrices[1][2], abs=1e-9)  # the model kept after task 3
+    # without it (a config written by hand) the seed alone cannot say which member: the message says what to do
+    message = user_error(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
+                          "--model.population_member", "null", "--trainer.logger.init_args.save_dir", str(tmp_path / "u")])
+    assert "holds seed 3 more than once" in message and "model.population_member" in message

@@ -70,12 +70,18 @@ def test_command_line_errors(tmp_path, capsys):
 
 def test_dry_run_prints_the_trials_commands(tmp_path, capsys):
     grid = write(tmp_path, "params: {model.lr: [0.1, 0.01]}\nseeds: [3]\n")
-    cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
-             "--root", str(tmp_path / "runs"), "--dry_run", "--", "--data.num_tasks", "2"])
+    sweep = ["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),
+             "--root", str(tmp_path / "runs"), "--dry_run"]
+    cl_main([*sweep, "--solo", "--", "--data.num_tasks", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["permuted_digits/naive[lr=0.1]/seed_3", "permuted_digits/naive[lr=0.01]/seed_3"]
-    assert "--data.num_tasks 2 --model.lr 0.1 --data.val_fraction 0.1 --seed_everything 3" in lines[0]
+    assert "--data.num_tasks 2 --data.val_fraction 0.1 --model.lr 0.1 --seed_everything 3" in lines[0]
     assert f"save_dir {tmp_path / 'runs' / 'grid' / 'search'}" in lines[0]
+    # by default the two learning rates (a per-member setting) are one population trial, each run in its folder
+    cl_main([*sweep, "--", "--data.num_tasks", "2"])
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("permuted_digits/populations/naive[lr=0.1]+1_")
+    assert "--model.lr [0.1, 0.01] --seeds [3,3]" in line and "naive[lr=0.01]/seed_3" in line.split("--member_dirs")[1]
 
 
 def test_without_ray_the_message_says_how_to_install_it(tmp_path, monkeypatch):
@@ -116,10 +122,16 @@ def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys
     cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
              "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 12  # 4 consolidation lrs x 3 alpha0, each one population of the 3 seeds
-    assert lines[0].startswith("rotated_fashion_mnist/mcsgd[lr=0.15,alpha0=0.05]/seeds_0-1-2: cl-lightning fit")
-    assert "--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 0.05" in lines[0]
-    assert "--seeds [0,1,2]" in lines[0]
+    # 4 consolidation lrs x 3 alpha0 x 3 seeds: both are MC-SGD's per-member settings, so 36 runs in
+    # populations of at most 8 (--members_per_trial), in grid order, seeds innermost
+    assert len(lines) == 5 and lines[0].startswith("rotated_fashion_mnist/populations/mcsgd[lr=0.15,alpha0=0.05]+7_")
+    assert ("--trainer.callbacks.init_args.lr 0.15 --trainer.callbacks.init_args.alpha0 "
+            "[0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.25, 0.25]") in lines[0]
+    assert "--seeds [0,1,2,0,1,2,0,1]" in lines[0] and "mcsgd[lr=0.15,alpha0=0.25]/seed_1" in lines[0]
+    cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
+             "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
+             "--members_per_trial", "12"])
+    assert len(capsys.readouterr().out.splitlines()) == 3
     cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
              "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
              "--solo"])

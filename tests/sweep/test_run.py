@@ -144,7 +144,8 @@ def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, 
 
     search = root / "lr" / "search" / "shifted_mnist"
     runs = {label: search / f"naive[lr={label}]" / "seed_0" for label in ("1e-05", "-1.0", "0.1", "1e+30")}
-    assert sorted(p.name for p in search.iterdir()) == sorted(f"naive[lr={label}]" for label in runs)
+    # lr is per member: the four settings were packed into one population, split until the refused value failed alone
+    assert sorted(p.name for p in search.iterdir()) == sorted([*(f"naive[lr={label}]" for label in runs), "populations"])
     # the invalid value and the diverging one failed alone, with their messages
     failed = (runs["-1.0"] / "FAILED").read_text().splitlines()[0]
     assert "model.lr" in failed and "PositiveFloat" in failed
@@ -157,9 +158,13 @@ def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, 
         return record["average_accuracy"]
 
     def test_accuracy(label: str) -> float:
-        cli_main(["test", "--config", str(runs[label] / "config.yaml"), "--ckpt_path", str(runs[label] / "checkpoints" / "last.ckpt"),
-                  "--trainer.logger.init_args.save_dir", str(tmp_path / "test"), "--trainer.logger.init_args.version", label])
-        record = (tmp_path / "test" / f"shifted_mnist/naive[lr={label}]" / label / "test_accuracy.json").read_text()
+        # a packed run's checkpoint is its population's (population.json says where); its config names its place in it
+        packed = runs[label] / "population.json"
+        checkpoints = Path(json.loads(packed.read_text())["checkpoints"]) if packed.exists() else runs[label] / "checkpoints"
+        cli_main(["test", "--config", str(runs[label] / "config.yaml"), "--ckpt_path", str(checkpoints / "last.ckpt"),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "test"), "--trainer.logger.init_args.name", "",
+                  "--trainer.logger.init_args.version", label])
+        record = (tmp_path / "test" / label / "test_accuracy.json").read_text()
         return json.loads(record)["average_accuracy"]
 
     # validation prefers lr 0.1, the test split prefers 1e-05: the sweep chose by validation
@@ -178,7 +183,7 @@ def test_selection_uses_validation_not_test_and_bad_values_fail_alone(tmp_path, 
     assert "[search] 4 run(s): 2 finished and 2 failed already (--retry_failed runs them again)" in capsys.readouterr().out
     main([*rerun, "--dry_run", "--retry_failed"])
     out = capsys.readouterr().out
-    assert "naive[lr=0.1]/seed_0: finished already" in out and "naive[lr=-1.0]/seed_0: cl-lightning fit" in out
+    assert "naive[lr=0.1]/seed_0: finished already" in out and "populations/naive[lr=-1.0]+1_" in out  # the two failed, packed
 
 
 def test_ctrl_c_ends_the_sweep_with_one_line_naming_the_rerun(tmp_path, ray_address):
