@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -53,6 +54,19 @@ warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is depre
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the run folder and shows the run's science in TensorBoard's HParams
     tab, one column per method, model and data setting (:mod:`cl_lightning.hparams`)."""
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" and not self.already_saved:
+            # Evaluating a run with its own config.yaml (`test --config <run>/config.yaml`) logs into
+            # the run's folder: its config.yaml is the training's, to be kept, not a reason to fail.
+            folder = trainer.log_dir  # a collective: every process
+            exists = trainer.strategy.broadcast(bool(folder) and os.path.isfile(os.path.join(folder, self.config_filename))
+                                                if trainer.is_global_zero else False)
+            if exists:
+                self.already_saved = True
+                return
+        super().setup(trainer, pl_module, stage)
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,7 @@ class AccuracyMatrix(Callback):
                 title = f"Member {k} (seed {self.seeds[k]}): " + title
             print(format_table(self.matrix[k], rows, title, full=str(folder / "accuracy_matrix.csv")))
         print(f"written to {self.folders[0] / 'accuracy_matrix.csv'}" + (" and the other members' folders" if len(self.folders) > 1 else "")
-              + f" (and .json); TensorBoard: tensorboard --logdir {self.folders[0].parent}")
+              + f" (and .json); TensorBoard: tensorboard --logdir {os.path.commonpath([f.parent for f in self.folders])}")
 
     # ------------------------------------------------------------------ test
     @override

@@ -107,10 +107,11 @@ def test_settings_on_one_seed_train_together_into_named_folders(mnist_root: Path
     assert json.loads((tmp_path / "solo" / "seed_3" / "accuracy_matrix.json").read_text())["matrix"] == matrices[1]
     # the member's config names its place in the population: test takes its weights from the population's checkpoint
     checkpoint = str(population / "checkpoints" / "last.ckpt")
-    cli_main(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "t")])
-    tested = json.loads((tmp_path / "t" / "seed_3" / "test_accuracy.json").read_text())["accuracy"]
+    config = (folders[1] / "config.yaml").read_text()
+    cli_main(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint])  # into the member's folder
+    tested = json.loads((folders[1] / "test_accuracy.json").read_text())["accuracy"]
     assert tested == pytest.approx(matrices[1][2], abs=1e-9)  # the model kept after task 3
+    assert (folders[1] / "config.yaml").read_text() == config  # the training's config is kept
     # without it (a config written by hand) the seed alone cannot say which member: the message says what to do
     message = user_error(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
                           "--model.population_member", "null", "--trainer.logger.init_args.save_dir", str(tmp_path / "u")])
