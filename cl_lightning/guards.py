@@ -24,7 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.errors import ConfigError, TrainingDivergedError
-from cl_lightning.rundir import FAILED_MARKER, local_run_dir, member_dirs, write_atomically
+from cl_lightning.rundir import FAILED_MARKER, local_run_dir, trainer_member_dirs, write_atomically
 
 #: "No non-finite loss" as the position of the first bad batch.
 _NONE = torch.iinfo(torch.int64).max
@@ -129,7 +129,7 @@ class FiniteGuard(Callback):
         rank_zero_warn(self._who(pl_module, messages, "This member is stopped; the others train on, and its accuracy "
                                  "matrix keeps the tasks it completed."))
         if trainer.is_global_zero:  # the reason in each stopped member's folder, where a failed plain run has its own
-            folders = member_dirs(local_run_dir(trainer), trainer.datamodule.seeds, trainer.datamodule.member_dirs)
+            folders = trainer_member_dirs(trainer, local_run_dir(trainer))
             for k in messages:
                 folders[k].mkdir(parents=True, exist_ok=True)
             write_atomically({folders[k] / FAILED_MARKER: f"error: {' '.join(filter(None, message))}\n"

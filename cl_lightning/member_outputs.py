@@ -30,7 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from cl_lightning.rundir import CONFIG_FILE, MEMBERS_FILE, local_run_dir, member_dirs, write_atomically
+from cl_lightning.rundir import CONFIG_FILE, MEMBERS_FILE, local_run_dir, trainer_member_dirs, write_atomically
 
 #: The file in a member's folder that names the population it was trained in.
 POPULATION_FILE = "population.json"
@@ -84,14 +84,14 @@ def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int
     """Write the population's ``members.json`` and each member's ``config.yaml`` and
     ``population.json`` (a population of two or more); return the members' configs. Rank 0 only."""
     population = local_run_dir(trainer)
-    named = trainer.datamodule.member_dirs
-    folders = member_dirs(population, seeds, named)
+    named = trainer.datamodule.member_dirs is not None
+    folders = trainer_member_dirs(trainer, population)
     record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
               "checkpoints": str(population / "checkpoints")}
     files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
     configs = []
     for k, (seed, folder) in enumerate(zip(seeds, folders)):
-        configs.append(member_config(config, k, seed, folder, named is not None))
+        configs.append(member_config(config, k, seed, folder, named))
         folder.mkdir(parents=True, exist_ok=True)
         files[folder / CONFIG_FILE] = yaml.safe_dump(configs[-1], sort_keys=False)
         files[folder / POPULATION_FILE] = json.dumps({**record, "member": k, "seed": seed}, indent=1)
@@ -110,7 +110,7 @@ def member_loggers(trainer: Trainer) -> list[Logger | None]:
             loggers = [trainer.logger] if len(seeds) == 1 else [None] * len(seeds)
         else:
             loggers = [TensorBoardLogger(save_dir=str(f.parent), name="", version=f.name, default_hp_metric=False)
-                       for f in member_dirs(local_run_dir(trainer), seeds, trainer.datamodule.member_dirs)]
+                       for f in trainer_member_dirs(trainer, local_run_dir(trainer))]
         trainer._member_loggers = loggers
     return loggers
 

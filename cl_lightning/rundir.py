@@ -114,6 +114,13 @@ def member_dirs(folder: Path, seeds: Sequence[int], given: Sequence[str] | None 
     return [folder.parent / f"seed_{seed}" for seed in seeds]
 
 
+def trainer_member_dirs(trainer: Trainer, folder: Path) -> list[Path]:
+    """:func:`member_dirs` of the population the trainer fits (its datamodule's seeds and
+    ``member_dirs``), whose run folder is ``folder`` (:func:`run_dir`, or :func:`local_run_dir` on rank 0)."""
+    dm = trainer.datamodule
+    return member_dirs(folder, dm.seeds, dm.member_dirs)
+
+
 def run_folder(root: Path, benchmark: str, method: str, seed: int) -> Path:
     """Where the run of (benchmark, method, seed) lives below ``root``."""
     return Path(root) / benchmark / method / f"seed_{seed}"

@@ -79,7 +79,7 @@ def load_endpoint(path: Path, module: ContinualModule) -> Tensor:
         if not set(module.seeds) <= set(saved):
             raise EndpointError(f"the checkpoint {path} holds the members with seeds {saved}, not {list(module.seeds)}: "
                                 "pass the config.yaml of a run (or member) it trained")
-        state = take_members(stored["state_dict"], saved, module.seeds)
+        state = take_members(stored["state_dict"], saved, module.seeds, module.hparams.get("population_member"))
         try:
             module.population.load_state_dict({k.removeprefix("population."): v for k, v in state.items()
                                                if k.startswith("population.")})

@@ -21,7 +21,8 @@ from cl_lightning.errors import CheckpointError
 from cl_lightning.member_outputs import member_loggers
 from cl_lightning.metrics.continual import summary
 from cl_lightning.metrics.heatmap import matrix_figure, pixels
-from cl_lightning.rundir import member_dirs, run_dir, write_atomically, write_matrix
+from cl_lightning.models.population import member_rows
+from cl_lightning.rundir import run_dir, trainer_member_dirs, write_atomically, write_matrix
 
 #: At most about this many heatmaps per run: past as many tasks, the heatmap is logged every k-th
 #: task (and after the last), so a 1,000-task run's events file and time do not grow with each task.
@@ -103,6 +104,7 @@ class AccuracyMatrix(Callback):
         self.matrix: Tensor | None = None
         self.split = "test"
         self.seeds: list[int] | None = None  # the members' seeds (set up from the datamodule)
+        self.population_member: int | None = None  # a member's place in a population's checkpoint (the module's)
 
     @property
     def completed_tasks(self) -> int:
@@ -115,7 +117,8 @@ class AccuracyMatrix(Callback):
         self.matrix = torch.full((dm.size, dm.num_tasks, dm.num_tasks), float("nan"), dtype=torch.float64)
         self.split = dm.eval_split
         self.seeds = list(dm.seeds)
-        self.folders = member_dirs(run_dir(trainer), dm.seeds, dm.member_dirs)
+        self.population_member = pl_module.hparams.get("population_member")
+        self.folders = trainer_member_dirs(trainer, run_dir(trainer))
 
     def _check_restored(self, trainer: Trainer) -> None:
         """A checkpoint's matrices (loaded after ``setup``) must match the configured sequence."""
@@ -218,4 +221,4 @@ class AccuracyMatrix(Callback):
         self.split = state_dict["split"]
         saved = state_dict.get("seeds")
         if saved and self.seeds and saved != self.seeds and set(self.seeds) <= set(saved):  # members of a population
-            self.matrix = self.matrix[[saved.index(seed) for seed in self.seeds]]
+            self.matrix = self.matrix[member_rows(saved, self.seeds, self.population_member)]

@@ -62,7 +62,7 @@ from cl_lightning.metrics.continual import average_accuracy
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.params import eval_mode
 from cl_lightning.models.population import Population, member_list, member_values
-from cl_lightning.rundir import member_dirs, run_dir, solution_path, write_matrix
+from cl_lightning.rundir import run_dir, solution_path, trainer_member_dirs, write_matrix
 from cl_lightning.seeding import generator
 
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
@@ -190,7 +190,7 @@ class MCSGD(TaskAwareCallback):
         self.subset.check(dm)
         self.w_hat_matrix = torch.full((dm.size, n, n), float("nan"), dtype=torch.float64)
         self.line_gradient(pl_module.population)  # checks the backend against the network now
-        self.folders = member_dirs(run_dir(trainer), dm.seeds, dm.member_dirs)
+        self.folders = trainer_member_dirs(trainer, run_dir(trainer))
 
     def line_gradient(self, population: Population) -> LineGradient:
         """The line gradient of ``population`` (made again if the module rebuilt its population after

@@ -31,7 +31,7 @@ from cl_lightning.member_outputs import log_members
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR, member_view
 from cl_lightning.models.nets import MLP, ResNet18
-from cl_lightning.models.population import Population, fresh_copy, init_member, member_values
+from cl_lightning.models.population import Population, fresh_copy, init_member, member_rows, member_values
 from cl_lightning.seeding import run_seed
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
@@ -320,20 +320,8 @@ def take_members(state_dict: dict[str, Tensor], saved: Sequence[int], seeds: Seq
                  member: int | None = None) -> dict[str, Tensor]:
     """The state dict of the members with ``seeds`` out of ``state_dict``, a module's whose members had
     the seeds ``saved`` (every population tensor has the members on dim 0); ``member``: the place of
-    the one member wanted (needed when its seed repeats in ``saved``)."""
-    if member is not None and len(seeds) == 1:
-        if member >= len(saved) or saved[member] != seeds[0]:
-            raise CheckpointError(f"population_member {member} is not the member with seed {seeds[0]} of this checkpoint "
-                                  f"(its seeds: {list(saved)}): use the member's own config.yaml with its population's checkpoint")
-        index = torch.tensor([member])
-    else:
-        repeated = sorted({seed for seed in seeds if list(saved).count(seed) > 1})
-        if repeated:
-            raise CheckpointError(
-                f"the checkpoint's population holds seed {repeated[0]} more than once (members that differ in a setting), "
-                "so a member cannot be picked out of it by its seed: use the member's own config.yaml (it names its "
-                "place, model.population_member), or evaluate the whole population with its config.yaml")
-        index = torch.tensor([list(saved).index(seed) for seed in seeds])
+    the one member wanted (see :func:`~cl_lightning.models.population.member_rows`)."""
+    index = torch.tensor(member_rows(saved, seeds, member))
     return {key: value[index] if key.startswith("population.") or key == "failed" else value
             for key, value in state_dict.items()}
 

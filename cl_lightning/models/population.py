@@ -30,11 +30,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from cl_lightning.errors import ConfigError
+from cl_lightning.errors import CheckpointError, ConfigError
 from cl_lightning.models.nets import is_plain_mlp
 from cl_lightning.seeding import generator
 
-__all__ = ["Population", "init_member", "fresh_copy", "keyed_subsets", "member_keys", "member_list", "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64"]
+__all__ = [
+    "Population", "init_member", "fresh_copy", "keyed_subsets", "member_keys", "member_list", "member_rows",
+    "member_values", "stream_bits", "dropout_keys", "drop_threshold", "keep_mask", "mix64",
+]
 
 
 def init_member(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -145,6 +148,29 @@ def keyed_subsets(roots: Tensor, size: int, count: int) -> Tensor:
     draw without replacement. Ties (probability about size**2 / 2**64) keep index order."""
     order = stream_bits(roots, torch.arange(size, device=roots.device)).argsort(dim=1, stable=True)
     return order[:, :count]
+
+
+def member_rows(saved: Sequence[int], seeds: Sequence[int], member: int | None = None) -> list[int]:
+    """The rows (dim 0 of every stacked tensor) of a saved population whose members had the seeds
+    ``saved`` that hold the members with ``seeds``: found by seed, or for one member by its place
+    ``member`` (``model.population_member``, which a member's config.yaml holds; needed when its seed
+    repeats in ``saved``).
+
+    Raises:
+        CheckpointError: ``member`` is not a member with that seed, or a seed repeats without it.
+    """
+    if member is not None and len(seeds) == 1:
+        if member >= len(saved) or saved[member] != seeds[0]:
+            raise CheckpointError(f"population_member {member} is not the member with seed {seeds[0]} of this checkpoint "
+                                  f"(its seeds: {list(saved)}): use the member's own config.yaml with its population's checkpoint")
+        return [member]
+    repeated = sorted({seed for seed in seeds if list(saved).count(seed) > 1})
+    if repeated:
+        raise CheckpointError(
+            f"the checkpoint's population holds seed {repeated[0]} more than once (members that differ in a setting), "
+            "so a member cannot be picked out of it by its seed: use the member's own config.yaml (it names its "
+            "place, model.population_member), or evaluate the whole population with its config.yaml")
+    return [list(saved).index(seed) for seed in seeds]
 
 
 def dropout_keys(seeds: Sequence[int], site: int) -> Tensor:

@@ -300,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def sweep(args: argparse.Namespace, extra: list[str]) -> None:
     """The sweep's phases, from the parsed arguments and the ``fit`` overrides after ``--``."""
     grid = load_grid(args.grid)
+    if args.members_per_trial < 1:  # before the dry run too, which packs the trials
+        raise SweepError(f"--members_per_trial must be at least 1, got {args.members_per_trial}")
     if not args.config.is_file():
         raise SweepError(f"no base config {args.config}: pass one of configs/<method>/<benchmark>.yaml "
                          "(run from the repository root)")
@@ -320,8 +322,6 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> None:
         for job in jobs_of(pending, args, member_keys):
             print(f"{job.name}: cl-lightning {' '.join(job.fit_args())}")
         return
-    if args.members_per_trial < 1:
-        raise SweepError(f"--members_per_trial must be at least 1, got {args.members_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise SweepError(f"--max_concurrent must be at least 1, got {args.max_concurrent}")
     claim(root, config, args.grid)

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from user_errors import user_error
 
 from cl_lightning.cli import cli_main
+from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 
 SEEDS = [0, 3]
 
@@ -108,10 +109,15 @@ def test_settings_on_one_seed_train_together_into_named_folders(mnist_root: Path
     # the member's config names its place in the population: test takes its weights from the population's checkpoint
     checkpoint = str(population / "checkpoints" / "last.ckpt")
     config = (folders[1] / "config.yaml").read_text()
-    cli_main(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint])  # into the member's folder
+    cli = cli_main(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint])  # into the member's folder
     tested = json.loads((folders[1] / "test_accuracy.json").read_text())["accuracy"]
     assert tested == pytest.approx(matrices[1][2], abs=1e-9)  # the model kept after task 3
     assert (folders[1] / "config.yaml").read_text() == config  # the training's config is kept
+    stored = next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyMatrix)).matrix[0]  # its matrix, not member 0's
+    assert stored.nan_to_num(-1).tolist() == [[-1 if v is None else v for v in row] for row in matrices[1]]
+    message = user_error(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
+                          "--model.population_member", "5", "--trainer.logger.init_args.save_dir", str(tmp_path / "v")])
+    assert "population_member 5 is not the member with seed 3" in message
     # without it (a config written by hand) the seed alone cannot say which member: the message says what to do
     message = user_error(["test", "--config", str(folders[1] / "config.yaml"), "--ckpt_path", checkpoint,
                           "--model.population_member", "null", "--trainer.logger.init_args.save_dir", str(tmp_path / "u")])

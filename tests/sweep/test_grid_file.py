@@ -132,6 +132,11 @@ def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys
              "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
              "--members_per_trial", "12"])
     assert len(capsys.readouterr().out.splitlines()) == 3
+    with pytest.raises(SystemExit) as exit_info:
+        cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
+                 "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
+                 "--members_per_trial", "0"])
+    assert "--members_per_trial must be at least 1, got 0" in str(exit_info.value.code)
     cl_main(["sweep", "--config", str(CONFIGS / "mcsgd" / "rotated_fashion_mnist.yaml"),
              "--grid", str(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml"), "--root", str(tmp_path), "--dry_run",
              "--solo"])
