@@ -31,7 +31,7 @@ from cl_lightning.member_outputs import log_members
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR, member_view
 from cl_lightning.models.nets import MLP, ResNet18
-from cl_lightning.models.population import Population, fresh_copy, init_member, member_rows, member_values
+from cl_lightning.models.population import Population, fresh_copy, init_member, member_list, member_rows, member_values
 from cl_lightning.seeding import run_seed
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
@@ -118,7 +118,7 @@ class ContinualModule(LightningModule):
             raise ConfigError("model.seeds is empty: give at least one seed")
         hp = self.hparams
         #: Each member's dropout rate (``model.dropout``), or None: the network's own.
-        self.dropout_rates = member_values(hp.dropout, n, "model.dropout") if hp.get("dropout") is not None else None
+        self.dropout_rates = self._dropout_rates(hp.get("dropout"), n)
         self.population = Population([self._with_member_dropout(init_member(lambda: fresh_copy(self._template), seed), k)
                                       for k, seed in enumerate(seeds)], seeds)
         self.seeds = tuple(seeds)
@@ -143,6 +143,18 @@ class ContinualModule(LightningModule):
         net.load_state_dict({name: value[k] for name, value in self.population.stacked.state_dict().items()
                              if name in wanted})
         return self._with_member_dropout(net, k).to(self.device)
+
+    def _dropout_rates(self, dropout: float | Sequence[float] | None, n: int) -> Tensor | None:
+        """``model.dropout`` as one rate per member, or None to keep the network's own. Refused when a
+        rate is not a probability, or when the network has no dropout layer to set (the setting would
+        silently do nothing)."""
+        if dropout is None:
+            return None
+        member_list(dropout, "model.dropout", lambda p: 0.0 <= p < 1.0, "be in [0, 1)")
+        if not any(isinstance(module, nn.Dropout) for module in self._template.modules()):
+            raise ConfigError(f"model.dropout is {dropout} but the network {type(self._template).__name__} has no "
+                              "dropout layer: remove model.dropout, or use a network built with dropout layers")
+        return member_values(dropout, n, "model.dropout")
 
     def _with_member_dropout(self, net: nn.Module, k: int) -> nn.Module:
         """``net`` with member ``k``'s dropout rate in every dropout layer (when ``model.dropout`` is set)."""

@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from sequence_runs import fit_permuted_digits
 
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.errors import TrainingDivergedError
+from cl_lightning.errors import ConfigError, TrainingDivergedError
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
 from cl_lightning.models.module import ContinualModule
@@ -47,6 +47,25 @@ def test_a_member_depends_on_nothing_of_the_others(tmp_path: Path) -> None:
     _, b = fit_permuted_digits(tmp_path / "b", num_tasks=2, seeds=[5, 0, 8], **changed)
     assert torch.equal(a.population.flat()[:2], b.population.flat()[:2])
     assert not torch.equal(a.population.flat()[2], b.population.flat()[2])
+
+
+def test_model_dropout_is_the_networks_own_rate(tmp_path: Path) -> None:
+    """``model.dropout`` (a per-member setting, so sweeps can pack it) trains exactly as the same rate
+    given to the network: the Stable SGD grids search it this way."""
+    matrix, by_setting = fit_permuted_digits(tmp_path / "setting", num_tasks=2, seeds=[3], dropout=[0.5])
+    own_matrix, by_network = fit_permuted_digits(tmp_path / "network", num_tasks=2, seeds=[3], dropout=0.5)
+    assert torch.equal(by_setting.population.flat(), by_network.population.flat())
+    assert same_matrix(matrix, own_matrix)
+
+
+@pytest.mark.parametrize(("net", "dropout", "message"), [
+    (MLP(64, [32], 10, dropout=0.25), [0.2, 1.0], r"model.dropout must be in \[0, 1\)"),
+    (MLP(64, [32], 10, dropout=0.25), -0.1, r"model.dropout must be in \[0, 1\)"),
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 0.5, "has no dropout layer"),
+])
+def test_a_dropout_rate_that_cannot_apply_is_refused(net: torch.nn.Module, dropout, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ContinualModule(net, dropout=dropout, seeds=[0, 1])
 
 
 def fit_with_guard(tmp_path: Path, seeds: list[int], lr: list[float], **trainer_args) -> tuple[torch.Tensor, ContinualModule]:
