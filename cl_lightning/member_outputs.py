@@ -30,10 +30,14 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from cl_lightning.rundir import CONFIG_FILE, MEMBERS_FILE, local_run_dir, trainer_member_dirs, write_atomically
-
-#: The file in a member's folder that names the population it was trained in.
-POPULATION_FILE = "population.json"
+from cl_lightning.rundir import (
+    CONFIG_FILE,
+    MEMBERS_FILE,
+    POPULATION_FILE,
+    local_run_dir,
+    trainer_member_dirs,
+    write_atomically,
+)
 
 
 def member_settings(class_path: str) -> tuple[str, ...]:

@@ -58,12 +58,16 @@ MATRIX_FILE = f"{MATRIX_STEM}.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 #: A population's run folder lists its members' folders in this file.
 MEMBERS_FILE = "members.json"
+#: The file in a member's folder that names the population it was trained in.
+POPULATION_FILE = "population.json"
 #: Part of ``cl-lightning``'s message when the accelerator's memory is exhausted; ``grid`` and
 #: ``sweep`` look for it (:func:`ran_out_of_memory`) to split a population.
 OUT_OF_MEMORY = "the device ran out of memory"
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 #: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
+#: Starts each process's part of ``run.log`` (the command :func:`launch` ran).
+ATTEMPT_LINE = re.compile(r"^\$ cl-lightning ", re.MULTILINE)
 #: Exit statuses of an interrupted fit, unfinished but not failed (the next launch resumes it from
 #: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``), or killed by a signal
 #: from outside (the OOM killer's or a scheduler's SIGKILL, a hangup). A crash (e.g. SIGSEGV) is a failure.
@@ -305,6 +309,49 @@ def members_of(folder: Path) -> list[Path] | None:
     if not record.exists():
         return None
     return [Path(f) for f in json.loads(record.read_text())["folders"]]
+
+
+def population_of(member: Path) -> tuple[Path, int] | None:
+    """The run folder of the population that trained the member in ``member`` (its ``population.json``)
+    and the population's number of members; None for a plain run. It is looked for where it lies
+    relative to the member (so a tree of runs copied or moved elsewhere reads its own copy), else
+    where it was written."""
+    record_file = Path(member) / POPULATION_FILE
+    if not record_file.exists():
+        return None
+    record = json.loads(record_file.read_text())
+    written = Path(record["population"])
+    relative = os.path.relpath(written, Path(record["folders"][record["member"]]))
+    population = Path(os.path.normpath(Path(member).absolute() / relative))
+    return (population if population.is_dir() else written), len(record["folders"])
+
+
+@dataclass(frozen=True)
+class WallTime:
+    """What the fit processes of a run folder took, from its ``run.log``."""
+
+    #: Seconds, summed over the attempts that logged a wall-time line.
+    seconds: float
+    #: Every attempt logged one. False when an attempt was killed with its launcher (SIGKILL, a
+    #: machine that went down): its time is unknown and ``seconds`` is a lower bound.
+    complete: bool
+
+    def share(self, members: int) -> WallTime:
+        """One member's part of a population's wall time."""
+        return WallTime(self.seconds / members, self.complete)
+
+
+def wall_time(folder: Path) -> WallTime | None:
+    """The wall time of the fit processes launched into ``folder`` (all attempts); None without a log
+    or a wall-time line."""
+    try:
+        log = (Path(folder) / LOG_FILE).read_text(errors="replace")
+    except OSError:
+        return None
+    times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer(log)]
+    if not times:
+        return None
+    return WallTime(sum(times), complete=len(times) >= len(ATTEMPT_LINE.findall(log)))
 
 
 def mark_unfinished_members(folder: Path, members: Sequence[Path]) -> list[Path]:

@@ -5,8 +5,9 @@ accuracy A_T (%) and forgetting F_T (a fraction), as in Table 1 of the paper. On
 (all T rows of the accuracy matrix) enter the table; every other run of the grid, missing,
 failed or incomplete, is listed with what went wrong, so a partial grid is never mistaken for a
 complete one. std is the sample standard deviation (ddof=1) over the seeds of a cell; a cell of
-one seed has no ±. Each run's wall time (its ``run.log``, all attempts summed) is averaged per
-cell in a second table, so a table of results also says what it cost.
+one seed has no ±. Each run's wall time (its ``run.log``, all attempts summed; a population
+member's share of its population's) is averaged per cell in a second table and summed over the
+grid, so a table of results also says what it cost.
 
 Why intervals: the same config and seed gave A_T from 36.1 to 54.0 on three machines on a 20-task
 sequence (issue 15, section 5), so a std alone invites ranking methods that the seeds cannot rank.
@@ -33,6 +34,7 @@ from scipy.stats import t as student_t
 from cl_lightning.analysis import plots
 from cl_lightning.analysis.runs import NoRunsError, Run, benchmark_order, find_runs, method_order
 from cl_lightning.metrics.continual import average_accuracy, summary
+from cl_lightning.rundir import WallTime
 
 #: Summaries of the final row of each matrix (``metrics/continual.py``), as columns of ``report.csv``.
 METRICS = ("average_accuracy", "forgetting", "learning_accuracy", "backward_transfer")
@@ -116,10 +118,13 @@ class Cell:
         return " / ".join(parts) + seeds
 
     @property
-    def wall_time_s(self) -> float | None:
-        """Mean wall time of the finished runs that logged one."""
-        times = [run.wall_time_s for run in self.runs if run.wall_time_s is not None]
-        return statistics.fmean(times) if times else None
+    def wall_time(self) -> WallTime | None:
+        """Mean wall time of the finished runs that logged one; a lower bound (not complete) when an
+        attempt of one of them was killed before it logged its time."""
+        times = [run.wall_time for run in self.runs if run.wall_time is not None]
+        if not times:
+            return None
+        return WallTime(statistics.fmean(t.seconds for t in times), all(t.complete for t in times))
 
     def average_accuracy_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """A_t after each task t: mean and std (NaN below two seeds) over the finished runs."""
@@ -166,6 +171,16 @@ class Paired:
         return "separated" if interval is not None and (interval[0] > 0 or interval[1] < 0) else "not separated"
 
 
+def complete_text(time: WallTime | None) -> str:
+    """A CSV's ``wall_time_complete``: ``true``/``false`` (a lower bound), empty without a wall time."""
+    return "" if time is None else str(time.complete).lower()
+
+
+def seconds_text(time: WallTime, spec: str) -> str:
+    """Seconds formatted with ``spec``, after ``≥`` when they are a lower bound."""
+    return ("" if time.complete else "≥") + format(time.seconds, spec)
+
+
 @dataclass
 class Report:
     """Everything ``cl-lightning report`` writes, computed once from the runs found."""
@@ -198,8 +213,21 @@ class Report:
         return "\n".join(lines)
 
     def wall_time_table(self) -> str:
-        """Mean wall time per run of each cell, in seconds (— where no finished run logged one)."""
-        return self.table(lambda cell: "—" if cell.wall_time_s is None else f"{cell.wall_time_s:.0f}")
+        """Mean wall time per run of each cell, in seconds (— where no finished run logged one, ≥ where
+        it is a lower bound)."""
+        return self.table(lambda cell: "—" if cell.wall_time is None else seconds_text(cell.wall_time, ".0f"))
+
+    def total_wall_time(self) -> str:
+        """The sentence giving what the whole grid cost: every run's wall time (or share) summed, the
+        unfinished runs' included."""
+        times = [run.wall_time for run in self.runs if run.wall_time is not None]
+        if not times:
+            return "Whole grid: no run logged a wall time."
+        total = WallTime(sum(t.seconds for t in times), all(t.complete for t in times))
+        killed = sum(not t.complete for t in times)
+        return (f"Whole grid: {seconds_text(total, '.0f')} s ({total.seconds / 3600:.2f} h) of process wall time over "
+                f"{len(times)} runs, summed (processes that ran side by side are counted each)"
+                + (f"; ≥: {killed} run(s) had an attempt killed before it logged its time." if killed else "."))
 
     def paired(self) -> tuple[list[Paired], list[str]]:
         """Every other method against ``baseline`` on each benchmark; a note for each benchmark without a
@@ -252,9 +280,13 @@ class Report:
             self.table(),
             "",
             "Wall time per run (s), mean over the finished seeds: each run's whole `cl-lightning fit` command, "
-            "start-up included, from its run.log (summed over the attempts of a resumed run).",
+            "start-up included, from its run.log (summed over the attempts of a resumed run); a member of a "
+            "population counts its share, the population's wall time divided by its members. ≥: a lower bound, "
+            "an attempt was killed (with its launcher) before it could log its time.",
             "",
             self.wall_time_table(),
+            "",
+            self.total_wall_time(),
             "",
             f"## Paired comparison with {self.baseline} (same seeds)",
             "",
@@ -278,19 +310,21 @@ class Report:
 
     def cells_csv(self) -> str:
         """One row per (benchmark, method): seeds, mean and std of every summary, wall time, then the 95 %
-        intervals of the means (appended, so that readers of the older columns read them unchanged)."""
+        intervals of the means and whether the wall time is complete (appended, so that readers of the
+        older columns read them unchanged)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["benchmark", "method", "seeds_finished", "seeds_expected", "num_tasks"]
                         + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["wall_time_s_mean"]
-                        + [f"{m}_ci95_{s}" for m in METRICS for s in ("low", "high")])
+                        + [f"{m}_ci95_{s}" for m in METRICS for s in ("low", "high")] + ["wall_time_complete"])
         for cell in self.cells:
             estimates = [cell.estimate(metric) if cell.runs else None for metric in METRICS]
             moments = [number(getattr(e, a, None)) for e in estimates for a in ("mean", "std")]
             intervals = [number(getattr(e, a, None)) for e in estimates for a in ("low", "high")]
-            wall = "" if cell.wall_time_s is None else f"{cell.wall_time_s:.1f}"
+            wall = "" if cell.wall_time is None else f"{cell.wall_time.seconds:.1f}"
             writer.writerow([cell.benchmark, cell.method, len(cell.runs), cell.expected_seeds,
-                             ",".join(map(str, cell.num_tasks))] + moments + [wall] + intervals)
+                             ",".join(map(str, cell.num_tasks))] + moments + [wall] + intervals
+                            + [complete_text(cell.wall_time)])
         return out.getvalue()
 
     def paired_csv(self) -> str:
@@ -309,13 +343,14 @@ class Report:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["benchmark", "method", "seed", "status", "tasks_completed", "num_tasks", *METRICS, "wall_time_s",
-                         "folder", "problem"])
+                         "folder", "problem", "wall_time_complete"])
         for run in self.runs:
             scores = summary(run.matrix, run.tasks_completed - 1) if run.tasks_completed else {}
             writer.writerow([run.benchmark, run.method, run.seed, run.status, run.tasks_completed,
                              "" if run.matrix is None else run.matrix.shape[0],
                              *(f"{scores[m]:.6g}" if scores else "" for m in METRICS),
-                             "" if run.wall_time_s is None else f"{run.wall_time_s:.1f}", run.folder, run.problem])
+                             "" if run.wall_time is None else f"{run.wall_time.seconds:.1f}", run.folder, run.problem,
+                             complete_text(run.wall_time)])
         return out.getvalue()
 
     def draw(self, folder: Path) -> list[Path]:

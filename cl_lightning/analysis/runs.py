@@ -29,11 +29,13 @@ from cl_lightning.rundir import (
     LOG_FILE,
     MATRIX_FILE,
     SEED_FOLDER,
-    WALL_TIME_LINE,
     MatrixFileError,
+    WallTime,
     is_hidden,
+    population_of,
     read_matrix,
     run_folder,
+    wall_time,
 )
 
 Status = Literal["finished", "incomplete", "failed", "missing"]
@@ -60,14 +62,19 @@ class Run:
         return f"{self.benchmark}/{self.method}/seed_{self.seed}"
 
     @cached_property
-    def wall_time_s(self) -> float | None:
-        """Seconds the run's processes took, summed over its attempts (``run.log``); None without a log line."""
+    def wall_time(self) -> WallTime | None:
+        """The process wall time the run cost, summed over its attempts: its own ``run.log``'s, or for a
+        member of a population its share, the population's divided by its members (they trained in one
+        process); None without a log line, or with a damaged ``population.json``."""
         try:
-            log = (self.folder / LOG_FILE).read_text(errors="replace")
-        except OSError:
+            population = population_of(self.folder)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
             return None
-        times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer(log)]
-        return sum(times) if times else None
+        if population is None:
+            return wall_time(self.folder)
+        folder, size = population
+        total = wall_time(folder)
+        return None if total is None else total.share(size)
 
     @property
     def tasks_completed(self) -> int:

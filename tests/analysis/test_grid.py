@@ -15,6 +15,7 @@ from signal_probes import has_pending, is_paused, wait_until
 
 from cl_lightning.analysis.report import write_report
 from cl_lightning.grid import GridError, fit_command, main
+from cl_lightning.rundir import WallTime, wall_time
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false"]
@@ -101,8 +102,23 @@ def test_grid_packs_a_cells_seeds_into_one_population_that_report_reads_as_runs(
     assert "naive/seeds_0-2: done in" in out and "seed_0 " in out and "seed_2 " in out
     report, _ = write_report(root, draw=False)
     assert [(r.seed, r.status) for r in report.runs] == [(0, "finished"), (2, "finished")]
+    # each member costs its share of the population's process: the wall time in its run.log over 2
+    population_time = wall_time(cell / "seeds_0-2")
+    assert population_time.complete and population_time.seconds > 0
+    assert [r.wall_time for r in report.runs] == [WallTime(population_time.seconds / 2, True)] * 2
     main(grid)  # everything finished: nothing runs again
     assert "seed_0: finished already, skipped" in capsys.readouterr().out
+    # the runs copied elsewhere still find their population; an attempt killed with its launcher (no
+    # wall-time line) makes the time a lower bound, said with >= in the report
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    with open(moved / "permuted_digits" / "naive" / "seeds_0-2" / "run.log", "a") as log:
+        log.write("\n--- resumed ---\n$ cl-lightning fit --config c.yaml --ckpt_path last.ckpt\n")
+    report, _ = write_report(moved, draw=False)
+    assert [r.wall_time for r in report.runs] == [WallTime(population_time.seconds / 2, False)] * 2
+    assert f"| naive | ≥{population_time.seconds / 2:.0f} |" in (moved / "report.md").read_text()
+    assert "1 run(s)" not in (moved / "report.md").read_text() and "2 run(s) had an attempt killed" in (
+        moved / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -221,3 +221,11 @@ def test_another_baseline_is_chosen_with_its_flag(grid, capsys):
     assert "| permuted_digits | mcsgd | 2 | +12.75 | [-34.90, 60.40] | not separated |" in printed
     assert "| rotated_digits | mcsgd | 0 | — | — | no common seeds with naive |" in printed
     assert "## Paired comparison with naive (same seeds)" in (grid / "report.md").read_text()
+
+
+def test_a_damaged_population_record_leaves_the_wall_time_unknown(tmp_path):
+    member = put_run(tmp_path, "permuted_digits/naive/seed_0", [[90, nan], [60, 80]])
+    (member / "population.json").write_text('{"population": ')
+    report, _ = write_report(tmp_path, draw=False)
+    assert report.runs[0].status == "finished" and report.runs[0].wall_time is None
+    assert "Whole grid: no run logged a wall time." in (tmp_path / "report.md").read_text()
