@@ -68,6 +68,8 @@ SEED_FOLDER = re.compile(r"seed_(\d+)")
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
 #: Starts each process's part of ``run.log`` (the command :func:`launch` ran).
 ATTEMPT_LINE = re.compile(r"^\$ cl-lightning ", re.MULTILINE)
+#: The line the fit prints after each task (``progress.TaskProgressBar``): the task's wall time.
+TASK_LINE = re.compile(r"^task \d+/\d+: \d+ steps in ([0-9.]+) s", re.MULTILINE)
 #: Exit statuses of an interrupted fit, unfinished but not failed (the next launch resumes it from
 #: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``), or killed by a signal
 #: from outside (the OOM killer's or a scheduler's SIGKILL, a hangup). A crash (e.g. SIGSEGV) is a failure.
@@ -330,10 +332,11 @@ def population_of(member: Path) -> tuple[Path, int] | None:
 class WallTime:
     """What the fit processes of a run folder took, from its ``run.log``."""
 
-    #: Seconds, summed over the attempts that logged a wall-time line.
+    #: Seconds, summed over the attempts.
     seconds: float
-    #: Every attempt logged one. False when an attempt was killed with its launcher (SIGKILL, a
-    #: machine that went down): its time is unknown and ``seconds`` is a lower bound.
+    #: Every attempt logged its wall time. False when an attempt was killed with its launcher
+    #: (SIGKILL, a machine that went down): it counts the tasks it logged as finished, without its
+    #: start-up and the task it was in, so ``seconds`` is a lower bound.
     complete: bool
 
     def share(self, members: int) -> WallTime:
@@ -343,15 +346,22 @@ class WallTime:
 
 def wall_time(folder: Path) -> WallTime | None:
     """The wall time of the fit processes launched into ``folder`` (all attempts); None without a log
-    or a wall-time line."""
+    or any time in it."""
     try:
         log = (Path(folder) / LOG_FILE).read_text(errors="replace")
     except OSError:
         return None
-    times = [float(m.group(1)) for m in WALL_TIME_LINE.finditer(log)]
-    if not times:
-        return None
-    return WallTime(sum(times), complete=len(times) >= len(ATTEMPT_LINE.findall(log)))
+    starts = [m.start() for m in ATTEMPT_LINE.finditer(log)]
+    attempts = [log[a:b] for a, b in zip([0, *starts], [*starts, len(log)]) if log[a:b].strip()]
+    seconds, complete = 0.0, True
+    for attempt in attempts:
+        whole = WALL_TIME_LINE.search(attempt)
+        if whole:
+            seconds += float(whole.group(1))
+        else:
+            seconds += sum(float(m.group(1)) for m in TASK_LINE.finditer(attempt))
+            complete = False
+    return WallTime(seconds, complete) if seconds > 0 else None
 
 
 def mark_unfinished_members(folder: Path, members: Sequence[Path]) -> list[Path]:

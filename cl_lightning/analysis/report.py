@@ -227,7 +227,8 @@ class Report:
         killed = sum(not t.complete for t in times)
         return (f"Whole grid: {seconds_text(total, '.0f')} s ({total.seconds / 3600:.2f} h) of process wall time over "
                 f"{len(times)} runs, summed (processes that ran side by side are counted each)"
-                + (f"; ≥: {killed} run(s) had an attempt killed before it logged its time." if killed else "."))
+                + (f"; ≥: {killed} run(s) have an attempt that logged no wall time (killed with its launcher, or still "
+                   "running), counted by its finished tasks." if killed else "."))
 
     def paired(self) -> tuple[list[Paired], list[str]]:
         """Every other method against ``baseline`` on each benchmark; a note for each benchmark without a
@@ -282,7 +283,7 @@ class Report:
             "Wall time per run (s), mean over the finished seeds: each run's whole `cl-lightning fit` command, "
             "start-up included, from its run.log (summed over the attempts of a resumed run); a member of a "
             "population counts its share, the population's wall time divided by its members. ≥: a lower bound, "
-            "an attempt was killed (with its launcher) before it could log its time.",
+            "an attempt logged no wall time (killed with its launcher, or still running): its finished tasks count.",
             "",
             self.wall_time_table(),
             "",
