@@ -1,8 +1,8 @@
 """The runs of a grid below a folder, each with its accuracy matrix and its state.
 
 A run folder is ``<root>/<benchmark>/<method>/seed_<n>/``: the layout of
-:mod:`cl_lightning.rundir`, which ``cl-lightning grid`` and ``sweep`` write. Method, benchmark and seed are read from that layout, so a run is
-identified without parsing its config, and folders outside the layout (``version_0``) are
+:mod:`cl_lightning.rundir`, which ``cl-lightning grid`` and ``sweep`` write. Method, benchmark and
+seed are read from that layout, so a run is identified without parsing its config, and folders outside the layout (``version_0``) are
 reported as ignored rather than guessed at.
 
 A run is

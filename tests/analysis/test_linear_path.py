@@ -103,7 +103,8 @@ def test_section_5_picture_from_the_saved_solutions(run, capsys):
 def test_a_checkpoint_of_another_network_is_refused_with_the_fix(run, tmp_path):
     ckpt = str(run / "checkpoints" / "last.ckpt")
     # through the console entry point: one `error:` line, no traceback
-    with pytest.raises(SystemExit, match="(?s)^error: the checkpoint .* does not fit the network of the config.*pass the config.yaml of the run"):
+    with pytest.raises(SystemExit,
+                       match="(?s)^error: the checkpoint .* does not fit the network of the config.*pass the config.yaml of the run"):
         cl_lightning(["path", "--config", str(run / "config.yaml"), "--model.net.init_args.hidden_sizes", "[32]",
               "--start", ckpt, "--end", ckpt, "--points", "2"])
     torch.save(torch.zeros(10), tmp_path / "short.pt")

@@ -135,7 +135,8 @@ def test_folder_without_runs_is_an_error_that_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cl_lightning(["report", str(tmp_path)])  # the console entry point: one `error:` line
     message = str(exit_info.value.code)
-    assert message.startswith("error: no run folders") and "no run folders <benchmark>/<method>/seed_<n>/" in message and "version_0" in message
+    assert message.startswith("error: no run folders")
+    assert "no run folders <benchmark>/<method>/seed_<n>/" in message and "version_0" in message
 
 
 def test_damaged_matrix_file_names_the_file_and_the_fix(tmp_path):

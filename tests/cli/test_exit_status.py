@@ -19,9 +19,9 @@ def test_validate_stopped_by_sigterm_exits_143_not_0(tmp_path):
     the evaluation at that batch (it finishes one stopped at its last batch)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "cl_lightning", "validate", "--config", str(REPO / "configs" / "naive" / "permuted_digits.yaml"),
-               "--data.num_tasks", "2", "--data.eval_batch_size", "32", "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar",
-               "false", "--trainer.callbacks+=signal_probes.PauseAt", "--trainer.callbacks.where", "evaluation",
-               "--trainer.callbacks.step", "0"]
+               "--data.num_tasks", "2", "--data.eval_batch_size", "32", "--trainer.logger.init_args.save_dir", str(tmp_path),
+               "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=signal_probes.PauseAt",
+               "--trainer.callbacks.where", "evaluation", "--trainer.callbacks.step", "0"]
     with open(tmp_path / "validate.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
