@@ -24,4 +24,5 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
