@@ -2,8 +2,8 @@
 
 A run folder is ``<root>/<benchmark>/<method>/seed_<n>/``: the layout of
 :mod:`cl_lightning.rundir`, which ``cl-lightning grid`` and ``sweep`` write. Method, benchmark and
-seed are read from that layout, so a run is identified without parsing its config, and folders outside the layout (``version_0``) are
-reported as ignored rather than guessed at.
+seed are read from that layout, so a run is identified without parsing its config, and folders
+outside the layout (``version_0``) are reported as ignored rather than guessed at.
 
 A run is
 
