@@ -1,4 +1,5 @@
-"""``cl-lightning grid``: run methods x benchmarks x seeds with the shipped configs, one cell after another.
+"""``cl-lightning grid``: run methods x benchmarks x seeds with the shipped configs, one cell after another
+(``--jobs J``: up to J at once).
 
 The seeds of a (benchmark, method) cell train together as one population in one process:
 ``cl-lightning fit --config <configs>/<method>/<benchmark>.yaml --seeds [s1,...]`` with the
@@ -24,18 +25,22 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
     LOG_FILE,
+    POLL_SECONDS,
     Terminated,
     interrupted_exit,
     is_finished,
     launch,
     mark_unfinished_members,
     members_of,
+    pass_on,
     placement,
     population_folder,
     population_placement,
@@ -95,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="cl-lightning grid",
         allow_abbrev=False,  # a typo must not silently set another option
         usage="cl-lightning grid --methods M [M ...] --benchmarks B [B ...] --seeds N [N ...] [options] [-- fit overrides]",
-        description="Run every method x benchmark x seed, one `cl-lightning fit` process at a time, with the configs "
+        description="Run every method x benchmark x seed, one `cl-lightning fit` process at a time (--jobs: several), with the configs "
         "<configs>/<method>/<benchmark>.yaml, into <root>/<benchmark>/<method>/seed_<n>/ (console output in run.log). "
         "Finished runs are skipped and interrupted ones resume from their last checkpoint, so rerunning the command "
         "completes a grid; failed runs are moved aside to .seed_<n>.attempt<k> and run again. Anything after `--` is "
@@ -108,8 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder of <method>/<benchmark>.yaml (default: %(default)s)")
     parser.add_argument("--solo", action="store_true", help="one process per seed instead of one population per "
                         "(benchmark, method) cell: slower, but a crash ends one seed's run only")
+    parser.add_argument("--jobs", type=int, default=1, metavar="J",
+                        help="run up to J fit processes at once (default: %(default)s, one after another). Each fit uses "
+                        "one CPU thread unless --num_threads says otherwise, so on CPU J up to the number of cores; on "
+                        "one GPU the J processes share it")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what would be skipped; run nothing")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     grid = [(b, m, s) for b in args.benchmarks for m in args.methods for s in args.seeds]
     configs = {(b, m): args.configs / m / f"{b}.yaml" for b, m, _ in grid}
@@ -129,11 +140,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs: dict[tuple[str, str], Path],
              overrides: list[str]) -> None:
     """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order: per cell, one
-    population of its unfinished seeds (``--solo``: one run per seed)."""
+    population of its unfinished seeds (``--solo``: one run per seed); ``--jobs`` of them at once."""
     cells: dict[tuple[str, str], list[int]] = {}
     for benchmark, method, seed in grid:
         cells.setdefault((benchmark, method), []).append(seed)
-    unfinished = []
+    groups = []
     for i, ((benchmark, method), seeds) in enumerate(cells.items(), 1):
         prefix = f"[{i}/{len(cells)}] {benchmark}/{method}"
         pending = []
@@ -142,10 +153,16 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs
                 print(f"{prefix}/seed_{seed}: finished already, skipped", flush=True)
             else:
                 pending.append(seed)
-        for group in ([[seed] for seed in pending] if args.solo else [pending] if pending else []):
-            ok = run_group(args, benchmark, method, group, configs[benchmark, method], overrides, prefix)
-            if not ok:
-                unfinished.append(f"{benchmark}/{method} seeds {group}")
+        groups += [(benchmark, method, group, prefix)
+                   for group in ([[seed] for seed in pending] if args.solo else [pending] if pending else [])]
+    stopping = threading.Event()
+
+    def run(benchmark: str, method: str, group: list[int], prefix: str) -> bool:
+        return run_group(args, benchmark, method, group, configs[benchmark, method], overrides, prefix, stopping)
+
+    jobs = 1 if args.dry_run else args.jobs
+    outcomes = [run(*g) for g in groups] if jobs == 1 else run_concurrently(run, groups, jobs, stopping)
+    unfinished = [f"{benchmark}/{method} seeds {group}" for (benchmark, method, group, _), ok in zip(groups, outcomes) if not ok]
     if unfinished:
         raise GridError(f"{len(unfinished)} run(s) did not finish: {'; '.join(unfinished)}. Fix the cause "
                         "(see their run.log) and run the same command again: finished runs are kept, stopped ones resume")
@@ -153,9 +170,37 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs
         print(f"grid complete: cl-lightning report {args.root}")
 
 
+def run_concurrently(run: Callable[..., bool], groups: list[tuple], jobs: int, stopping: threading.Event) -> list[bool]:
+    """``run(*group)`` for every group, ``jobs`` at a time, each in a thread of its own. Ctrl-C and
+    SIGTERM reach this (the main) thread: it passes each on to every running fit (once per signal,
+    also to a fit a job was starting just then), starts no more, waits for the fits to stop (each with
+    its checkpoint) and re-raises, as the one-at-a-time grid does."""
+    stop: KeyboardInterrupt | Terminated | None = None
+    signalled: set = set()
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="grid-job") as pool:
+        futures: list[Future] = [pool.submit(run, *group) for group in groups]
+        pending = set(futures)
+        while pending:
+            try:
+                _, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            except (KeyboardInterrupt, Terminated) as caught:
+                stop, signalled = caught, set()  # a new signal goes to every fit again
+                stopping.set()
+                for future in futures:
+                    future.cancel()
+            if stop is not None:
+                signalled |= pass_on(signal_of(stop), skip=signalled)
+    if stop is not None:
+        raise stop
+    return [future.result() for future in futures]
+
+
 def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list[int], config: Path,
-              overrides: list[str], prefix: str) -> bool:
-    """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish."""
+              overrides: list[str], prefix: str, stopping: threading.Event | None = None) -> bool:
+    """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish
+    (or was not started: ``stopping`` is set once the grid was told to stop)."""
+    if stopping is not None and stopping.is_set():
+        return False
     population = len(seeds) > 1
     folder = (population_folder(args.root, benchmark, method, seeds) if population
               else run_folder(args.root, benchmark, method, seeds[0]))
@@ -176,5 +221,5 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
         halves = [seeds[: len(seeds) // 2], seeds[len(seeds) // 2:]]
         print(f"{label}: out of the device's memory; training seeds {halves[0]} and {halves[1]} separately", flush=True)
         set_aside_existing([folder, *members])
-        return all([run_group(args, benchmark, method, half, config, overrides, prefix) for half in halves])
+        return all([run_group(args, benchmark, method, half, config, overrides, prefix, stopping) for half in halves])
     return ok

@@ -464,6 +464,23 @@ def signal_of(stop: KeyboardInterrupt | Terminated) -> int:
     return signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
 
 
+#: The fit processes :func:`launch` is running, so that a launcher running several at once (``grid
+#: --jobs``, one thread each) passes a signal on to all of them from its main thread (Python delivers
+#: signals there only): :func:`pass_on`.
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+
+
+def pass_on(signum: int, skip: frozenset[subprocess.Popen] | set[subprocess.Popen] = frozenset()) -> set[subprocess.Popen]:
+    """Send ``signum`` to every fit process :func:`launch` is running but those in ``skip`` (each
+    stops as ``fit`` does on it); return the processes it was sent to."""
+    with _running_lock:
+        targets = {child for child in _running if child not in skip and child.poll() is None}
+        for child in targets:
+            child.send_signal(signum)
+    return targets
+
+
 def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
     """The child's exit status, calling ``on_poll`` about every :data:`POLL_SECONDS` meanwhile.
 
@@ -523,9 +540,13 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
                   + "\n\n")
         log.flush()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        with _running_lock:
+            _running.add(child)
         try:
             code = wait_passing_on_signals(child, on_poll)
         finally:
+            with _running_lock:
+                _running.discard(child)
             log.write(wall_time_line(time.monotonic() - start, child.returncode))
             if kept.exists() and not config.exists():
                 kept.replace(config)

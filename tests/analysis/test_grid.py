@@ -182,6 +182,58 @@ def test_a_stopped_grid_stops_the_running_fit_with_its_checkpoint_and_the_rerun_
 
 
 @pytest.mark.slow
+def test_jobs_run_fits_at_once_and_a_sigterm_stops_each_with_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """``--jobs 2``: two fits train at the same time (both reach their pause point together); SIGTERM
+    to the grid reaches both, each stops with its checkpoint, no orphan trains on; the rerun resumes
+    both, and their results are those of the same runs made one after another."""
+    repo = CONFIGS.parent
+    root = tmp_path / "runs"
+    args = ["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "1", "--solo", "--jobs", "2",
+            "--root", str(root), "--configs", str(CONFIGS), *TINY, "--trainer.callbacks+=signal_probes.PauseAt",
+            "--trainer.callbacks.step", "5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "grid.log", "w") as log:
+        grid = subprocess.Popen([sys.executable, "-m", "cl_lightning", "grid", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        def paused_fits() -> list[int]:
+            return [pid for pid, text in command_lines().items()
+                    if "cl_lightning fit" in text and str(root) in text and is_paused(pid)]
+
+        wait_until(lambda: len(paused_fits()) == 2 or grid.poll() is not None, "both fits to pause")
+        fits = paused_fits()
+        assert len(fits) == 2, "the fits did not run at the same time"
+        os.kill(grid.pid, signal.SIGTERM)
+        wait_until(lambda: all(has_pending(fit, signal.SIGTERM) for fit in fits), "the grid to pass SIGTERM on to both")
+        for fit in fits:
+            os.kill(fit, signal.SIGCONT)
+        assert grid.wait(timeout=300) == 128 + signal.SIGTERM
+        assert not any("cl_lightning fit" in text and str(root) in text for text in command_lines().values())  # no orphan
+    finally:
+        grid.kill()
+    assert "Traceback" not in (tmp_path / "grid.log").read_text()
+    runs = [root / "permuted_digits" / "naive" / f"seed_{seed}" for seed in (0, 1)]
+    for run in runs:
+        assert (run / "checkpoints" / "interrupted-epoch=0-step=5.ckpt").exists() and not (run / "FAILED").exists()
+
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # the rerun's fits load the probe callback of the config
+    main(args)
+    assert capsys.readouterr().out.count("resuming from") == 2
+    one_by_one = tmp_path / "one_by_one"
+    main(["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "1", "--solo", "--root", str(one_by_one),
+          "--configs", str(CONFIGS), *TINY])
+    for run in runs:  # the matrices as written (tasks not reached are null)
+        assert json.loads((run / "accuracy_matrix.json").read_text())["matrix"] == json.loads(
+            (one_by_one / "permuted_digits" / "naive" / run.name / "accuracy_matrix.json").read_text())["matrix"]
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--methods", "naive", "--benchmarks", "permuted_digits", "--seeds", "0", "--jobs", "0", "--root", str(tmp_path)])
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_a_population_that_runs_out_of_device_memory_is_split_until_it_fits(tmp_path, capsys, monkeypatch):
     tests = Path(__file__).parents[1]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
