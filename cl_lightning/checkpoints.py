@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from cl_lightning.errors import CheckpointError
+from cl_lightning.hparams import MODEL_PLUMBING
 from cl_lightning.methods import METHODS
 
 #: ``ckpt_path`` values that Lightning resolves itself (no file to check).
@@ -114,8 +115,9 @@ def _saved_before_epoch_end(checkpoint: dict[str, Any]) -> bool:
 
 
 def _warn_model_overridden(saved: dict[str, Any], model: dict[str, Any]) -> None:
-    # the members' seeds are the datamodule's to check (a plain run's config leaves them null)
-    diff = _differences(saved, _init_args(model), ignore=("seeds",))
+    # Only settings of the model are compared: the members' seeds are the datamodule's to check (a plain run's
+    # config leaves them null), and population_member selects a member's weights from the checkpoint.
+    diff = _differences(saved, _init_args(model), ignore=MODEL_PLUMBING)
     if diff:
         rank_zero_warn(f"--ckpt_path: the checkpoint's model settings replace the config's ({diff}); the run uses "
                        "the checkpoint's, as the weights require.")

@@ -8,13 +8,14 @@ task. Everything else (overrides, ``--print_config``, each command's ``--help``)
 
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import os
 import signal
 import sys
-import textwrap
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,17 +31,20 @@ from typing_extensions import override
 
 import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
+from cl_lightning.cli_errors import METHOD_NAMES, ContinualArgumentParser
+from cl_lightning.console import DESCRIPTION, EXTRA_COMMANDS, TRAINER_COMMANDS, main, run_extra_command, usage
 from cl_lightning.data.datamodule import ContinualDataModule, sequence_trainer_settings
-from cl_lightning.errors import DeviceMemoryError, UserError
+from cl_lightning.errors import DeviceMemoryError, user_errors_in_one_line
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.guards import FiniteGuard
-from cl_lightning.hparams import METRICS, science
+from cl_lightning.hparams import METRICS, log_population, science
 from cl_lightning.member_outputs import member_loggers, write_member_files
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.preflight import check_run_inputs
 from cl_lightning.progress import TaskProgressBar
-from cl_lightning.rundir import OUT_OF_MEMORY
+from cl_lightning.rundir import CONFIG_FILE, OUT_OF_MEMORY, checkpoint_run_folder, run_files
 from cl_lightning.saving import AtomicCheckpointIO, TaskCheckpoint
+from cl_lightning.seeding import check_seeds
 from cl_lightning.signals import CheckpointOnSignal
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
@@ -49,6 +53,12 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Lightning (2.6) still builds torch's deprecated pytree LeafSpec: a notice about Lightning's own code
 # that the user cannot act on, printed at every resume and stop, where it buried the line that matters.
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# Lightning (2.6) advertises its cloud services at the start of every fit ("💡 Tip: For seamless cloud
+# logging ... litlogger", and "... uploads ... litmodels" for its default checkpoint), with no switch
+# until Trainer(suggest_integrations=False) of a later release: the run's console carries our lines.
+# Only these tips are dropped; the logger's other notices (GPU available, seed set, ...) stay.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud"))
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -57,9 +67,10 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" and not self.already_saved:
-            # Evaluating a run with its own config.yaml (`test --config <run>/config.yaml`) logs into
-            # the run's folder: its config.yaml is the training's, to be kept, not a reason to fail.
+        if not self.already_saved:
+            # A run folder's config.yaml is the training's: a resume continues that run and `test` /
+            # `validate` evaluate it in its folder (:func:`follow_run_folder`), so it is kept, not a reason
+            # to fail; a new fit never reaches a folder that holds one (`preflight` refuses it first).
             folder = trainer.log_dir  # a collective: every process
             exists = trainer.strategy.broadcast(bool(folder) and os.path.isfile(os.path.join(folder, self.config_filename))
                                                 if trainer.is_global_zero else False)
@@ -73,9 +84,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         seeds = list(trainer.datamodule.seeds)
         if len(seeds) > 1:  # each member's own config.yaml and HParams row, in its own folder
-            for logger, member in zip(member_loggers(trainer), write_member_files(trainer, config, seeds)):
-                if logger is not None:
-                    logger.log_hyperparams(science(member), metrics=dict.fromkeys(METRICS, 0.0))
+            log_population(member_loggers(trainer), write_member_files(trainer, config, seeds))
         elif isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.log_hyperparams(science(config), metrics=dict.fromkeys(METRICS, 0.0))
 
@@ -96,33 +105,28 @@ def logger_follows_default_root_dir(trainer: Namespace) -> None:
         init_args.save_dir = str(root)
 
 
-#: What ``cl-lightning --help`` says the tool is, before its list of commands.
-DESCRIPTION = (
-    "Continual learning on task sequences with PyTorch Lightning: MC-SGD (Mirzadeh et al., ICLR 2021) and its "
-    "baselines on permuted/rotated MNIST, Fashion-MNIST and split CIFAR-100, run, resumed, compared and analysed. "
-    "See README.md; each command's options: cl-lightning <command> --help."
-)
-
-#: LightningCLI's commands that a task sequence uses: name -> (usage line, what it does, where to start).
-#: The usage line stands for Lightning's ~90-line list of every option, which the help lists below anyway.
-TRAINER_COMMANDS = {
-    "fit": (
-        "cl-lightning fit --config configs/<method>/<benchmark>.yaml [--<section>.<option> VALUE ...]",
-        "train a method on a whole task sequence (or resume it with --ckpt_path <run>/checkpoints/last.ckpt)",
-        "Start from a shipped config; --print_config shows the whole resolved config, and any option below "
-        "overrides it, e.g. --data.num_tasks 5 --trainer.accelerator gpu",
-    ),
-    "validate": (
-        "cl-lightning validate --config <run>/config.yaml --ckpt_path <checkpoint> [--<section>.<option> VALUE ...]",
-        "evaluate a checkpoint on the tasks it has seen, on the validation split (test split if data.val_fraction is 0)",
-        "Give the run's own config.yaml (next to its checkpoints/); --print_config shows the resolved config",
-    ),
-    "test": (
-        "cl-lightning test --config <run>/config.yaml --ckpt_path <checkpoint> [--<section>.<option> VALUE ...]",
-        "evaluate a checkpoint on every task's test split",
-        "Give the run's own config.yaml (next to its checkpoints/); --print_config shows the resolved config",
-    ),
-}
+def follow_run_folder(config: Namespace, subcommand: str) -> None:
+    """Point the logger at the run folder that the command continues or evaluates, so that its files
+    (TensorBoard events, ``test_accuracy.json``, the resumed matrix) join that run's instead of a new
+    ``version_N``: ``fit --ckpt_path <run>/checkpoints/<file>.ckpt`` resumes in ``<run>``; ``test`` and
+    ``validate`` write into the folder of the run's own ``config.yaml`` given with ``--config`` (a
+    population member's folder, say), else into the checkpoint's run folder. A checkpoint elsewhere
+    (a copy), or a logger version the command names, starts a new folder as before."""
+    ckpt_path = config.get("ckpt_path")
+    folder = checkpoint_run_folder(ckpt_path) if ckpt_path else None
+    if subcommand != "fit":
+        given = [Path(p.absolute) for p in config.get("config") or []]
+        runs = [p.parent for p in given if p.name == CONFIG_FILE and set(run_files(p.parent)) - {CONFIG_FILE}]
+        folder = runs[-1] if runs else folder
+    if folder is None:
+        return
+    logger = config.trainer.get("logger")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init_args is not None and "save_dir" in init_args:
+        if init_args.get("version") is None:
+            init_args.save_dir, init_args.name, init_args.version = str(folder.parent), "", folder.name
+    elif logger is False:
+        config.trainer.default_root_dir = str(folder)
 
 
 #: The task sequence's trainer settings that follow from the data section: linked, so they cannot be
@@ -172,6 +176,15 @@ class ContinualCLI(LightningCLI):
         return super().init_parser(**{"allow_abbrev": False, **kwargs})
 
     @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            # The accuracy matrix prints the per-task table; Lightning's (`verbose`) would repeat its numbers
+            # once per task's dataloader, 40 lines for 10 tasks. `--verbose true` still asks for it.
+            parser.set_defaults(verbose=False)
+        return parser
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED_TRAINER_SETTINGS:
             parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), f"trainer.{name}",
@@ -180,7 +193,7 @@ class ContinualCLI(LightningCLI):
             "--seeds", type=Optional[list[int]], default=None,
             help="Train these seeds together as one population in one fit, e.g. --seeds [0,1,2,3,4]: member k is "
             "the run with seed_everything seeds[k] (its own initial weights, tasks, batch order, dropout and "
-            "memories) and writes its results into its own folder seed_<seeds[k]> beside the run folder (or --member_dirs). Settings "
+            "memories) and writes its results into its own folder seed_<seeds[k]> inside the run folder (or --member_dirs). Settings "
             "that change no shape may then be lists with one value per member (e.g. --model.lr [0.1,0.05]). "
             "Default (null): one member, seed_everything.",
         )
@@ -191,7 +204,7 @@ class ContinualCLI(LightningCLI):
             "--member_dirs", type=Optional[list[str]], default=None,
             help="The folder each member of a population writes its results into, one per seed, e.g. "
             "--seeds [0,0] --model.lr [0.1,0.01] --member_dirs [runs/lr0.1/seed_0,runs/lr0.01/seed_0]. Default "
-            "(null): seed_<seed> beside the run folder; needed when a seed repeats.",
+            "(null): seed_<seed> inside the run folder; needed when a seed repeats. A folder holding another run's results is refused.",
         )
         parser.link_arguments("member_dirs", "data.member_dirs")
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
@@ -231,11 +244,22 @@ class ContinualCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     @override
+    def _set_seed(self) -> None:
+        # A population's seed_everything is its first member's: a population of one (`--seeds [3]`)
+        # records and prints the seed it trains, not the config's seed_everything.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("seeds"):
+            config["seed_everything"] = config["seeds"][0]
+        check_seeds(config.get("seeds"), config.get("seed_everything"))
+        super()._set_seed()
+
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         logger_follows_default_root_dir(config.trainer)
+        follow_run_folder(config, self.subcommand)
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
@@ -265,9 +289,9 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
         # The module's own per-task SGD (`ContinualModule.configure_optimizers`) is the paper's:
         # no --optimizer/--lr_scheduler groups that would replace it and list every torch class.
         auto_configure_optimizers=False,
-        parser_kwargs={"usage": usage(), "description": DESCRIPTION, **{
-            name: {"usage": usage, "description": f"{summary[0].upper()}{summary[1:]}. {advice}"}
-            for name, (usage, summary, advice) in TRAINER_COMMANDS.items()
+        parser_class=ContinualArgumentParser,
+        parser_kwargs={"prog": "cl-lightning", "usage": usage(), "description": DESCRIPTION, **{
+            name: {"usage": TRAINER_COMMANDS[name][0], "description": command_description(name)} for name in TRAINER_COMMANDS
         }},
         trainer_defaults={
             **sequence_trainer_defaults(),
@@ -279,58 +303,40 @@ def cli_main(args: ArgsType = None) -> ContinualCLI:
     )
 
 
-#: Commands beside LightningCLI's: name -> (module with ``main(argv)``, what it does).
-EXTRA_COMMANDS = {
-    "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
-    "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std, 95 % interval) over seeds, methods against MC-SGD, plots"),
-    "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
-    "sweep": ("cl_lightning.sweep.run", "a grid of settings x seeds on Ray Tune, selected on validation, best config on test seeds"),
-}
+def command_description(name: str) -> str:
+    """The text under a trainer command's usage line. ``fit``'s also says where a method's options are:
+    a method is a class given in ``trainer.callbacks``, whose options jsonargparse lists only for a
+    class named with ``--trainer.callbacks.help``."""
+    _, summary, advice = TRAINER_COMMANDS[name]
+    text = f"{summary[0].upper()}{summary[1:]}. {advice}"
+    if name == "fit":
+        text += f" A method's options (alpha0, lam, ...): --trainer.callbacks.help <method>, one of {', '.join(METHOD_NAMES)}."
+    return text
 
 
-def main(args: ArgsType = None) -> None:
-    """Console entry point of ``cl-lightning``: the extra commands go to their modules, the rest
-    to LightningCLI. Problems with the user's input (data, settings, checkpoint, a diverged run, a
-    failed write, for every command) end with the message that names the fix, not a traceback
-    (:mod:`cl_lightning.errors`); argument errors are reported by the commands' parsers. A stop by
-    SIGTERM exits 143 whatever the command (``fit`` stops with a checkpoint, ``signals.py``)."""
+def run(args: Sequence[str] | None = None) -> None:
+    """Run the command of ``args`` (default: the command line's). :func:`cl_lightning.console.main`, the
+    entry point, answers ``--help``, ``--version`` and an unknown command and runs the extra commands
+    itself, without torch; here they go to the same :func:`~cl_lightning.console.run_extra_command`, the
+    trainer commands to LightningCLI. Problems with the user's input (data, settings, checkpoint, a
+    diverged run, a failed write, for every command) end with the message that names the fix, not a
+    traceback (:func:`cl_lightning.errors.user_errors_in_one_line`); argument errors are reported by the
+    commands' parsers in one line (:mod:`cl_lightning.cli_errors`). A trainer command stopped by SIGTERM
+    exits 143 (``fit`` stops with a checkpoint, ``signals.py``), one out of the device's memory says
+    what a population costs."""
     argv = sys.argv[1:] if args is None else list(args)
-    command = argv[0] if argv else ""
+    if argv[:1] and argv[0] in EXTRA_COMMANDS:
+        run_extra_command(argv[0], argv[1:])
+        return
     try:
-        if command in EXTRA_COMMANDS:
-            importlib.import_module(EXTRA_COMMANDS[command][0]).main(argv[1:])
-            return
-        if command in ("-h", "--help"):
-            print(overview())
-            sys.exit(0)  # as every parser's --help
-        cli_main(args)
+        with user_errors_in_one_line():
+            cli_main(args)  # None: LightningCLI reads sys.argv itself (and warns if given both)
     except SIGTERMException as stop:
         # Lightning's own SIGTERM handling (test, validate) raises it with exit status 0: a batch
         # scheduler would count a preempted job as a success.
         raise SystemExit(stop.code or 128 + signal.SIGTERM) from stop
     except torch.cuda.OutOfMemoryError as err:
         sys.exit(f"error: {out_of_memory(err)}")
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        sys.exit(f"error: {cause}")
-
-
-def usage() -> str:
-    """The top-level usage line, with every command: LightningCLI's own (shown when no command is
-    given) would name only its trainer commands."""
-    return f"cl-lightning <command> [options]   (commands: {', '.join([*TRAINER_COMMANDS, *EXTRA_COMMANDS])})"
-
-
-def overview() -> str:
-    """``cl-lightning --help``: what the tool is and its commands, one line each. LightningCLI's
-    own top-level help knows only its trainer commands, with the Trainer's docstrings."""
-    summaries = {name: summary for name, (_, summary, _) in TRAINER_COMMANDS.items()}
-    summaries |= {name: summary for name, (_, summary) in EXTRA_COMMANDS.items()}
-    lines = [f"  {name:<10}{summary}" for name, summary in summaries.items()]
-    return "\n".join([f"usage: {usage()}", "", *textwrap.wrap(DESCRIPTION, 100), "",
-                      "commands:", *lines])
 
 
 def out_of_memory(err: BaseException) -> DeviceMemoryError:
@@ -342,14 +348,6 @@ def out_of_memory(err: BaseException) -> DeviceMemoryError:
         "or let `cl-lightning grid` / `sweep` train them, which split a population that does not fit into smaller ones. "
         "The checkpoints and accuracy matrices written so far are kept."
     )
-
-
-def user_error(err: BaseException) -> UserError | None:
-    """``err`` or the :class:`UserError` it was raised from. jsonargparse wraps what a class's
-    constructor raises (a callback refusing its settings) into its own ``ValueError``."""
-    while err is not None and not isinstance(err, UserError):
-        err = err.__cause__
-    return err
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ checkpoint, is run again from scratch after its folder (and, for a population, i
 folders) is moved aside to ``.<name>.attempt<k>`` (hidden, so ``cl-lightning report`` ignores it).
 A failed run, or a member that did not finish (e.g. stopped by the divergence guard), leaves a
 ``FAILED`` marker and the grid goes on; the exit status is 1 when any run failed.
+
+The run folders' module (:mod:`cl_lightning.rundir`) loads torch, seconds on a busy machine: it is
+imported inside the functions that use it, so that ``grid --help`` and a refused argument answer at once.
 """
 
 from __future__ import annotations
@@ -31,27 +34,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from cl_lightning.errors import UserError
-from cl_lightning.rundir import (
-    LOG_FILE,
-    POLL_SECONDS,
-    Terminated,
-    interrupted_exit,
-    is_finished,
-    launch,
-    mark_unfinished_members,
-    members_of,
-    pass_on,
-    placement,
-    population_folder,
-    population_placement,
-    prepare,
-    ran_out_of_memory,
-    read_result,
-    run_folder,
-    set_aside_existing,
-    signal_of,
-    sigterm_raises_terminated,
-)
 
 
 class GridError(UserError):
@@ -62,6 +44,8 @@ def fit_command(config: Path, root: Path, benchmark: str, method: str, seeds: Se
                 overrides: Sequence[str]) -> list[str]:
     """The ``cl-lightning fit`` arguments of one run of ``seeds`` (one seed: a plain run in its
     ``seed_<n>/`` folder; several: a population), the user's overrides last: they win."""
+    from cl_lightning.rundir import placement, population_placement
+
     where = (placement(root, benchmark, method, seeds[0]) if len(seeds) == 1
              else population_placement(root, benchmark, method, seeds))
     return ["fit", "--config", str(config), *where, *overrides]
@@ -72,6 +56,8 @@ def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool,
     Returns (ok, summary); a stop by a signal is not ok but leaves no ``FAILED`` marker: the next grid
     command resumes it. A population is ok when all its members finished; a member that did not
     (the divergence guard stopped it) gets a ``FAILED`` marker of its own, as a plain run would."""
+    from cl_lightning.rundir import LOG_FILE, launch, members_of, read_result
+
     outcome = launch(folder, fit_args, resume)
     members = members_of(folder)
     if members is not None and not outcome.stopped:
@@ -84,6 +70,8 @@ def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool,
 
 
 def _members_outcome(folder: Path, members: list[Path], seconds: float) -> tuple[bool, str]:
+    from cl_lightning.rundir import LOG_FILE, mark_unfinished_members, read_result
+
     unfinished = mark_unfinished_members(folder, members)
     results = [f"{m.name} FAILED" if m in unfinished else f"{m.name} {read_result(m)['average_accuracy']:.2f} %"
                for m in members]
@@ -119,8 +107,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "one GPU the J processes share it")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what would be skipped; run nothing")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    from cl_lightning.rundir import Terminated, check_writable, interrupted_exit, signal_of, sigterm_raises_terminated
+    from cl_lightning.seeding import MAX_SEED
+
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if any(seed < 0 or seed > MAX_SEED for seed in args.seeds):
+        parser.error(f"--seeds must be integers from 0 to {MAX_SEED}, got {' '.join(map(str, args.seeds))}")
+    if not args.dry_run:
+        check_writable(args.root, "root")  # one line now, not a traceback in every run's log
 
     grid = [(b, m, s) for b in args.benchmarks for m in args.methods for s in args.seeds]
     configs = {(b, m): args.configs / m / f"{b}.yaml" for b, m, _ in grid}
@@ -141,6 +136,8 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]], configs
              overrides: list[str]) -> None:
     """Run (or with ``--dry_run`` print) the grid's runs that are not finished, in order: per cell, one
     population of its unfinished seeds (``--solo``: one run per seed); ``--jobs`` of them at once."""
+    from cl_lightning.rundir import is_finished, run_folder
+
     cells: dict[tuple[str, str], list[int]] = {}
     for benchmark, method, seed in grid:
         cells.setdefault((benchmark, method), []).append(seed)
@@ -175,6 +172,8 @@ def run_concurrently(run: Callable[..., bool], groups: list[tuple], jobs: int, s
     SIGTERM reach this (the main) thread: it passes each on to every running fit (once per signal,
     also to a fit a job was starting just then), starts no more, waits for the fits to stop (each with
     its checkpoint) and re-raises, as the one-at-a-time grid does."""
+    from cl_lightning.rundir import POLL_SECONDS, Terminated, pass_on, signal_of
+
     stop: KeyboardInterrupt | Terminated | None = None
     signalled: set = set()
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="grid-job") as pool:
@@ -199,6 +198,8 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
               overrides: list[str], prefix: str, stopping: threading.Event | None = None) -> bool:
     """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish
     (or was not started: ``stopping`` is set once the grid was told to stop)."""
+    from cl_lightning.rundir import population_folder, prepare, ran_out_of_memory, run_folder, set_aside_existing
+
     if stopping is not None and stopping.is_set():
         return False
     population = len(seeds) > 1

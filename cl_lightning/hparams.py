@@ -6,14 +6,25 @@ settings in one long ``trainer/callbacks`` string, so runs cannot be sorted by `
 the method, each of its settings, the model, the benchmark and the seed are separate columns;
 checkpointing, the progress bar, printing, the logger and the trainer's machinery are left out.
 
-TensorBoard orders the columns by name and shows the first five until one picks others, so the
-names sort in reading order: ``method``, ``method/*``, ``model/*``, ``seed``, then the task
-sequence (the config's ``data`` section) as ``sequence/*``.
+TensorBoard shows the first five columns until one picks others, so the names sort in reading
+order: ``method``, ``method/*``, ``model/*``, ``seed``, then the task sequence (the config's ``data``
+section) as ``sequence/*``. A population's members differ in a few of them (``seed``, a per-member
+``model/lr``), which would sort behind the five equal ones and stay hidden, so
+:func:`log_population` puts those first. TensorBoard takes the columns from the experiment summary
+a run logged (each member logs one; it reads the first it finds) and sorts those whose ``differs``
+flag is set to the top, then by name (tensorflow/tensorboard#6500 and #6601; 2.21's
+``_sort_and_reduce_to_hparams_limit`` in ``plugins/hparams/backend_context.py``); versions without
+the flag show them in the order they were logged (``kNumHParamsToDisplayByDefault`` in
+``tf-hparams-query-pane.ts``). So the differing columns are both flagged and logged first.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # `report` imports this module without loading Lightning
+    from lightning.pytorch.loggers import TensorBoardLogger
 
 Scalar = int | float | str | bool
 
@@ -83,3 +94,48 @@ def science(config: dict[str, Any]) -> dict[str, Scalar]:
     seed = data.get("seed") if data.get("seed") is not None else config.get("seed_everything")
     return {**method_columns(config), **model_columns(config.get("model", {})), **data_columns(data),
             "seed": _scalar(seed)}
+
+
+def differing(rows: Sequence[dict[str, Scalar]]) -> list[str]:
+    """The columns whose value is not the same in every row (absent counts as a value), in column order."""
+    columns = dict.fromkeys(name for row in rows for name in row)
+    return [name for name in columns if len({row.get(name) for row in rows}) > 1]
+
+
+def population_rows(configs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Scalar]], list[str]]:
+    """Each member's row (:func:`science` of its config) with the columns that differ across the
+    members first, and those columns (``seed``, ``model/lr``, ... for a population of several seeds)."""
+    rows = [science(config) for config in configs]
+    first = differing(rows)
+    return [{**{name: row[name] for name in first if name in row}, **row} for row in rows], first
+
+
+def log_row(logger: TensorBoardLogger, row: dict[str, Scalar], differs: Collection[str] = ()) -> None:
+    """Log ``row`` as the run's HParams row with :data:`METRICS`, as Lightning's ``log_hyperparams`` does,
+    with the columns in ``differs`` flagged as differing in the experiment summary: TensorBoard
+    shows those first (module docstring), which ``log_hyperparams`` cannot say."""
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    metrics = dict.fromkeys(METRICS, 0.0)
+    logger.hparams.update(row)  # the run's hparams.yaml, as log_hyperparams keeps it
+    logger.log_metrics(metrics)
+    experiment, start, end = hparams(row, metrics)
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    if "differs" in api_pb2.HParamInfo.DESCRIPTOR.fields_by_name:  # a TensorBoard with tensorflow/tensorboard#6500
+        for info in data.experiment.hparam_infos:
+            info.differs = info.name in differs
+    value.metadata.plugin_data.content = data.SerializeToString()
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+
+
+def log_population(loggers: Sequence[TensorBoardLogger | None], configs: Sequence[dict[str, Any]]) -> None:
+    """Log member k's row (:func:`population_rows` of the members' ``configs``) into ``loggers[k]``
+    (None: a member without a TensorBoard logger), the columns that differ across the members first."""
+    rows, differs = population_rows(configs)
+    for logger, row in zip(loggers, rows):
+        if logger is not None:
+            log_row(logger, row, differs)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -55,13 +54,14 @@ def _take(init_args: dict[str, Any], names: tuple[str, ...], k: int) -> None:
             init_args[name] = init_args[name][k]
 
 
-def member_config(config: dict[str, Any], k: int, seed: int, folder: Path, named: bool = False) -> dict[str, Any]:
-    """The config of the plain run that trains member ``k`` (seed ``seed``) alone, writing into ``folder``.
+def member_config(config: dict[str, Any], k: int, seed: int) -> dict[str, Any]:
+    """The config of the plain run that trains member ``k`` (seed ``seed``) alone.
 
     ``config`` is the population's config as a plain dict (LightningCLI's, dumped): the member gets
     ``seed_everything: seed``, ``seeds: null``, ``member_dirs: null`` and ``model.population_member: k``,
-    its own value of every per-member setting, and its logger's version is its folder (``named``: a folder the population
-    named, anywhere: then the logger's ``save_dir`` is the folder's parent too).
+    and its own value of every per-member setting. Its logger names no version: ``fit`` with it trains the
+    member alone into a new folder, while ``test`` / ``validate`` with it write into the member's folder,
+    the folder of the ``config.yaml`` they are given (``cli.follow_run_folder``).
     """
     member = copy.deepcopy(config)
     member["seed_everything"] = seed
@@ -78,24 +78,21 @@ def member_config(config: dict[str, Any], k: int, seed: int, folder: Path, named
             _take(callback.setdefault("init_args", {}), member_settings(callback["class_path"]), k)
     logger = trainer.get("logger")
     if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
-        logger["init_args"]["version"] = folder.name
-        if named:
-            logger["init_args"].update(save_dir=str(folder.parent), name="")
+        logger["init_args"]["version"] = None
     return member
 
 
 def write_member_files(trainer: Trainer, config: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
     """Write the population's ``members.json`` and each member's ``config.yaml`` and
     ``population.json`` (a population of two or more); return the members' configs. Rank 0 only."""
-    population = local_run_dir(trainer)
-    named = trainer.datamodule.member_dirs is not None
+    population = local_run_dir(trainer).absolute()
     folders = trainer_member_dirs(trainer, population)
     record = {"population": str(population), "seeds": seeds, "folders": [str(f) for f in folders],
               "checkpoints": str(population / "checkpoints")}
     files = {population / MEMBERS_FILE: json.dumps(record, indent=1)}
     configs = []
     for k, (seed, folder) in enumerate(zip(seeds, folders)):
-        configs.append(member_config(config, k, seed, folder, named))
+        configs.append(member_config(config, k, seed))
         folder.mkdir(parents=True, exist_ok=True)
         files[folder / CONFIG_FILE] = yaml.safe_dump(configs[-1], sort_keys=False)
         files[folder / POPULATION_FILE] = json.dumps({**record, "member": k, "seed": seed}, indent=1)

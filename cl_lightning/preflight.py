@@ -4,8 +4,9 @@ Lightning creates the logger's ``version_N`` folder and its events file (``logge
 *before* the datamodule's ``setup`` reads the data (lightning/pytorch/trainer/call.py,
 ``_call_setup_hook``), and restores the checkpoint after that. A run that then fails on a missing
 dataset, a damaged data file or a checkpoint of another seed leaves an empty ``version_N`` that
-looks like a run; an unwritable output folder fails deep inside the logger with a traceback.
-:func:`check_run_inputs` does all of these checks first, so a failing run creates nothing.
+looks like a run; an unwritable output folder fails deep inside the logger with a traceback; and a
+fit into a folder that holds another run's results would write over them. :func:`check_run_inputs`
+does all of these checks first, so a failing run creates nothing and no run overwrites another.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from cl_lightning.saving import check_writable
+from cl_lightning.models.population import member_values
+from cl_lightning.rundir import check_new_run, check_writable, loggers_run_dir, member_dirs
 
 
 def check_run_inputs(datamodule: LightningDataModule, trainer_config: dict[str, Any], callbacks: list[Callback],
@@ -30,9 +32,29 @@ def check_run_inputs(datamodule: LightningDataModule, trainer_config: dict[str, 
     """
     for folder, option in _output_folders(trainer_config, callbacks):
         check_writable(folder, option)
+    loggers = trainer_config.get("logger")
+    folder = loggers_run_dir(loggers if isinstance(loggers, list) else [loggers], trainer_config.get("default_root_dir"))
+    members = member_dirs(folder, datamodule.seeds, datamodule.member_dirs)
+    configured = trainer_config.get("callbacks") or []
+    _check_member_settings([*callbacks, *(configured if isinstance(configured, list) else [configured])], len(members))
+    if len(members) > 1:
+        for member in members:
+            check_writable(member, "member_dirs")
+    if fitting:
+        check_new_run(folder, members, ckpt_path)
     datamodule.setup("fit")  # reads and checks the data; idempotent, the Trainer's call is then free
     if ckpt_path and Path(ckpt_path).is_file():
         _check_datamodule_state(datamodule, ckpt_path, fitting)
+
+
+def _check_member_settings(callbacks: list[Callback], size: int) -> None:
+    """Each method's per-member settings (its ``MEMBER_SETTINGS``: one value, or one per member) against
+    the population's size, now rather than in the method's ``setup``, after the run folder exists."""
+    for callback in callbacks:
+        for name in getattr(callback, "MEMBER_SETTINGS", ()):
+            value = getattr(callback, name, None)
+            if value is not None:
+                member_values(value, size, name)
 
 
 def _output_folders(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[tuple[str, str]]:

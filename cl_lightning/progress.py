@@ -7,6 +7,7 @@ import time
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -66,7 +67,8 @@ class TaskProgressBar(TQDMProgressBar):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         dm = trainer.datamodule
-        if trainer.sanity_checking or not dm.is_task_end(trainer.current_epoch):
+        fitting = trainer.state.fn == TrainerFn.FITTING  # `validate` has no task and no steps to report
+        if trainer.sanity_checking or not fitting or not dm.is_task_end(trainer.current_epoch):
             return
         task = dm.task_of_epoch(trainer.current_epoch)
         # each member's average over the tasks seen so far, then their mean over the members still training

@@ -3,7 +3,10 @@
 One owner for what ``fit`` (the accuracy matrix, MC-SGD's solutions), ``grid`` and ``sweep`` (which
 launch fits into folders) and ``report`` (which reads them) must agree on:
 
-- the layout ``<root>/<benchmark>/<method>/seed_<n>/``: Lightning's TensorBoardLogger with
+- a fit's run folder: a new one for every new fit (Lightning's ``version_N``, or a named folder that
+  holds no run: :func:`check_new_run`), the checkpoint's own for a resume; a population's members
+  write inside it (``seed_<n>/``) or into folders it names (:func:`member_dirs`);
+- the grid's layout ``<root>/<benchmark>/<method>/seed_<n>/``: Lightning's TensorBoardLogger with
   ``save_dir=<root>``, ``name=<benchmark>/<method>``, ``version=seed_<n>`` (:func:`placement`), so
   a run is identified without parsing its config; hidden folders (``.seed_<n>.attempt<k>``, a
   previous attempt set aside) are not runs;
@@ -29,6 +32,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from cl_lightning.errors import ResultsWriteError, UserError
+from cl_lightning.errors import OutputWriteError, ResultsWriteError, UserError
 from cl_lightning.metrics.continual import summaries, summary
 
 if TYPE_CHECKING:  # grid and sweep import this module without loading Lightning
@@ -85,6 +89,10 @@ class MatrixFileError(UserError, ValueError):
     """An ``accuracy_matrix.json`` that cannot be read as an accuracy matrix."""
 
 
+class ExistingRunError(UserError, FileExistsError):
+    """A new fit would write into a folder that holds another run's results."""
+
+
 # ---------------------------------------------------------------------------------- layout
 def run_dir(trainer: Trainer) -> Path:
     """The run folder. ``trainer.log_dir`` is a collective under multi-process strategies (rank 0
@@ -93,31 +101,91 @@ def run_dir(trainer: Trainer) -> Path:
 
 
 def local_run_dir(trainer: Trainer) -> Path:
-    """The run folder as :func:`run_dir` finds it, without its broadcast: for code that runs on rank 0
-    only (``trainer.log_dir``'s rule: the first logger's ``log_dir`` for TensorBoard and CSV loggers,
-    another logger's ``save_dir``, else ``default_root_dir``)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    """The run folder as :func:`run_dir` finds it, without its broadcast: for code that runs on rank 0 only."""
+    return loggers_run_dir(trainer.loggers, trainer.default_root_dir)
 
-    if trainer.loggers:
-        logger = trainer.loggers[0]
+
+def loggers_run_dir(loggers: Sequence[object], default_root_dir: str | Path | None) -> Path:
+    """``trainer.log_dir``'s rule: the first logger's ``log_dir`` for TensorBoard and CSV loggers (the next
+    ``version_N`` unless a version is named; nothing is created to find it), another logger's
+    ``save_dir``, else ``default_root_dir``. Also before the Trainer exists (``preflight``)."""
+    from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+    if loggers and isinstance(loggers[0], Logger):
+        logger = loggers[0]
         folder = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
         if folder is not None:
             return Path(folder)
-    return Path(trainer.default_root_dir)
+    return Path(default_root_dir or ".")
 
 
 def member_dirs(folder: Path, seeds: Sequence[int], given: Sequence[str] | None = None) -> list[Path]:
     """Where each member of the population whose run folder is ``folder`` writes its results: a
     population of one writes into the run folder itself; member k of a larger population into
-    ``given[k]`` when the run names its members' folders (``data.member_dirs``), else into the
-    sibling ``seed_<seeds[k]>``, the folder a solo run with that seed gets from ``grid``
-    (:func:`run_folder`), so ``report`` reads members and solo runs alike."""
+    ``given[k]`` when the run names its members' folders (``data.member_dirs``, as ``grid`` and
+    ``sweep`` do), else into ``seed_<seeds[k]>`` inside the run folder. A new fit gets a new run
+    folder (:func:`check_new_run`), so its members' folders are new too: no fit writes over another's."""
     folder = Path(folder)
     if len(seeds) == 1:
         return [folder]
     if given is not None:
         return [Path(d).resolve() for d in given]
-    return [folder.parent / f"seed_{seed}" for seed in seeds]
+    return [folder / f"seed_{seed}" for seed in seeds]
+
+
+#: What makes a folder a run's (or a population member's): a new fit never writes into a folder holding one.
+RUN_FILES = (CONFIG_FILE, MATRIX_FILE, MEMBERS_FILE, POPULATION_FILE, LAST_CHECKPOINT.parent.name)
+
+
+def run_files(folder: Path) -> list[str]:
+    """The files of a run that ``folder`` holds (:data:`RUN_FILES`), none for a new or empty folder."""
+    return [name for name in RUN_FILES if (Path(folder) / name).exists()]
+
+
+def checkpoint_run_folder(ckpt_path: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to, ``<run>/checkpoints/<file>.ckpt`` beside the run's
+    ``config.yaml`` (where ``fit`` writes them); None for a checkpoint anywhere else (a copy)."""
+    path = Path(ckpt_path).absolute()
+    folder = path.parent.parent
+    return folder if path.parent.name == LAST_CHECKPOINT.parent.name and (folder / CONFIG_FILE).is_file() else None
+
+
+def check_new_run(folder: Path, members: Sequence[Path], ckpt_path: str | Path | None) -> None:
+    """Refuse a fit that would write into another run's files, before anything is created.
+
+    ``folder`` is the fit's run folder and ``members`` its members' folders (:func:`member_dirs`);
+    ``ckpt_path`` the checkpoint it resumes, if any: a resume from the folder's own ``checkpoints/``
+    continues that run. Any other fit needs a run folder without a run's files (``version_N`` is
+    always new; a folder named with ``--trainer.logger.init_args.version`` may hold one), and
+    members' folders that hold none (or, on resume, hold this population's own members)."""
+    folder = Path(folder).absolute()
+    own = ckpt_path is not None and Path(ckpt_path).absolute().parent == folder / LAST_CHECKPOINT.parent
+    found = run_files(folder)
+    if found and not own:
+        raise ExistingRunError(
+            f"the run folder {folder} already holds a run ({', '.join(found)}): a new fit never writes into another "
+            f"run's folder. Resume that run with `cl-lightning fit --config {folder / CONFIG_FILE} --ckpt_path "
+            f"{folder / LAST_CHECKPOINT}`, or train into a new folder (leave --trainer.logger.init_args.version unset "
+            "for the next version_N, or name another)"
+        )
+    if len(members) < 2:
+        return
+    for member in members:
+        found = run_files(member)
+        if found and not (own and _trained_by(member, folder)):
+            raise ExistingRunError(
+                f"the member folder {member} already holds a run ({', '.join(found)}): a new fit never writes into "
+                "another run's folder. Give the members new folders (--member_dirs), or move that folder away"
+            )
+
+
+def _trained_by(member: Path, population: Path) -> bool:
+    """Whether the member folder's ``population.json`` names ``population`` as the run that trains it."""
+    try:
+        record = json.loads((Path(member) / POPULATION_FILE).read_text())
+        return Path(record["population"]).absolute() == Path(population).absolute()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def trainer_member_dirs(trainer: Trainer, folder: Path) -> list[Path]:
@@ -147,13 +215,14 @@ def population_folder(root: Path, benchmark: str, method: str, seeds: Sequence[i
 def population_placement(root: Path, benchmark: str, method: str, seeds: Sequence[int], folder: Path | None = None,
                          members: Sequence[Path] | None = None) -> list[str]:
     """The ``fit`` overrides that train ``seeds`` of (benchmark, method) as one population in
-    :func:`population_folder`, each member writing into its :func:`run_folder`; or in ``folder``
-    (in ``<root>/<benchmark>/<method>/``) with member k writing into ``members[k]``."""
+    :func:`population_folder`, each member writing into its :func:`run_folder` (where ``report`` reads
+    a grid's runs); or in ``folder`` (in ``<root>/<benchmark>/<method>/``) with member k writing into
+    ``members[k]``."""
     folder = folder or population_folder(root, benchmark, method, seeds)
-    args = ["--seeds", "[" + ",".join(map(str, seeds)) + "]", *_logger_folder(root, benchmark, method, folder)]
-    if members is not None:  # JSON: a folder's name may hold commas and brackets (``mcsgd[lr=0.1,alpha0=0.25]``)
-        args += ["--member_dirs", json.dumps([str(member) for member in members])]
-    return args
+    members = members if members is not None else [run_folder(root, benchmark, method, seed) for seed in seeds]
+    # JSON: a folder's name may hold commas and brackets (``mcsgd[lr=0.1,alpha0=0.25]``)
+    return ["--seeds", "[" + ",".join(map(str, seeds)) + "]", *_logger_folder(root, benchmark, method, folder),
+            "--member_dirs", json.dumps([str(member) for member in members])]
 
 
 def _logger_folder(root: Path, benchmark: str, method: str, folder: Path) -> list[str]:
@@ -190,6 +259,28 @@ def set_aside_existing(folders: Sequence[Path]) -> None:
     for folder in folders:
         if folder.exists():
             set_aside(folder)
+
+
+def check_writable(folder: str | Path, option: str) -> None:
+    """Raise :class:`OutputWriteError` unless files can be created in ``folder`` (set by ``option``).
+
+    Creates nothing that stays: the folder itself is only created later, by the run; here a
+    temporary file is created and removed in its nearest existing ancestor (``os.access`` says
+    "writable" for root on read-only mounts, so only a real write tells).
+    """
+    if "://" in str(folder):  # a remote logger folder (s3://, gs://, ...): nothing to check here
+        return
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    fix = f"choose another folder with --{option} or make it writable."
+    if not existing.is_dir():
+        raise OutputWriteError(f"output folder {folder} cannot be created: {existing} is a file, not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        where = "" if existing == folder else f" (in {existing})"
+        raise OutputWriteError(f"output folder {folder} is not writable{where}: {err.strerror}; {fix}") from err
 
 
 # ---------------------------------------------------------------------------------- the matrix file
@@ -525,13 +616,8 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
     console output is appended to ``run.log``, with its wall-time line; a failure leaves the
     ``FAILED`` marker (reason and last lines of the log), a stop by a signal does not.
 
-    A resumed fit writes its ``config.yaml`` again (the same settings plus ``--ckpt_path``) and
-    LightningCLI refuses to overwrite one, so the previous one is moved aside for the child and put
-    back if the child wrote none (e.g. "nothing to resume" on a finished checkpoint)."""
+    A resumed fit continues in its run folder and keeps the ``config.yaml`` there."""
     folder.mkdir(parents=True, exist_ok=True)
-    config, kept = folder / CONFIG_FILE, folder / f".{CONFIG_FILE}.before_resume"
-    if resume and config.exists():
-        config.replace(kept)
     command = [*entry, *fit_args, *resume]
     start = time.monotonic()
     code = -1
@@ -548,9 +634,6 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
             with _running_lock:
                 _running.discard(child)
             log.write(wall_time_line(time.monotonic() - start, child.returncode))
-            if kept.exists() and not config.exists():
-                kept.replace(config)
-            kept.unlink(missing_ok=True)
     seconds = time.monotonic() - start
     if code in STOPPED_BY_SIGNAL or (code == 0 and is_finished(folder)):
         return Outcome(code, seconds, None)

@@ -27,7 +27,7 @@ the checkpoint, so a full disk leaves a truncated ``.ckpt`` that a later resume 
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -40,11 +40,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from cl_lightning.errors import ConfigError, UserError
-
-
-class OutputWriteError(UserError, OSError):
-    """An output folder is not writable, or a checkpoint could not be written (disk full, ...)."""
+from cl_lightning.errors import ConfigError, OutputWriteError
 
 
 class TaskCheckpoint(ModelCheckpoint):
@@ -121,6 +117,21 @@ class TaskCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
 
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with warnings.catch_warnings():
+            if self.monitor is None:
+                # Loaded into another folder than it was written from (`test` of a population member writes
+                # into the member's folder), Lightning warns that the top-k ranking's state is not reloaded:
+                # without a monitor there is no ranking, so the warning is noise. With one it stays.
+                warnings.filterwarnings("ignore", message="The dirpath has changed from ", category=UserWarning)
+            super().load_state_dict(state_dict)
+        if self.save_last and self.dirpath is not None and state_dict.get("dirpath") == self.dirpath:
+            # A resume continues in its own folder, whose last.ckpt is this run's latest state, to be replaced.
+            # The checkpoint's own record may predate it (`CheckpointOnSignal` copies its checkpoint to
+            # last.ckpt after writing it), and Lightning would then write last-v1.ckpt beside it.
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+
     @staticmethod
     def _ends_epoch(trainer: Trainer, batch_idx: int) -> bool:
         """Whether this is the epoch's last training batch (the condition Lightning's resume tests)."""
@@ -154,25 +165,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"space (or fix the folder's permissions), then resume from the latest one in {path.parent}: "
                 "cl-lightning fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt"
             ) from err
-
-
-def check_writable(folder: _PATH, option: str) -> None:
-    """Raise :class:`OutputWriteError` unless files can be created in ``folder`` (set by ``option``).
-
-    Creates nothing that stays: the folder itself is only created later, by the run; here a
-    temporary file is created and removed in its nearest existing ancestor (``os.access`` says
-    "writable" for root on read-only mounts, so only a real write tells).
-    """
-    if not _is_local_file_protocol(folder):
-        return
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    fix = f"choose another folder with --{option} or make it writable."
-    if not existing.is_dir():
-        raise OutputWriteError(f"output folder {folder} cannot be created: {existing} is a file, not a folder; {fix}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        where = "" if existing == folder else f" (in {existing})"
-        raise OutputWriteError(f"output folder {folder} is not writable{where}: {err.strerror}; {fix}") from err

@@ -1,11 +1,13 @@
-"""Screenshots of TensorBoard's Images and HParams tabs for the docs (docs/images/).
+"""Screenshots of TensorBoard's Images and HParams tabs for the docs (docs/images/, or --out).
 
-Runs two short MC-SGD fits on the offline 8x8 digits (alpha0 0.1 and 0.25: the HParams tab puts
-the settings that differ between runs first) into a temporary folder, serves it with
+Runs two short MC-SGD fits on the offline 8x8 digits (alpha0 0.1 and 0.25; two separate runs, so
+the HParams tab orders their columns by name, and ``method/alpha0`` is the second) into a temporary folder, serves it with
 ``tensorboard --logdir`` on a free localhost port and photographs each tab with headless Chromium;
 also saves the last heatmap itself at its own size:
 
-    PYTHONPATH=. python docs/screenshots.py [--chromium /usr/bin/chromium] [--tasks 6]
+    PYTHONPATH=. python docs/screenshots.py [--chromium /usr/bin/chromium] [--tasks 6] [--out FOLDER]
+
+``--out`` writes the PNGs elsewhere, to compare them with the tracked ones before replacing those.
 """
 
 from __future__ import annotations
@@ -81,21 +83,23 @@ def screenshot(chromium: str, url: str, path: Path, size: str = "1400,1000") -> 
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--tasks", type=int, default=6, help="tasks of the digits run")
-    args = parser.parse_args()
-    IMAGES.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--out", type=Path, default=IMAGES,
+                        help="folder for the PNGs (default: docs/images, the README's own, which this replaces)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         runs = [fit(Path(folder), args.tasks, alpha0) for alpha0 in ALPHA0]
-        save_last_heatmap(runs[-1], IMAGES / "accuracy_matrix_heatmap.png")
+        save_last_heatmap(runs[-1], args.out / "accuracy_matrix_heatmap.png")
         port = free_port()
         server = serve(Path(folder), port)
         try:
             for name, fragment in TABS.items():
-                screenshot(args.chromium, f"http://127.0.0.1:{port}/{fragment}", IMAGES / name)
-                print(f"written: {IMAGES / name}")
+                screenshot(args.chromium, f"http://127.0.0.1:{port}/{fragment}", args.out / name)
+                print(f"written: {args.out / name}")
         finally:
             server.terminate()
             server.wait()

@@ -11,7 +11,8 @@ From the bottom up (a module may import its own layer and those below it):
    Lightning's loop) and ``progress`` (the task progress bar).
 5. ``methods``: the continual-learning callbacks.
 6. ``checkpoints`` and ``preflight``: checks of a run's inputs, which know the methods.
-7. The commands: ``cli``, ``__main__``, ``grid``, ``analysis``, ``sweep``.
+7. The commands: ``cli`` (with ``console``, its entry point, and ``cli_errors``), ``__main__``, ``grid``,
+   ``analysis``, ``sweep``.
 
 So metrics can be reused without a model, models without a method, and analysis code depends on
 the pieces it measures, never the other way round. Imports inside functions count too. A new
@@ -35,7 +36,7 @@ LAYERS: list[set[str]] = [
     {"evaluation", "progress"},
     {"methods"},
     {"checkpoints", "preflight"},
-    {"cli", "__main__", "grid", "analysis", "sweep"},
+    {"cli", "cli_errors", "console", "__main__", "grid", "analysis", "sweep"},
 ]
 
 

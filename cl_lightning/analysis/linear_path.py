@@ -12,6 +12,9 @@ and ``seed_everything`` sections: the seed fixes the permutations and class spli
 points are evaluated on the very tasks the run trained on. Only parameters are interpolated;
 the package's networks have no buffers (their BatchNorms use batch statistics, evaluated in
 batches of ``data.eval_batch_size`` as the accuracy matrix is).
+
+torch, Lightning and matplotlib are imported inside the functions that use them: ``path --help``
+(which lists no ``--model.*``/``--data.*`` options) answers before any of them loads.
 """
 
 from __future__ import annotations
@@ -24,21 +27,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
-from torch import Tensor
 
-from cl_lightning.analysis import plots
-from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import UserError
-from cl_lightning.evaluation.evaluate import task_metrics
-from cl_lightning.models.module import ContinualModule, take_members
-from cl_lightning.rundir import solution_path
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from cl_lightning.data.datamodule import ContinualDataModule
+    from cl_lightning.models.module import ContinualModule
 
 #: Data split the path is evaluated on.
 Split = Literal["train", "val", "test"]
@@ -64,12 +65,16 @@ class PathResult:
 def load_endpoint(path: Path, module: ContinualModule) -> Tensor:
     """The flat parameter vector (a plain network's parameter order) stored in ``path``: a saved
     solution, or the weights of a checkpoint (of the config's member, if it is a population's)."""
+    import torch
+
+    from cl_lightning.models.module import take_members
+
     expected = module.population.flat().shape[1]
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise EndpointError(f"cannot load {path} ({err}); pass {ENDPOINT_HELP}") from err
-    if isinstance(stored, Tensor):
+    if isinstance(stored, torch.Tensor):
         if stored.dim() != 1 or stored.numel() != expected:
             raise EndpointError(f"{path} holds a tensor of shape {tuple(stored.shape)}, but the network of the config has "
                                 f"{expected} parameters: pass the config.yaml of the run that saved it")
@@ -96,6 +101,10 @@ def interpolate(module: ContinualModule, dm: ContinualDataModule, start: Tensor,
 
     ``torch.lerp`` gives exactly ``start`` at α = 0 and exactly ``end`` at α = 1.
     """
+    import torch
+
+    from cl_lightning.evaluation.evaluate import task_metrics
+
     device = module.device
     start, end = start.to(device), end.to(device)
     alphas = torch.linspace(0, 1, points, dtype=torch.float64)
@@ -197,7 +206,10 @@ def build(parser: ArgumentParser, argv: list[str]) -> tuple:
     return args, module, dm
 
 
-def make_parser() -> ArgumentParser:
+def make_parser(run_options: bool = True) -> ArgumentParser:
+    """The command's parser. ``run_options=False`` leaves out the run's ``--model.*`` and ``--data.*``
+    options (the network's and the datamodule's, whose classes need torch and Lightning): the parser
+    that ``--help`` needs, as the help hides them anyway (:func:`hide_from_help`)."""
     parser = ArgumentParser(
         prog="cl-lightning path",
         allow_abbrev=False,  # a typo must not silently set another option
@@ -224,9 +236,13 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="replace the CSV and PNG of an earlier call with the same endpoints (default: refuse)")
     parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="the run's seed (from its config)")
-    parser.add_class_arguments(ContinualModule, "model")
-    parser.add_class_arguments(ContinualDataModule, "data")
-    hide_from_help(parser, "model", "data")
+    if run_options:
+        from cl_lightning.data.datamodule import ContinualDataModule
+        from cl_lightning.models.module import ContinualModule
+
+        parser.add_class_arguments(ContinualModule, "model")
+        parser.add_class_arguments(ContinualDataModule, "data")
+        hide_from_help(parser, "model", "data")
     return parser
 
 
@@ -241,6 +257,13 @@ def hide_from_help(parser: ArgumentParser, *sections: str) -> None:
 
 def run(argv: Sequence[str]) -> list[Path]:
     """The command: returns the files written."""
+    if "-h" in argv or "--help" in argv:
+        make_parser(run_options=False).parse_args(["--help"])
+    import numpy as np
+
+    from cl_lightning.analysis import plots
+    from cl_lightning.rundir import solution_path
+
     parser = make_parser()
     args, module, dm = build(parser, list(argv))
     if (args.solutions is None) == (args.start is None or args.end is None):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from cl_lightning.data.members import (
@@ -96,9 +97,9 @@ class ContinualDataModule(LightningDataModule):
             Overrides ``seed``; None is the population of one ``[seed]``. The model must hold the
             same members (the command line links ``model.seeds`` to this).
         member_dirs: The folder each member writes its results into, one per seed (a population of
-            two or more). Default: ``seed_<seed>`` beside the run folder, the layout of
-            ``cl-lightning grid``. Needed when a seed repeats (members that differ in a setting
-            only, as ``cl-lightning sweep`` packs them), since their default folders would coincide.
+            two or more); each must hold no other run's results. Default: ``seed_<seed>`` inside
+            the run folder. Needed when a seed repeats (members that differ in a setting only, as
+            ``cl-lightning sweep`` packs them), since their default folders would coincide.
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class ContinualDataModule(LightningDataModule):
         #: Every member's task sequence (index tensors on the CPU), known once ``setup`` has run.
         self.tasks: MemberTasks | None = None
         self._data: MemberData | None = None
+        self._checkpoint_tasks_seen: int | None = None  # of the checkpoint an evaluation restored
 
     # ----------------------------------------------------------------- task schedule
     def task_of_epoch(self, epoch: int) -> int:
@@ -199,8 +201,10 @@ class ContinualDataModule(LightningDataModule):
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        """The members' seeds (after ``setup``)."""
-        return self._ready().seeds
+        """The members' seeds; known before ``setup`` reads the data (the run's checks need them first)."""
+        if self.tasks is not None:
+            return self.tasks.seeds
+        return tuple(self.seed_list) if self.seed_list is not None else (run_seed(self.seed),)
 
     @property
     def size(self) -> int:
@@ -250,14 +254,21 @@ class ContinualDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------- checkpoint
     @override
-    def state_dict(self) -> dict[str, list[int]]:
-        """The members' seeds every task was derived from: a resumed run must derive the same tasks."""
-        return {"seeds": list(self.seeds)}
+    def state_dict(self) -> dict[str, Any]:
+        """The members' seeds every task was derived from (a resumed run must derive the same tasks), and
+        the number of tasks the model has seen (``validate`` evaluates those, its loop state not being restored)."""
+        return {"seeds": list(self.seeds), "tasks_seen": self.current_task + 1}
 
     @override
-    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         # Lightning restores this after `setup`, so both are known here.
-        self.check_seeds(state, fitting=self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING)
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        self.check_seeds(state, fitting)
+        if not fitting:
+            if "tasks_seen" not in state:
+                rank_zero_warn("the checkpoint does not record how many tasks its model has seen (it was written by an "
+                               "older cl-lightning): every task is evaluated")
+            self._checkpoint_tasks_seen = int(state.get("tasks_seen", self.num_tasks))
 
     def check_seeds(self, state: dict[str, list[int]], fitting: bool) -> None:
         """Refuse a checkpoint (its datamodule ``state``) of other members: resuming (``fitting``) needs
@@ -275,9 +286,18 @@ class ContinualDataModule(LightningDataModule):
         """Training batches of the current epoch the loop has finished (saved for mid-epoch resume)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    @property
+    def tasks_seen(self) -> int:
+        """The tasks trained so far, the one in progress included: while fitting, from the trainer's epoch;
+        when evaluating a checkpoint (``validate``), as the checkpoint records it."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING and self._checkpoint_tasks_seen is not None:
+            return self._checkpoint_tasks_seen
+        return self.current_task + 1
+
     @override
     def val_dataloader(self) -> list[MemberEvalBatches]:
-        seen = self.num_tasks if self.eval_future_tasks else self.current_task + 1
+        seen = self.num_tasks if self.eval_future_tasks else self.tasks_seen
         return [self._eval_loader(self.task_set(t, self.eval_split)) for t in range(seen)]
 
     @override

@@ -150,8 +150,7 @@ def _load_idx(name: str, root: Path, train: bool, download: bool) -> ImageSet:
     reader = _IDX_READERS[name]
     raw = root / reader.__name__ / "raw"
     expected = [Path(filename).stem for filename, _ in reader.resources]  # names without .gz
-    for filename in expected:
-        _gunzip_if_missing(raw / filename)
+    _gunzip_if_missing([raw / filename for filename in expected])
     prefix = "train" if train else "t10k"
     split_files = [raw / f for f in expected if f.startswith(prefix)]
     try:
@@ -170,30 +169,34 @@ def _load_idx(name: str, root: Path, train: bool, download: bool) -> ImageSet:
     return _checked(ImageSet(images, targets, 255, NUM_CLASSES[name]), name, split_files)
 
 
-def _gunzip_if_missing(target: Path) -> None:
-    """Decompress ``target.gz`` into ``target`` when only the ``.gz`` file is there.
+def _gunzip_if_missing(targets: list[Path]) -> None:
+    """Decompress each ``target.gz`` into ``target`` when only the ``.gz`` file is there.
 
-    torchvision's readers only check for the extracted files. The data goes to a temporary file
-    renamed into place, so an interrupted run (or two processes extracting at once, as in
-    multi-device training) never leaves a half-written file that would later look "corrupt".
+    torchvision's readers only check for the extracted files. Every file is decompressed to a
+    temporary file first and all are renamed into place only once each one decompressed, so a
+    damaged ``.gz`` leaves the folder as it was (no file of the set extracted beside it), and an
+    interrupted run (or two processes extracting at once, as in multi-device training) never leaves
+    a half-written file that would later look "corrupt".
     """
-    packed = target.with_name(target.name + ".gz")
-    if target.is_file() or not packed.is_file():
-        return
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    pending = [t for t in targets if not t.is_file() and t.with_name(t.name + ".gz").is_file()]
+    partials = [t.with_name(f".{t.name}.{os.getpid()}.part") for t in pending]
     try:
-        with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        partial.unlink(missing_ok=True)
-        raise DatasetCorruptError(
-            f"{packed} is not a valid gzip file ({err}): it is truncated or damaged. "
-            "Delete it and download or copy it again."
-        ) from err
+        for target, partial in zip(pending, partials):
+            packed = target.with_name(target.name + ".gz")
+            try:
+                with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                raise DatasetCorruptError(
+                    f"{packed} is not a valid gzip file ({err}): it is truncated or damaged. "
+                    "Delete it and download or copy it again."
+                ) from err
     except BaseException:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, target)
+    for target, partial in zip(pending, partials):
+        os.replace(partial, target)
 
 
 def _idx_not_found_message(

@@ -80,6 +80,30 @@ def format_table(matrix: Tensor, rows: int, title: str, full: str = "the run's a
     return "\n".join(lines)
 
 
+#: The end of ``fit`` prints every member's matrix up to this many members, past it :func:`population_summary`:
+#: a population of 200 printed 2,632 lines.
+MAX_PRINTED_MATRICES = 3
+
+
+def population_summary(matrices: Tensor, seeds: list[int], rows: int, split: str) -> str:
+    """A few lines for a population's ``[N, T, T]`` matrices after ``rows`` tasks: the mean, lowest and
+    highest final average accuracy and forgetting over the members, with the seeds of the extremes,
+    and the members left out (stopped by the divergence guard before that row)."""
+    scores = {seed: summary(matrix, rows - 1) for seed, matrix in zip(seeds, matrices)}
+    stopped = [seed for seed, s in scores.items() if math.isnan(s["average_accuracy"])]
+    scores = {seed: s for seed, s in scores.items() if seed not in stopped}
+    lines = [f"Population of {len(seeds)} members after task {rows}/{matrices.shape[1]} ({split} split):"]
+    for name, label, unit, digits in (("average_accuracy", "average accuracy", " %", 2), ("forgetting", "forgetting", "", 3)):
+        values = {seed: s[name] for seed, s in scores.items()}
+        if values:
+            low, high = min(values, key=values.get), max(values, key=values.get)
+            lines.append(f"  {label:<17}mean {sum(values.values()) / len(values):.{digits}f}{unit}  min {values[low]:.{digits}f}"
+                         f"{unit} (seed {low})  max {values[high]:.{digits}f}{unit} (seed {high})")
+    if stopped:
+        lines.append(f"  {len(stopped)} member(s) stopped before task {rows} and left out: seeds {', '.join(map(str, stopped))}")
+    return "\n".join(lines)
+
+
 class AccuracyMatrix(Callback):
     """Builds a[t][i] = accuracy on task i of the model kept after task t, for every population member.
 
@@ -89,7 +113,9 @@ class AccuracyMatrix(Callback):
     ``matrix/task_XX`` (accuracy of task XX after each task) and, on TensorBoard, the
     ``cl/accuracy_matrix`` heatmap (after every task, or every k-th past :data:`MAX_HEATMAPS`
     tasks, so its cost per task stays flat); it rewrites ``accuracy_matrix.csv`` / ``.json`` in each
-    member's folder (:func:`~cl_lightning.rundir.member_dirs`). The matrices are part of the
+    member's folder (:func:`~cl_lightning.rundir.member_dirs`); a population of two or more logs the
+    members' mean ``cl/*`` summaries into its own run folder's logger, the run around its members'
+    in TensorBoard. The matrices are part of the
     checkpoint, so a resumed run continues them. A member the divergence guard stopped keeps the
     rows of the tasks it completed.
 
@@ -142,6 +168,9 @@ class AccuracyMatrix(Callback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._print_validation(trainer, pl_module)
+            return
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         if not dm.is_task_end(trainer.current_epoch):
@@ -153,14 +182,16 @@ class AccuracyMatrix(Callback):
 
     @rank_zero_only
     def _publish(self, trainer: Trainer, task: int) -> None:
+        population: list[dict[str, float]] = []
         for k, (folder, logger) in enumerate(zip(self.folders, member_loggers(trainer))):
             matrix = self.matrix[k]
             if matrix[task].isnan().all():  # a member the guard stopped
                 continue
             self.write(folder, task, k)
+            scores = summary(matrix, task)
+            population.append(scores)
             if logger is None:
                 continue
-            scores = summary(matrix, task)
             step = task + 1
             metrics = {f"cl/{name}": value for name, value in scores.items()}
             metrics |= {f"matrix/task_{i + 1:02d}": v for i, v in enumerate(matrix[task].tolist()) if not math.isnan(v)}
@@ -169,6 +200,10 @@ class AccuracyMatrix(Callback):
             if isinstance(logger, TensorBoardLogger) and heatmap_due(task, matrix.shape[0]):
                 logger.experiment.add_image("cl/accuracy_matrix", heatmap(matrix, task), global_step=step,
                                             dataformats="HWC")
+        if len(self.folders) > 1 and trainer.logger is not None and population:
+            # The population's own run (its run folder, around its members'): the members' mean summaries.
+            trainer.logger.log_metrics({f"cl/{name}": sum(s[name] for s in population) / len(population)
+                                        for name in population[0]}, step=task + 1)
 
     def write(self, folder: Path, task: int, member: int = 0) -> None:
         """Write rows 1..task+1 of ``member``'s matrix as ``accuracy_matrix.csv`` and ``.json``."""
@@ -180,11 +215,14 @@ class AccuracyMatrix(Callback):
         rows = self.completed_tasks
         if not (self.print_table and rows):
             return
-        for k, folder in enumerate(self.folders):
-            title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
-            if len(self.folders) > 1:
-                title = f"Member {k} (seed {self.seeds[k]}): " + title
-            print(format_table(self.matrix[k], rows, title, full=str(folder / "accuracy_matrix.csv")))
+        if len(self.folders) > MAX_PRINTED_MATRICES:  # each member's matrix is in its folder
+            print(population_summary(self.matrix, self.seeds, rows, self.split))
+        else:
+            for k, folder in enumerate(self.folders):
+                title = f"Accuracy matrix (%, {self.split} split): row = after task t, column = task i"
+                if len(self.folders) > 1:
+                    title = f"Member {k} (seed {self.seeds[k]}): " + title
+                print(format_table(self.matrix[k], rows, title, full=str(folder / "accuracy_matrix.csv")))
         print(f"written to {self.folders[0] / 'accuracy_matrix.csv'}" + (" and the other members' folders" if len(self.folders) > 1 else "")
               + f" (and .json); TensorBoard: tensorboard --logdir {os.path.commonpath([f.parent for f in self.folders])}")
 
@@ -209,6 +247,21 @@ class AccuracyMatrix(Callback):
                 print("Test accuracy (%) of this model on every task:")
                 print("  ".join("..." if i is None else f"T{i + 1} {accuracy[i]:.1f}" for i in _shown(num_tasks)))
                 print(f"average accuracy {record['average_accuracy']:.2f} %  -> {folder / 'test_accuracy.json'}")
+
+    # ------------------------------------------------------------------ validate
+    @rank_zero_only
+    def _print_validation(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``validate``: each member's accuracy on every task its checkpoint has seen, one line each."""
+        if not self.print_table:
+            return
+        dm = trainer.datamodule
+        accuracy = pl_module.task_accuracy["val"][:, : dm.tasks_seen]
+        print(f"Accuracy (%, {dm.eval_split} split) of this model on the {accuracy.shape[1]} task(s) it has seen:")
+        for k, seed in enumerate(self.seeds):
+            row = accuracy[k].tolist()
+            who = f"seed {seed}: " if len(self.seeds) > 1 else ""
+            print(who + "  ".join("..." if i is None else f"T{i + 1} {row[i]:.1f}" for i in _shown(len(row)))
+                  + f"  average {sum(row) / len(row):.2f} %")
 
     # ------------------------------------------------------------------ checkpoint
     @override

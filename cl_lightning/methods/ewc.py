@@ -44,7 +44,7 @@ accumulation), after mixed precision unscaled the gradients and before gradient 
 exactly as if the penalty were part of the loss. The ``agem`` Fisher reads the same ``.grad``
 before the penalty is added: the gradient of the (accumulated) batch-mean loss.
 
-Population (docs/populations_plan.md, step 5): the network is a
+Population (docs/populations.md, the rules for methods): the network is a
 :class:`~cl_lightning.models.population.Population` of N members stacked along dim 0, and every
 piece of EWC's state has one row per member: the two flat vectors are ``[N, P]`` (row k in the
 solo ``parameters_to_vector`` layout), the scalar an ``[N]`` vector; ``lam`` (and agem's

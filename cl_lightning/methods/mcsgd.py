@@ -25,7 +25,7 @@ optimizer, momentum, no decay). The research code ran two versions of that SGD (
 
 Dropout is off. The line gradient is :class:`~cl_lightning.methods.line_gradient.LineGradient`.
 
-Population (docs/populations_plan.md, step 5): the network is a
+Population (docs/populations.md, the rules for methods): the network is a
 :class:`~cl_lightning.models.population.Population` of N members stacked along dim 0, and every
 piece of MC-SGD's state has one row per member: w_hat_t and w_bar_t are ``[N, P]`` (row k in the
 solo ``parameters_to_vector`` layout), the w_hat accuracy matrix ``[N, T, T]``, the episodic memory

@@ -1,4 +1,4 @@
-"""Continual-learning summaries of an accuracy matrix (DESIGN.md §5).
+"""Continual-learning summaries of an accuracy matrix: the paper's Table 1 metrics and two more.
 
 ``matrix[t, i]`` is the accuracy (%) on task i of the model kept after training task t
 (0-based here; the paper's a[t+1][i+1]). Entries not evaluated are NaN. Every function takes
@@ -20,7 +20,9 @@ def forgetting(matrix: Tensor, t: int) -> float:
     """F_t = mean over i < t of (max_{i <= l < t} a[l][i] - a[t][i]) / 100, a fraction.
 
     The best accuracy a task ever had before the last task, minus its final accuracy
-    (Chaudhry et al.'s definition used by the paper's tables). 0 after the first task.
+    (Chaudhry et al.'s definition used by the paper's tables: facebookresearch/agem@4542149
+    utils/utils.py ``compute_fgt``, lines 381-392, whose max also takes rows before task i was trained; here
+    only rows l >= i, and divided by 100). 0 after the first task.
     """
     if t == 0:
         return 0.0

@@ -6,7 +6,7 @@ gradient of member k's slice is member k's own gradient. ``torch.optim.SGD`` is 
 takes one scalar lr, momentum and weight decay per parameter group, while members may differ in all
 three (and in the paper's per-task lr decay): :class:`MemberSGD` is the same update with an ``[N]``
 tensor of each, applied along dim 0. Member k's trajectory therefore depends only on its own
-gradients and settings, as the population design requires (docs/populations_plan.md, step 2).
+gradients and settings, as the population design requires (docs/populations.md).
 
 :class:`MemberTaskLR` is the paper's per-task lr decay, ``max(floor, lr * decay^t)`` for task t
 (0-based), with one lr, decay and floor per member.

@@ -104,6 +104,8 @@ class ContinualModule(LightningModule):
         # The network every member is a fresh copy of; kept out of the module's submodules (it is
         # never trained) so that it is not in the state_dict.
         object.__setattr__(self, "_template", net)
+        for name in SGD_SETTINGS:  # the types admit inf, with which the first step diverges
+            member_list(self.hparams[name], f"model.{name}", math.isfinite, "be finite")
         self._build([int(seed) for seed in seeds] if seeds is not None else [run_seed(None)])
         self.val_accuracy: TaskAccuracy | None = None
         self.test_accuracy: TaskAccuracy | None = None

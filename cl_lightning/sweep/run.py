@@ -15,6 +15,9 @@ Phases, all below ``<root>/<name>/``:
 Trials run in parallel on a local Ray started and stopped here, or on the Ray cluster at
 ``--address``. What is done is read from the run folders (:mod:`cl_lightning.sweep.trial`), so the
 same command, rerun, skips finished trials and resumes interrupted ones.
+
+Ray, torch and Lightning (through the run folders' and the trials' modules) are imported inside the
+functions that use them: ``sweep --help`` and a refused argument answer before any of them loads.
 """
 
 from __future__ import annotations
@@ -30,14 +33,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cl_lightning.analysis.report import write_report
 from cl_lightning.errors import UserError
-from cl_lightning.member_outputs import member_settings
-from cl_lightning.rundir import has_failed, interrupted_exit, is_finished
 from cl_lightning.sweep.grid_file import (
     Grid,
     GridFileError,
@@ -48,8 +48,10 @@ from cl_lightning.sweep.grid_file import (
     setting_label,
     short_names,
 )
-from cl_lightning.sweep.select import SettingScore, best, best_config, score, table
-from cl_lightning.sweep.trial import Job, TrialFailedError, TrialSpec, pack, ray_trainable
+
+if TYPE_CHECKING:
+    from cl_lightning.sweep.select import SettingScore
+    from cl_lightning.sweep.trial import Job, TrialSpec
 
 #: The first Ray with the Tune-only ``ray.tune.report`` / ``tune.RunConfig`` (the extra in pyproject.toml says the same).
 MIN_RAY = "2.41"
@@ -97,6 +99,8 @@ class KnownTrialFailures(logging.Filter):
     and a grid of diverging learning rates would otherwise bury the sweep's output in tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from cl_lightning.sweep.trial import TrialFailedError
+
         return not (record.exc_info and isinstance(record.exc_info[1], TrialFailedError))
 
 
@@ -131,6 +135,8 @@ def ray_session(address: str | None) -> Iterator[None]:
 def per_member_keys(config: dict[str, Any]) -> frozenset[str]:
     """The grid keys whose values members of one population may differ in: the model's and the
     method's (the config's last callback) per-member settings (their ``MEMBER_SETTINGS``)."""
+    from cl_lightning.member_outputs import member_settings
+
     keys = {f"model.{name}" for name in member_settings("cl_lightning.models.module.ContinualModule")}
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
     if callbacks and isinstance(callbacks[-1], dict) and "class_path" in callbacks[-1]:
@@ -140,6 +146,8 @@ def per_member_keys(config: dict[str, Any]) -> frozenset[str]:
 
 def jobs_of(pending: list[TrialSpec], args: argparse.Namespace, member_keys: frozenset[str]) -> list[Job]:
     """The pending trials as Ray trials: populations (:func:`pack`), or one per trial with ``--solo``."""
+    from cl_lightning.sweep.trial import pack
+
     return list(pending) if args.solo else pack(pending, member_keys, args.members_per_trial)
 
 
@@ -150,7 +158,9 @@ def run_phase(phase: str, specs: list[TrialSpec], args: argparse.Namespace, stor
     that diverges fails again), so a rerun does not repeat it unless asked."""
     from ray import tune
 
+    from cl_lightning.rundir import has_failed, is_finished
     from cl_lightning.sweep.status import StatusLine
+    from cl_lightning.sweep.trial import ray_trainable
 
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, KnownTrialFailures) for f in controller_log.filters):
@@ -187,6 +197,8 @@ def search_specs(grid: Grid, config: Path, method: str, benchmark: str, root: Pa
                  extra: list[str]) -> dict[Setting, list[TrialSpec]]:
     """The search trials of every setting: the base config, the overrides given after ``--``, the
     setting's values (they win over those), and the held-out split (it wins over everything)."""
+    from cl_lightning.sweep.trial import TrialSpec
+
     names = short_names(list(grid.params))
     labels: dict[str, Setting] = {}
     for setting in grid.settings():
@@ -236,6 +248,8 @@ def install_best(root: Path, text: str) -> None:
 def select(grid: Grid, search: dict[Setting, list[TrialSpec]], config: Path, extra: list[str], root: Path,
            args: argparse.Namespace) -> SettingScore:
     """Score every setting on validation, pick the best, write ``selection.md`` and ``best.yaml``."""
+    from cl_lightning.sweep.select import best, best_config, score, table
+
     names = short_names(list(grid.params))
     scores = [score(setting, setting_label(setting, names), specs) for setting, specs in search.items()]
     chosen = best(scores)
@@ -294,11 +308,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         sweep(*parse_args(argv))
     except KeyboardInterrupt:
+        from cl_lightning.rundir import interrupted_exit
+
         interrupted_exit(f"cl-lightning sweep {shlex.join(argv)}")
 
 
 def sweep(args: argparse.Namespace, extra: list[str]) -> None:
     """The sweep's phases, from the parsed arguments and the ``fit`` overrides after ``--``."""
+    from cl_lightning.analysis.tables import write_report
+    from cl_lightning.rundir import has_failed, is_finished
+    from cl_lightning.sweep.trial import TrialSpec
+
     grid = load_grid(args.grid)
     if args.members_per_trial < 1:  # before the dry run too, which packs the trials
         raise SweepError(f"--members_per_trial must be at least 1, got {args.members_per_trial}")

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cl_lightning.cli import cli_main
 from cl_lightning.cli import main as cl_lightning
 
 CONFIGS = Path(__file__).parents[2] / "configs"
+README = Path(__file__).parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +155,26 @@ def test_endpoints_of_one_run_are_named_by_the_run_folder():
         "version_3/epoch=0-step=90", "version_3/last")
     assert endpoint_names(Path("runs/version_3/checkpoints/last.ckpt"), Path("runs/version_4/solutions/w_bar_02.pt")) == (
         "version_3/last", "version_4/w_bar_02")
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The ``cl-lightning`` commands of the first bash block after the README heading ``section``, as argv lists."""
+    block = README.read_text().split(section, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("cl-lightning ")]
+
+
+@pytest.mark.slow
+def test_the_readmes_path_command_reads_the_run_its_fit_command_writes(tmp_path, monkeypatch, capsys):
+    """The README's paper section: `path --solutions` after its commands (before, it named a grid run, which saves no
+    solutions: `missing .../solutions/w_hat_01.pt`). Its fit runs as written but on 2 digits tasks."""
+    commands = readme_commands("## Reproducing the paper's table")
+    fit = next(command for command in commands if command[1] == "fit")
+    path = next(command for command in commands if command[1] == "path")
+    config = fit.index("--config") + 1
+    fit[config] = str(CONFIGS / "mcsgd" / "permuted_digits.yaml")  # was configs/mcsgd/rotated_mnist.yaml
+    monkeypatch.chdir(tmp_path)
+    cli_main([*fit[1:], "--data.num_tasks", "2", "--data.train_examples_per_task", "200",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    main(path[2:])
+    assert "w_hat_1 -> w_bar_2, task 1: loss" in capsys.readouterr().out

@@ -3,16 +3,20 @@
 import csv
 import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cl_lightning.analysis.report import main, write_report
+from cl_lightning.cli import cli_main
 from cl_lightning.cli import main as cl_lightning
 from cl_lightning.rundir import FAILED_MARKER, MatrixFileError, read_matrix, write_matrix
 
 nan = math.nan
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def put_run(root: Path, name: str, rows: list[list[float]], num_tasks: int = 2) -> Path:
@@ -108,6 +112,7 @@ def test_missing_failed_incomplete_and_unreadable_runs_are_listed_not_dropped(gr
         assert "cannot read the accuracy matrix" in text
         assert f"{grid / 'lightning_logs' / 'version_0'} ignored" in text
     assert "6 of 12 runs finished (2 methods x 2 benchmarks x 3 seeds)" in markdown
+    assert "rerun `cl-lightning grid` to go on" in markdown  # a grid's run is taken up by the grid
     runs = {f"{r['benchmark']}/{r['method']}/seed_{r['seed']}": r for r in read_csv(grid / "report_runs.csv")}
     assert len(runs) == 12
     assert {name: runs[name]["status"] for name in expected} == expected
@@ -158,7 +163,9 @@ def test_t_interval_of_the_mean_beside_the_std(tmp_path, capsys):
         put_final(tmp_path, f"permuted_digits/naive/seed_{seed}", accuracy)
     main([str(tmp_path), "--no-plots"])
     cell = "| naive | 42.00 ± 2.00 [37.03, 46.97] / 0.180 ± 0.020 [0.130, 0.230] |"
-    assert cell in capsys.readouterr().out and cell in (tmp_path / "report.md").read_text()
+    printed, markdown = capsys.readouterr().out, (tmp_path / "report.md").read_text()
+    assert cell in printed and cell in markdown
+    assert "Warning" not in printed + markdown  # three seeds: no warning
     [row] = read_csv(tmp_path / "report.csv")
     assert float(row["average_accuracy_ci95_low"]) == pytest.approx(42 - 4.9682, abs=1e-4)
     assert float(row["average_accuracy_ci95_high"]) == pytest.approx(42 + 4.9682, abs=1e-4)
@@ -230,3 +237,110 @@ def test_a_damaged_population_record_leaves_the_wall_time_unknown(tmp_path):
     report, _ = write_report(tmp_path, draw=False)
     assert report.runs[0].status == "finished" and report.runs[0].wall_time is None
     assert "Whole grid: no run logged a wall time." in (tmp_path / "report.md").read_text()
+
+
+def test_cells_of_fewer_than_three_seeds_are_named_in_one_warning_line(grid, capsys):
+    """The fixture's permuted_digits/mcsgd has 2 finished seeds (interval [71.87, 103.63]) and rotated_digits/naive 1."""
+    main([str(grid), "--no-plots"])
+    printed, markdown = capsys.readouterr().out, (grid / "report.md").read_text()
+    warning = ("Warning: 2 cell(s) have fewer than 3 finished seeds: permuted_digits/mcsgd (2), rotated_digits/naive (1). "
+               "Their 95 % intervals (2 seeds: ±9 std; 1 seed: none) cannot rank methods: train at least 3 seeds, e.g. "
+               "--seeds [0,1,2].")
+    for text in (printed, markdown):
+        assert [line for line in text.splitlines() if "fewer than 3" in line] == [warning]
+    assert markdown.index("| mcsgd | 87.75") < markdown.index(warning) < markdown.index("Wall time per run")
+
+
+def put_config(folder: Path, seed: int, callback: str | None = "cl_lightning.methods.mcsgd.MCSGD", lr: float = 0.1,
+               benchmark: str = "permuted", **top: object) -> None:
+    """A run's config.yaml with the sections that name it (as LightningCLI writes them, shortened)."""
+    callbacks = [{"class_path": callback, "init_args": {"alpha0": 0.25}}] if callback else []
+    config = {"seed_everything": seed, "trainer": {"callbacks": callbacks}, "model": {"lr": lr, "population_member": 0},
+              "data": {"source": "digits", "benchmark": benchmark, "num_tasks": 2, "seed": None}, "seeds": None, **top}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def put_population(run: Path, seeds: list[int], finals: list[float], lr: float = 0.1) -> None:
+    """A population as `fit --seeds` writes it: the run folder's config.yaml, each member's matrix and
+    config.yaml in ``<run>/seed_<n>/``."""
+    put_config(run, seeds[0], lr=lr, seeds=seeds)
+    for seed, final in zip(seeds, finals):
+        put_final(run, f"seed_{seed}", final)
+        put_config(run / f"seed_{seed}", seed, lr=lr)
+
+
+def test_runs_outside_the_grid_layout_are_named_by_their_config(tmp_path, capsys):
+    """A folder of fit runs: two populations of MC-SGD with other lrs, a plain naive run, and members that
+    fit wrote beside their run folder before (lightning_logs/seed_<n>); none is named after its folders."""
+    logs = tmp_path / "lightning_logs"
+    put_population(logs / "version_0", [0, 1, 2], [40, 42, 44])
+    put_population(logs / "version_1", [0, 1], [50, 52], lr=0.05)
+    put_final(logs, "version_2", 30)
+    put_config(logs / "version_2", 3, callback=None)
+    put_final(logs, "seed_7", 60)  # the layout before: a member beside its population's version_N
+    put_config(logs / "seed_7", 7, benchmark="rotated")
+    put_final(logs, "version_3", 20)  # no config.yaml: nothing names it
+    main([str(logs), "--no-plots"])
+    printed, markdown = capsys.readouterr().out, (logs / "report.md").read_text()
+    runs = {(r["benchmark"], r["method"], r["seed"]): r for r in read_csv(logs / "report_runs.csv")}
+    finished = {key: Path(r["folder"]).relative_to(logs).as_posix() for key, r in runs.items() if r["status"] == "finished"}
+    assert finished == {
+        ("permuted_digits", "mcsgd[model.lr=0.1]", "0"): "version_0/seed_0",
+        ("permuted_digits", "mcsgd[model.lr=0.1]", "1"): "version_0/seed_1",
+        ("permuted_digits", "mcsgd[model.lr=0.1]", "2"): "version_0/seed_2",
+        ("permuted_digits", "mcsgd[model.lr=0.05]", "0"): "version_1/seed_0",
+        ("permuted_digits", "mcsgd[model.lr=0.05]", "1"): "version_1/seed_1",
+        ("permuted_digits", "naive", "3"): "version_2",
+        ("rotated_digits", "mcsgd", "7"): "seed_7",
+    }
+    for text in (printed, markdown):
+        assert "| method | permuted_digits | rotated_digits |" in text
+        assert "| mcsgd[model.lr=0.1] | 42.00 ± 2.00 [37.03, 46.97] / 0.180 ± 0.020 [0.130, 0.230] | — |" in text
+        assert "lightning_logs |" not in text and "| version_0 |" not in text
+        assert ("permuted_digits: no finished mcsgd run, no paired comparison (pass one of mcsgd[model.lr=0.05], "
+                "mcsgd[model.lr=0.1] as --baseline)") in text
+        assert f"{logs / 'version_3'} ignored: not a <benchmark>/<method>/seed_<n> run folder, and no config.yaml" in text
+    # fit's runs span no grid: another population's seeds are not missing runs of this one
+    assert not [key for key, run in runs.items() if run["status"] == "missing"]
+
+
+def test_a_population_of_one_seed_is_named_by_the_seed_it_trained(tmp_path):
+    put_final(tmp_path, "version_0", 50)
+    put_config(tmp_path / "version_0", 0, seeds=[3])  # `--seeds [3]`: seed_everything said 0 before
+    report, _ = write_report(tmp_path, draw=False)
+    assert [run.name for run in report.runs] == ["permuted_digits/mcsgd/seed_3"]
+
+
+def test_a_grid_folder_given_to_report_keeps_the_grid_names(tmp_path):
+    """stable_sgd has no method callback (its config says naive); below the benchmark folder the layout still names it."""
+    member = put_final(tmp_path, "permuted_digits/stable_sgd/seed_0", 50)
+    put_config(member, 0, callback=None)
+    report, _ = write_report(tmp_path / "permuted_digits", draw=False)
+    assert [run.name for run in report.runs] == ["permuted_digits/stable_sgd/seed_0"]
+
+
+def test_a_seed_found_twice_is_counted_once(tmp_path, capsys):
+    put_population(tmp_path / "version_0", [0, 1], [40, 42])
+    shutil.copytree(tmp_path / "version_0" / "seed_0", tmp_path / "backup" / "member")
+    main([str(tmp_path), "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "| mcsgd | 41.00 ± 1.41" in printed
+    assert (f"{tmp_path / 'version_0' / 'seed_0'} ignored: permuted_digits/mcsgd/seed_0 again ({tmp_path / 'backup' / 'member'} "
+            "is counted): a seed enters a cell once") in printed
+
+
+@pytest.mark.slow
+def test_report_of_a_population_that_fit_trained(tmp_path, monkeypatch, capsys):
+    """The README's population, `fit --seeds [0,1,2]` (2 tasks), then `report lightning_logs`."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(CONFIGS / "mcsgd" / "permuted_digits.yaml"), "--seeds", "[0,1,2]", "--data.num_tasks", "2",
+              "--data.train_examples_per_task", "200", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--accuracy_matrix.print_table", "false"])
+    capsys.readouterr()
+    main(["lightning_logs", "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "| method | permuted_digits |" in printed and "| mcsgd | " in printed and "(" not in printed.split("| mcsgd |")[1][:60]
+    assert "no finished mcsgd run" not in printed and "Warning" not in printed
+    report, _ = write_report(tmp_path / "lightning_logs", draw=False)
+    assert [(run.name, run.status) for run in report.runs] == [(f"permuted_digits/mcsgd/seed_{k}", "finished") for k in range(3)]

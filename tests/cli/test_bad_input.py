@@ -67,7 +67,7 @@ def test_unknown_dataset_lists_the_choices(out, capsys):
 
 def test_unknown_method_name_is_refused_and_short_names_work(out, capsys):
     err = argument_error(args(NAIVE, out, "--trainer.callbacks+=MCSDG"), capsys)
-    assert 'Parser key "trainer.callbacks"' in err and "MCSDG" in err
+    assert "error: trainer.callbacks: unknown class 'MCSDG' (did you mean MCSGD?)" in err
     with pytest.raises(SystemExit) as info:
         main(args(NAIVE, out, "--trainer.callbacks+=MCSGD", "--print_config"))
     assert info.value.code == 0 and re.search(r"class_path: cl_lightning\.methods\.(mcsgd\.)?MCSGD", capsys.readouterr().out)
@@ -94,9 +94,9 @@ def test_more_examples_per_task_than_the_dataset_has(out):
 
 def test_memory_size_zero(out, capsys):
     err = argument_error(args(MCSGD, out, "--trainer.callbacks.memory_per_task", "0"), capsys)
-    assert 'Parser key "memory_per_task"' in err and "v>0" in err
+    assert "error: --trainer.callbacks.init_args.memory_per_task 0 refused: MCSGD's memory_per_task takes PositiveInt (v>0)" in err
     err = argument_error(args(NAIVE, out, "--trainer.callbacks+=ER", "--trainer.callbacks.memory_size", "0"), capsys)
-    assert 'Parser key "memory_size"' in err and "v>0" in err
+    assert "error: --trainer.callbacks.init_args.memory_size 0 refused: ER's memory_size takes PositiveInt (v>0)" in err
     message = user_error(args(MCSGD, out, "--trainer.callbacks.memory_per_task", "null"))
     assert "the episodic memory needs a size: set exactly one of `memory_per_task` or `memory_per_class`" in message
 

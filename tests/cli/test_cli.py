@@ -42,7 +42,9 @@ def test_tensorboard_has_per_task_tags(naive_run):
 def test_test_command_evaluates_checkpoint_on_all_tasks(naive_run, mnist_root, tmp_path, capsys):
     cli_main(["test", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path),
               "--ckpt_path", str(naive_run / "checkpoints" / "last.ckpt")])
-    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "test_accuracy.json").read_text())
+    # into the run it evaluates (the checkpoint's), not a new folder; its training files stay
+    result = json.loads((naive_run / "test_accuracy.json").read_text())
+    assert not (tmp_path / "lightning_logs").exists()
     fit_matrix = json.loads((naive_run / "accuracy_matrix.json").read_text())["matrix"]
     # the checkpoint is the model kept after task 3: its test accuracies are row 3 of the matrix
     assert result["accuracy"] == pytest.approx(fit_matrix[2], abs=1e-6)

@@ -31,12 +31,13 @@ def test_members_write_what_a_plain_run_writes(population: Path) -> None:
     members = json.loads((population / "version_0" / "members.json").read_text())
     assert members["seeds"] == SEEDS and (population / "version_0" / "checkpoints" / "last.ckpt").exists()
     for k, seed in enumerate(SEEDS):
-        folder = population / f"seed_{seed}"
+        folder = population / "version_0" / f"seed_{seed}"  # inside the population's own run folder
         assert members["folders"][k] == str(folder)
         record = json.loads((folder / "accuracy_matrix.json").read_text())
         assert record["tasks_completed"] == 3 and record["matrix"][0][0] > 50
         config = yaml.safe_load((folder / "config.yaml").read_text())
         assert config["seed_everything"] == seed and config["seeds"] is None
+        assert config["trainer"]["logger"]["init_args"]["version"] is None  # re-run alone: a new folder
         assert config["model"]["lr"] == [0.1, 0.05][k]
         assert json.loads((folder / "population.json").read_text())["member"] == k
         events = EventAccumulator(str(folder)).Reload()
@@ -46,9 +47,9 @@ def test_members_write_what_a_plain_run_writes(population: Path) -> None:
 
 
 def test_a_members_config_reruns_it_alone_to_the_same_numbers(population: Path, tmp_path: Path) -> None:
-    folder = population / "seed_3"
+    folder = population / "version_0" / "seed_3"
     cli_main(["fit", "--config", str(folder / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    solo = json.loads((tmp_path / "lightning_logs" / "seed_3" / "accuracy_matrix.json").read_text())
+    solo = json.loads((tmp_path / "lightning_logs" / "version_0" / "accuracy_matrix.json").read_text())
     member = json.loads((folder / "accuracy_matrix.json").read_text())
     assert solo["matrix"] == member["matrix"]  # bitwise: the same floats
 
@@ -60,22 +61,25 @@ def test_a_setting_list_of_the_wrong_length_is_refused(mnist_root: Path, tmp_pat
 
 
 def test_test_evaluates_a_member_from_the_populations_checkpoint(population: Path, tmp_path: Path) -> None:
-    checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
-    cli_main(["test", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "member")])
-    member = json.loads((tmp_path / "member" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
-    matrix = json.loads((population / "seed_3" / "accuracy_matrix.json").read_text())["matrix"]
+    run = population / "version_0"
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    matrix_file = (run / "seed_3" / "accuracy_matrix.json").read_text()
+    cli_main(["test", "--config", str(run / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint)])
+    member = json.loads((run / "seed_3" / "test_accuracy.json").read_text())  # in the member's folder
+    matrix = json.loads(matrix_file)["matrix"]
     assert member["accuracy"] == pytest.approx(matrix[2], abs=1e-9)  # the model kept after task 3
-    # the whole population at once: each member's test_accuracy.json in its folder
-    cli_main(["test", "--config", str(population / "version_0" / "config.yaml"), "--ckpt_path", str(checkpoint),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "all")])
-    both = json.loads((tmp_path / "all" / "lightning_logs" / "seed_3" / "test_accuracy.json").read_text())
+    # the whole population at once: each member's test_accuracy.json in its folder, the training's files kept
+    (run / "seed_3" / "test_accuracy.json").unlink()
+    cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(checkpoint)])
+    both = json.loads((run / "seed_3" / "test_accuracy.json").read_text())
     assert both["accuracy"] == member["accuracy"]
+    assert (run / "seed_3" / "accuracy_matrix.json").read_text() == matrix_file
+    assert sorted(p.name for p in population.iterdir()) == ["version_0"]  # no new run folder
 
 
 def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population: Path, tmp_path: Path) -> None:
     checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
-    message = user_error(["fit", "--config", str(population / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
+    message = user_error(["fit", "--config", str(population / "version_0" / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
                           "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert "seeds: checkpoint [0, 3]" in message
     assert f"cl-lightning fit --config {population / 'version_0' / 'config.yaml'} --ckpt_path {checkpoint}" in message
@@ -105,7 +109,7 @@ def test_settings_on_one_seed_train_together_into_named_folders(mnist_root: Path
         matrices.append(json.loads((folder / "accuracy_matrix.json").read_text())["matrix"])
     assert matrices[0] != matrices[1]  # the same seed, another lr: another run
     cli_main(["fit", "--config", str(folders[1] / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "solo")])
-    assert json.loads((tmp_path / "solo" / "seed_3" / "accuracy_matrix.json").read_text())["matrix"] == matrices[1]
+    assert json.loads((tmp_path / "solo" / "lightning_logs" / "version_0" / "accuracy_matrix.json").read_text())["matrix"] == matrices[1]
     # the member's config names its place in the population: test takes its weights from the population's checkpoint
     checkpoint = str(population / "checkpoints" / "last.ckpt")
     config = (folders[1] / "config.yaml").read_text()

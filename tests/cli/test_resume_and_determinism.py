@@ -55,9 +55,10 @@ def test_run_crashed_after_a_task_resumes_to_the_same_results(method, straight, 
     assert json.loads((crashed / "accuracy_matrix.json").read_text())["tasks_completed"] == 1
 
     # The documented resume command: the saved config (it still lists the crash callback, which
-    # stays quiet in a resumed run) and the last checkpoint. It writes a new version folder.
+    # stays quiet in a resumed run) and the last checkpoint. It continues in the run's own folder.
     cli_main(["fit", "--config", str(crashed / "config.yaml"), "--ckpt_path", str(crashed / "checkpoints" / "last.ckpt")])
-    resumed = run_folder(tmp_path, 1)
+    resumed = run_folder(tmp_path, 0)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
 
     straight_run, straight_cli = straight[method]
     assert matrix_files(resumed) == matrix_files(straight_run)  # every digit printed, all rows
@@ -109,7 +110,7 @@ def test_step_checkpoint_on_a_tasks_last_step_resumes_to_the_same_run(straight, 
     crashed = run_folder(tmp_path, 0)
     cli_main(["fit", "--config", str(crashed / "config.yaml"),
               "--ckpt_path", str(crashed / "checkpoints" / "epoch=1-step=180.ckpt")])
-    resumed = run_folder(tmp_path, 1)
+    resumed = run_folder(tmp_path, 0)
     straight_run, _ = straight["mcsgd"]
     assert matrix_files(resumed) == matrix_files(straight_run)  # row 2 evaluated, row 3 trained
     final = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)

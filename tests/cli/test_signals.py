@@ -85,7 +85,8 @@ def test_signal_stops_with_a_checkpoint_that_resumes_exactly(where, step, signum
 
     main(shlex.split(command)[1:])  # the printed command, as the user would run it
 
-    files, weights = results(tmp_path / "lightning_logs" / "version_1")
+    files, weights = results(run)  # resumed in its own folder
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
     expected_files, expected_weights = straight
     assert files == expected_files and len(files) == 4  # every digit of both matrices, all rows
     assert weights.keys() == expected_weights.keys()

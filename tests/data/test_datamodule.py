@@ -499,14 +499,14 @@ def test_seeds_override_seed_and_seed_everything(monkeypatch: pytest.MonkeyPatch
         assert torch.equal(pop.tasks.member_pixel_maps(k), solo.tasks.member_pixel_maps(0)), k
 
 
-def test_checkpoint_state_is_the_seeds() -> None:
+def test_checkpoint_state_is_the_seeds_and_tasks_seen() -> None:
     pop = _dm(source="digits", benchmark="permuted", num_tasks=2, seeds=[3, 4, 8])
-    assert pop.state_dict() == {"seeds": [3, 4, 8]}
+    assert pop.state_dict() == {"seeds": [3, 4, 8], "tasks_seen": 1}
     pop.load_state_dict({"seeds": [3, 4, 8]})  # the run's own seeds: accepted
     with pytest.raises(ConfigError, match=r"written by a run with seeds \[3, 4, 9\] but this run has seeds \[3, 4, 8\]"):
         pop.load_state_dict({"seeds": [3, 4, 9]})
     solo = _dm(source="digits", benchmark="permuted", num_tasks=2, seed=3)
-    assert solo.state_dict() == {"seeds": [3]}
+    assert solo.state_dict() == {"seeds": [3], "tasks_seen": 1}
     with pytest.raises(ConfigError, match=r"seeds \[3, 4, 8\] but this run has seeds \[3\]"):
         solo.load_state_dict(pop.state_dict())
 

@@ -229,6 +229,18 @@ def test_bad_gzip_is_corrupt_and_named(tmp_path: Path) -> None:
     assert not list(raw.glob("*.part"))
 
 
+def test_a_bad_gzip_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    """Every file is checked before any is extracted: a damaged test-set .gz leaves no training file
+    extracted beside it (the folder holds exactly what it held)."""
+    raw = write_mnist(tmp_path, "FashionMNIST", n_train=100, n_test=20, gz=True)
+    packed = raw / "t10k-images-idx3-ubyte.gz"
+    packed.write_bytes(packed.read_bytes()[:200])
+    before = sorted(p.name for p in raw.iterdir())
+    with pytest.raises(DatasetCorruptError, match="t10k-images-idx3-ubyte.gz is not a valid gzip file"):
+        load_source("fashion_mnist", tmp_path, train=True)
+    assert sorted(p.name for p in raw.iterdir()) == before
+
+
 def test_cifar_checksum_mismatch_is_corrupt(cifar_root: Path, tmp_path: Path) -> None:
     shutil.copytree(cifar_root / "cifar-100-python", tmp_path / "cifar-100-python")
     path = tmp_path / "cifar-100-python" / "train"

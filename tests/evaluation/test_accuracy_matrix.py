@@ -72,3 +72,33 @@ def test_state_round_trip():
     restored.load_state_dict(callback.state_dict())
     assert torch.equal(restored.matrix.nan_to_num(-1), callback.matrix.nan_to_num(-1)) and restored.split == "val"
     assert restored.completed_tasks == 3
+
+
+def end_of_fit(matrices: torch.Tensor, tmp_path) -> AccuracyMatrix:
+    """The callback at the end of ``fit`` of a population with these matrices, seeds 0..N-1."""
+    callback = AccuracyMatrix()
+    callback.matrix, callback.seeds = matrices, list(range(len(matrices)))
+    callback.folders = [tmp_path / f"seed_{seed}" for seed in callback.seeds]
+    return callback
+
+
+def test_a_large_population_prints_a_summary_not_every_matrix(tmp_path, capsys):
+    matrices = MATRIX.repeat(200, 1, 1)  # A 73.33, F 0.175
+    matrices[17, 2] = torch.tensor([30.0, 45.0, 55.0])  # A 43.33, F 0.475
+    matrices[2, 2] = torch.tensor([90.0, 80.0, 85.0])  # A 85.00, F 0
+    matrices[5, 2] = NAN  # stopped by the divergence guard after task 2
+    end_of_fit(matrices, tmp_path).on_fit_end(None, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "Population of 200 members after task 3/3 (test split):",
+        "  average accuracy mean 73.24 %  min 43.33 % (seed 17)  max 85.00 % (seed 2)",  # (197 * 73.33 + 43.33 + 85) / 199
+        "  forgetting       mean 0.176  min 0.000 (seed 2)  max 0.475 (seed 17)",
+        "  1 member(s) stopped before task 3 and left out: seeds 5",
+    ]
+    assert len(lines) == 5 and lines[4].startswith(f"written to {tmp_path / 'seed_0' / 'accuracy_matrix.csv'} and the other")
+
+
+def test_a_few_members_print_their_matrices(tmp_path, capsys):
+    end_of_fit(MATRIX.repeat(3, 1, 1), tmp_path).on_fit_end(None, None)
+    printed = capsys.readouterr().out
+    assert "Member 2 (seed 2): Accuracy matrix" in printed and printed.count("average accuracy 73.33 %") == 3

@@ -359,7 +359,7 @@ def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, 
     out = tmp_path / "population"
     cli_main(["fit", *tiny_run_args("ewc/permuted_mnist.yaml", mnist_root, out), "--seeds", "[0,3]",
               "--trainer.callbacks.init_args.lam", "[10.0,3.0]", "--trainer.callbacks.init_args.fisher_decay", "[0.9,0.5]"])
-    folders = [out / "lightning_logs" / f"seed_{seed}" for seed in (0, 3)]
+    folders = [out / "lightning_logs" / "version_0" / f"seed_{seed}" for seed in (0, 3)]
     for k, folder in enumerate(folders):
         [ewc] = yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["callbacks"]
         assert (ewc["init_args"]["lam"], ewc["init_args"]["fisher_decay"]) == ([10.0, 3.0][k], [0.9, 0.5][k])
@@ -367,5 +367,5 @@ def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, 
         assert {"ewc/fisher_mean", "ewc/stiffness", "ewc/penalty"} <= set(scalars)
     alone = tmp_path / "alone"
     cli_main(["fit", "--config", str(folders[1] / "config.yaml"), "--trainer.logger.init_args.save_dir", str(alone)])
-    solo = json.loads((alone / "lightning_logs" / "seed_3" / "accuracy_matrix.json").read_text())
+    solo = json.loads((alone / "lightning_logs" / "version_0" / "accuracy_matrix.json").read_text())
     assert solo["matrix"] == json.loads((folders[1] / "accuracy_matrix.json").read_text())["matrix"]  # the same floats

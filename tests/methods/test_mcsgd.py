@@ -322,7 +322,7 @@ def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, 
     cli_main(["fit", *tiny_run_args("mcsgd/permuted_mnist.yaml", mnist_root, out), "--seeds", "[0,3]",
               "--trainer.callbacks.init_args.subset_size", "64", "--trainer.callbacks.init_args.save_solutions", "true",
               "--trainer.callbacks.init_args.alpha0", "[0.25,0.1]", "--trainer.callbacks.init_args.lr", "[0.0006,0.01]"])
-    folders = [out / "lightning_logs" / f"seed_{seed}" for seed in (0, 3)]
+    folders = [out / "lightning_logs" / "version_0" / f"seed_{seed}" for seed in (0, 3)]
     for k, folder in enumerate(folders):
         [mcsgd] = yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["callbacks"]
         assert (mcsgd["init_args"]["alpha0"], mcsgd["init_args"]["lr"]) == ([0.25, 0.1][k], [0.0006, 0.01][k])
@@ -333,9 +333,9 @@ def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, 
     alone = tmp_path / "alone"
     cli_main(["fit", "--config", str(folders[1] / "config.yaml"), "--trainer.logger.init_args.save_dir", str(alone)])
     for stem in ("accuracy_matrix", "w_hat_accuracy_matrix"):
-        solo = json.loads((alone / "lightning_logs" / "seed_3" / f"{stem}.json").read_text())
+        solo = json.loads((alone / "lightning_logs" / "version_0" / f"{stem}.json").read_text())
         assert solo["matrix"] == json.loads((folders[1] / f"{stem}.json").read_text())["matrix"], stem  # the same floats
-    assert torch.equal(torch.load(alone / "lightning_logs" / "seed_3" / "solutions" / "w_bar_03.pt"),
+    assert torch.equal(torch.load(alone / "lightning_logs" / "version_0" / "solutions" / "w_bar_03.pt"),
                        torch.load(folders[1] / "solutions" / "w_bar_03.pt"))
 
 

@@ -35,7 +35,7 @@ def test_a_member_whose_consolidation_diverges_is_stopped_and_the_other_trains_o
               "--trainer.callbacks.init_args.lr", "[0.005,1e300]", "--trainer.callbacks.init_args.save_solutions", "true",
               "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
               "--trainer.enable_model_summary", "false", "--accuracy_matrix.print_table", "false"])
-    logs = tmp_path / "lightning_logs"
+    logs = tmp_path / "lightning_logs" / "version_0"  # the members' folders are inside the run folder
     for seed, rows in ((3, 3), (4, 1)):
         for stem in ("accuracy_matrix", "w_hat_accuracy_matrix"):
             record = json.loads((logs / f"seed_{seed}" / f"{stem}.json").read_text())

@@ -36,8 +36,9 @@ def load(path: str) -> dict:
     return yaml.safe_load((CONFIGS / path).read_text())
 
 
-#: (lr, gamma) in Stable SGD's terms each config must reproduce: the authors' commands/scripts (MCSGD_NOTES.md
-#: §2), and on Fashion-MNIST the lr and gamma selected on validation (model.lr 0.01 = lr * gamma; config headers).
+#: (lr, gamma) in Stable SGD's terms each config must reproduce: the authors' commands/scripts (docs/provenance.md:
+#: imirzadeh/stable-continual-learning replicate_experiment_2.sh and issue #5), and on Fashion-MNIST the lr and gamma
+#: selected on validation (model.lr 0.01 = lr * gamma; config headers).
 STABLE_SGD = {"permuted_mnist": (0.1, 0.8), "permuted_fashion_mnist": (0.01 / 0.8, 0.8), "permuted_digits": (0.1, 0.8),
               "rotated_mnist": (0.1, 0.55), "rotated_fashion_mnist": (0.01 / 0.7, 0.7), "split_cifar100": (0.15, 0.85)}
 

@@ -85,8 +85,8 @@ def test_a_diverging_member_is_stopped_and_the_others_train_on(tmp_path: Path) -
     assert population.failed.tolist() == [False, True, False]
     assert torch.isnan(matrices[1]).all()  # it diverged in task 1: no row of it is a result
     # its folder says why, as a failed plain run's does; the others' folders are not marked
-    assert (tmp_path / "seed_0" / "FAILED").read_text().startswith("error: the ")
-    assert not (tmp_path / "seed_5" / "FAILED").exists()
+    assert (tmp_path / "population" / "seed_0" / "FAILED").read_text().startswith("error: the ")
+    assert not (tmp_path / "population" / "seed_5" / "FAILED").exists()
     for k, (seed, lr) in enumerate([(5, 0.1), (7, 0.05)]):
         solo_matrix, solo = fit_with_guard(tmp_path / f"seed_{seed}", [seed], lr=[lr])
         assert torch.equal(population.population.flat()[2 * k], solo.population.flat()[0])

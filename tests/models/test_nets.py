@@ -134,8 +134,10 @@ def test_resnet18_dropout_follows_each_block_batchnorm_in_training_only() -> Non
 
 @pytest.mark.parametrize(("dropout", "bn_stats"), [(0.0, "batch"), (0.3, "running")])
 def test_resnet18_options_work_in_mcsgd_line_gradient(dropout: float, bn_stats: str) -> None:
-    """MC-SGD's consolidation runs the net in eval mode (LIGHTNING_NOTES §4.3): vmap and the loop
-    agree with either BatchNorm option and dropout, and the running statistics are only read."""
+    """MC-SGD's consolidation runs the net in eval mode (dropout off, as the research code; and in train mode,
+    vmap over BatchNorm with running statistics fails on its in-place buffer update, see PyTorch's "Patching Batch
+    Norm" page of torch.func): vmap and the loop agree with either BatchNorm option and dropout, and the running
+    statistics are only read."""
     torch.manual_seed(0)
     population = Population.from_seeds(lambda: ResNet18(num_classes=10, width=4, dropout=dropout, bn_stats=bn_stats),
                                        [0, 1]).double()

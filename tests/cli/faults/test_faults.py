@@ -12,8 +12,10 @@ table of docs/reliability.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,8 +107,8 @@ def test_interrupted_run_resumes_to_the_same_result(point, signal_name, straight
 
     resumed = fit(tmp_path, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=run / "config.yaml")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    final = run_folder(tmp_path, 1)
-    identical = same_result(final, straight)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # resumed in its own folder
+    identical = same_result(run, straight)
     fault_table.append({
         "fault": signal_name, "where": f"{point.replace('_', ' ')}, task 2 of 3",
         "user sees": f"exit {faulted.returncode}; `{last_line(faulted)[:120]}`",
@@ -164,3 +166,43 @@ def test_sweep_trial_killed_then_sweep_rerun_gives_the_same_result(straight, tmp
         "resumed result identical": "yes (bitwise)" if identical else "NO",
     })
     assert identical
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` with its digest, and every folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_second_run_in_the_same_folder_leaves_the_first_intact(straight, tmp_path, fault_table):
+    shutil.copytree(straight.parent.parent, tmp_path / "out")
+    first = run_folder(tmp_path / "out", 0)
+    before = tree(first)
+    again = fit(tmp_path / "out")  # the same command again
+    assert again.returncode == 0, again.stdout + again.stderr
+    named = fit(tmp_path / "out", "--trainer.logger.init_args.version", "version_0")  # a new run naming the first's folder
+    intact = tree(first) == before
+    fault_table.append({
+        "fault": "a second run in the same folder", "where": "after a finished run: the same command, then one naming its folder",
+        "user sees": f"exit {again.returncode}, a new version_1; then exit {named.returncode}; `{last_line(named)[:120]}`",
+        "survives": "the first run's folder, byte-identical" if intact else "NOT the first run's files",
+        "resumed result identical": "yes (the second run's matrix equals the first's)"
+        if matrix_files(run_folder(tmp_path / "out", 1)) == matrix_files(first) else "NO",
+    })
+    assert named.returncode == 1 and "already holds a run" in last_line(named)
+    assert intact and same_result(run_folder(tmp_path / "out", 1), straight)
+
+
+def test_a_refused_run_in_a_folder_with_results_changes_nothing(straight, tmp_path, fault_table):
+    shutil.copytree(straight.parent.parent, tmp_path / "out")
+    before = tree(tmp_path / "out")
+    refused = fit(tmp_path / "out", "--seeds", "[0,1]", "--trainer.callbacks.init_args.alpha0", "[0.1,0.2,0.3]")
+    intact = tree(tmp_path / "out") == before
+    fault_table.append({
+        "fault": "a refused run in a folder with results", "where": "before training: a per-member list of the wrong length",
+        "user sees": f"exit {refused.returncode}; `{last_line(refused)[:120]}`",
+        "survives": "the folder, byte-identical, nothing created" if intact else "NOT the folder as it was",
+        "resumed result identical": "(nothing ran)",
+    })
+    assert refused.returncode == 1 and "alpha0 has 3 values" in last_line(refused)
+    assert intact
