@@ -1,11 +1,17 @@
-# Two entry points for a fresh machine; each creates .venv and installs what it needs once.
-#   make demo   the main job: MC-SGD vs the offline 8x8-digits task sequence (a few minutes on CPU)
-#   make test   the test suite (with the `sweep` extra, Ray Tune, which `make demo` does not need)
+# Entry points for a fresh machine; each creates .venv and installs what it needs once.
+#   make demo       the main job: MC-SGD vs the offline 8x8-digits task sequence (a few minutes on CPU)
+#   make test       lint and the whole test suite, as CI runs it (with the `sweep` extra, Ray Tune, which
+#                   `make demo` does not need); about 8 minutes on 2 cores from a fresh clone (docs/speed.md)
+#   make test-fast  the fast tier for the inner loop: every test not marked slow (no processes, no Ray, no
+#                   whole training runs), about a minute
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CONFIG ?= configs/mcsgd/permuted_digits.yaml
+# Two pytest workers (CI has 2 cores), each taking the next test or group when free: tests/conftest.py groups
+# the tests that share a module fixture or a Ray and hands out the long ones first, which --no-loadscope-reorder keeps.
+PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
-.PHONY: demo test install install-test
+.PHONY: demo test test-fast install install-test
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -19,10 +25,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cl-lightning fit --config $(DEMO_CONFIG)
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# One pip run for everything the tests need (not `.installed` first: that resolved and built the package twice).
+$(VENV)/.installed-test: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test,sweep]"
 	touch $@
 
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PARALLEL)
+
+test-fast: install-test
+	$(BIN)/pytest -q -m "not slow" $(PARALLEL)

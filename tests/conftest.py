@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny fake datasets in the real on-disk formats (see ``fakedata.py``).
+"""Shared fixtures: tiny fake datasets in the real on-disk formats (see ``fakedata.py``), and one
+uninterrupted MC-SGD run that several modules compare their interrupted runs with.
 
-Each fixture returns the ``root`` folder to pass to torchvision / ``load_source``. The
-session-scoped folders are shared by every test: do not modify them (copy them, or call
+Each data fixture returns the ``root`` folder to pass to torchvision / ``load_source``. The
+session-scoped folders and runs are shared by every test: do not modify them (copy them, or call
 ``fakedata.write_*`` into ``tmp_path``, to test damaged files).
+
+Below the fixtures, what keeps the suite fast (docs/speed.md, "Test suite"): the guard that keeps
+tests that start processes out of the fast tier, and how tests are handed to ``pytest -n 2`` workers.
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
+import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,3 +70,132 @@ def digits() -> ContinualDataModule:
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, seed=0)
     dm.setup()
     return dm
+
+
+MCSGD_DIGITS = Path(__file__).parents[1] / "configs" / "mcsgd" / "permuted_digits.yaml"
+
+
+def mcsgd_digits_args(out: Path, *extra: str) -> list[str]:
+    """``fit`` of three permuted-digits MC-SGD tasks (the shipped config), deterministic, writing under ``out``."""
+    return ["fit", "--config", str(MCSGD_DIGITS), "--data.num_tasks", "3", "--trainer.deterministic", "true",
+            "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--accuracy_matrix.print_table", "false", *extra]
+
+
+@pytest.fixture(scope="session")
+def mcsgd_digits_run(tmp_path_factory: pytest.TempPathFactory):
+    """The uninterrupted run of :func:`mcsgd_digits_args`, in-process: its folder and the CLI object (the
+    trained model, data module and callbacks). The signal, fault-injection and resume tests compare their
+    interrupted runs with it, bitwise: one run for all of them (a run is the same in any process of this
+    machine). Shared: do not modify it."""
+    from cl_lightning.cli import cli_main
+
+    out = tmp_path_factory.mktemp("mcsgd_digits")
+    cli = cli_main(mcsgd_digits_args(out))
+    return out / "lightning_logs" / "version_0", cli
+
+
+# The fast tier (`pytest -m "not slow"`, `make test-fast`) takes seconds only while no test in it starts
+# processes: a `cl-lightning` child, a grid or a sweep, Ray, a ddp_spawn worker, a fault injection (a killed
+# child). Such a test must be marked slow; the guard below fails a test that is not, in the full run as in the
+# fast one, at whatever phase it starts one (a module fixture's run counts for the test that set it up). It
+# watches rather than refuses: the test runs as it would, then fails naming what it started. Helpers that
+# libraries start for themselves (typeshed_client asks a Python for its sys.path) are not ours to mark.
+
+#: What the running test started so far, while that test is not marked slow (None: not watching).
+_started: list[str] | None = None
+#: A process is ours when its command line names one of these: our command line tool and Ray.
+_OURS = ("cl_lightning", "cl-lightning", "/ray/")
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Python raises one of these audit events for every child process it starts (subprocess.Popen and the os calls)."""
+    if _started is not None and event in ("subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn"):
+        command = " ".join(map(str, args[1] if event == "subprocess.Popen" else args[:2]))
+        if any(name in command for name in _OURS):
+            _started.append(command[:200])
+
+
+sys.addaudithook(_audit)  # cannot be removed; it does nothing unless a test is watched
+_start_process = multiprocessing.process.BaseProcess.start
+
+
+def _start_watched(self: multiprocessing.process.BaseProcess) -> None:
+    """A multiprocessing start (ddp_spawn's workers) raises no audit event in "spawn" mode."""
+    if _started is not None:
+        _started.append(f"multiprocessing {self.name}")
+    _start_process(self)
+
+
+multiprocessing.process.BaseProcess.start = _start_watched
+
+
+def _watch(item: pytest.Item):
+    """One phase of a test (setup, call or teardown); fails it if it started processes without the slow mark."""
+    global _started
+    _started = None if item.get_closest_marker("slow") else []
+    try:
+        result = yield
+    finally:
+        started, _started = _started, None
+    if started:
+        more = f" (and {len(started) - 1} more)" if len(started) > 1 else ""
+        pytest.fail(f"{item.nodeid} starts processes, so it must be marked @pytest.mark.slow to stay out of the fast "
+                    f"tier: {started[0]}{more}", pytrace=False)
+    return result
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_watch)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_watch)
+pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_watch)
+
+
+# With `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (make test, make test-fast) each worker takes
+# the next unit of work when it is free: a test, or a group that one worker runs in a row. A test that uses
+# a module-scoped fixture goes with its module (the fixture's run then happens once, not once per worker);
+# an explicit `xdist_group` (tests that cannot run beside each other, e.g. "ray") wins. The units with the
+# most slow tests are handed out first, so that no long test starts last while the other worker idles.
+# Without -n, nothing here changes the order or the marks.
+
+
+#: Tests that go first in their group: the check that no Ray runs on this machine comes before the group's own Rays.
+FIRST_IN_GROUP = ("test_an_unreachable_cluster_is_named",)
+
+
+def _in_xdist_worker(config: pytest.Config) -> bool:
+    """A worker of ``-n N --dist loadgroup`` (xdist sets its ``dist`` to "no" and ``loadgroup`` to True)."""
+    return hasattr(config, "workerinput") and bool(getattr(config.option, "loadgroup", False))
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    definitions = getattr(item, "_fixtureinfo", None)
+    definitions = definitions.name2fixturedefs if definitions else {}
+    return any(d.scope == "module" for name in getattr(item, "fixturenames", ()) for d in definitions.get(name, ()))
+
+
+def _group(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return (mark.args[0] if mark.args else mark.kwargs.get("name", "default")) if mark else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _in_xdist_worker(config):
+        return
+    for item in items:
+        if _group(item) is None and _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.relative_to(config.rootpath).as_posix()))
+    units = [_group(item) or item.nodeid for item in items]
+    slow = Counter(unit for unit, item in zip(units, items) if item.get_closest_marker("slow"))
+    first = {unit: i for i, unit in reversed(list(enumerate(units)))}
+    later = [getattr(item, "originalname", item.name) not in FIRST_IN_GROUP for item in items]
+    order = sorted(range(len(items)), key=lambda i: (-slow[units[i]], first[units[i]], later[i], i))
+    items[:] = [items[i] for i in order]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """xdist marks a grouped test by adding "@<group>" to its node id, which pytest 9.2's node ids no longer take."""
+    items = session.items
+    if _in_xdist_worker(session.config) and any(_group(i) for i in items) and not any("@" in i.nodeid for i in items):
+        warnings.warn("pytest-xdist does not group tests on this pytest (pytest-dev/pytest-xdist#1386): module fixtures "
+                      "run on both workers and two Rays may overlap; install the test extra (pytest<9.2)", stacklevel=1)

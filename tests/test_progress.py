@@ -19,6 +19,7 @@ from cl_lightning.models.nets import MLP
 from cl_lightning.progress import TaskProgressBar
 
 
+@pytest.mark.slow
 def test_a_log_file_gets_one_line_per_task_with_the_average_accuracy(tmp_path: Path, caplog, capsys) -> None:
     seed_everything(0)
     dm = ContinualDataModule(source="digits", num_tasks=3, batch_size=16, seed=0)

@@ -48,6 +48,7 @@ def setup(run: Path, *overrides: str):
     return build(make_parser(), ["--config", str(run / "config.yaml"), "--start", "a", "--end", "b", *overrides])
 
 
+@pytest.mark.slow
 def test_save_solutions_writes_w_hat_and_w_bar_of_every_task(run):
     _, module, _ = setup(run)
     names = sorted(p.name for p in (run / "solutions").iterdir())
@@ -59,6 +60,7 @@ def test_save_solutions_writes_w_hat_and_w_bar_of_every_task(run):
     assert torch.equal(load_endpoint(run / "checkpoints" / "last.ckpt", module), solution["w_bar_03"])
 
 
+@pytest.mark.slow
 def test_interpolation_at_alpha_0_and_1_gives_the_endpoints_metrics(run):
     _, module, dm = setup(run)
     after_task_1 = next((run / "checkpoints").glob("epoch=0-*.ckpt"))
@@ -87,6 +89,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+@pytest.mark.slow
 def test_section_5_picture_from_the_saved_solutions(run, capsys):
     main(["--config", str(run / "config.yaml"), "--solutions", "1", "2", "--points", "5"])
     rows = read_rows(run / "linear_path" / "solutions_01_02.csv")
@@ -102,6 +105,7 @@ def test_section_5_picture_from_the_saved_solutions(run, capsys):
     assert "w_hat_1 -> w_bar_2, task 1: loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_network_is_refused_with_the_fix(run, tmp_path):
     ckpt = str(run / "checkpoints" / "last.ckpt")
     # through the console entry point: one `error:` line, no traceback
@@ -121,6 +125,7 @@ def test_solutions_of_a_run_that_did_not_save_them_are_asked_for(tmp_path, capsy
     assert "save_solutions true" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_endpoint_vector_matches_the_checkpoint_module(run):
     _, module, _ = setup(run)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -129,6 +134,7 @@ def test_endpoint_vector_matches_the_checkpoint_module(run):
     assert torch.equal(module.population.flat()[0], load_endpoint(run / "checkpoints" / "last.ckpt", module))
 
 
+@pytest.mark.slow
 def test_two_last_checkpoints_are_named_from_their_runs_and_never_overwritten_silently(run, tmp_path, capsys):
     other = run.parent / "seed_1"  # a second run of the same network: its folder, config and last.ckpt
     (other / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,7 @@ def test_other_network_settings_are_replaced_by_the_checkpoints_with_a_warning(o
     assert info.value.code == 0
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_seed_creates_no_run_folder(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(args(NAIVE, tmp_path, "--trainer.callbacks+=sequence_runs.CrashAtTaskStart", "--trainer.callbacks.task", "1"))
@@ -172,6 +173,7 @@ def _last_checkpoint_epoch(run: Path) -> int:
     return checkpoint["epoch"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_task_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # task 2 trains with lr 0.1 * 1e9: the loss overflows within a few steps
     message = user_error(args(NAIVE, tmp_path, "--model.lr_decay", "1e9"))
@@ -181,6 +183,7 @@ def test_nan_loss_stops_with_task_and_step_and_keeps_the_last_good_checkpoint(tm
     assert _rows(run) == 1 and _last_checkpoint_epoch(run) == 0
 
 
+@pytest.mark.slow
 def test_diverged_consolidation_stops_before_its_results_are_saved(tmp_path):
     message = user_error(args(MCSGD, tmp_path, "--trainer.callbacks.lr", "1e30"))
     run = tmp_path / "lightning_logs" / "version_0"
@@ -190,6 +193,7 @@ def test_diverged_consolidation_stops_before_its_results_are_saved(tmp_path):
     assert _rows(run) == 1 and _last_checkpoint_epoch(run) == 0
 
 
+@pytest.mark.slow
 def test_full_disk_when_writing_the_matrix_keeps_the_previous_files(tmp_path, monkeypatch):
     write_text = Path.write_text
 

@@ -27,6 +27,7 @@ def args(out: Path, *extra: str, tasks: int = 3) -> list[str]:
             "--accuracy_matrix.print_table", "false", *extra]
 
 
+@pytest.mark.slow
 def test_step_checkpoints_add_to_the_after_task_ones_and_last_is_the_final_model(tmp_path, capsys):
     # every_n_epochs together with every_n_train_steps: Lightning's ModelCheckpoint refuses this
     cli = cli_main(args(tmp_path, "--checkpoint.every_n_train_steps", "50", "--checkpoint.every_n_epochs", "1",
@@ -56,6 +57,7 @@ def test_step_checkpoints_add_to_the_after_task_ones_and_last_is_the_final_model
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_a_tasks_evaluation_is_refused(tmp_path):
     # Lightning's own ModelCheckpoint, as older cl-lightning runs used it: it saves on step 90, the
     # first task's last step, before the task's evaluation.
@@ -71,6 +73,7 @@ def test_a_checkpoint_written_before_a_tasks_evaluation_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
     save = torch.save
 

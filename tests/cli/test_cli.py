@@ -19,6 +19,7 @@ def naive_run(mnist_root, tmp_path_factory):
     return out / "lightning_logs" / "version_0"
 
 
+@pytest.mark.slow
 def test_fit_writes_three_by_three_matrix(naive_run):
     record = json.loads((naive_run / "accuracy_matrix.json").read_text())
     assert record["num_tasks"] == 3 and record["tasks_completed"] == 3 and record["split"] == "test"
@@ -30,6 +31,7 @@ def test_fit_writes_three_by_three_matrix(naive_run):
     assert (naive_run / "config.yaml").exists() and (naive_run / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_tensorboard_has_per_task_tags(naive_run):
     events = EventAccumulator(str(naive_run), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
@@ -39,6 +41,7 @@ def test_tensorboard_has_per_task_tags(naive_run):
     assert "cl/accuracy_matrix" in events.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_test_command_evaluates_checkpoint_on_all_tasks(naive_run, mnist_root, tmp_path, capsys):
     cli_main(["test", *tiny_run_args("naive/permuted_mnist.yaml", mnist_root, tmp_path),
               "--ckpt_path", str(naive_run / "checkpoints" / "last.ckpt")])
@@ -108,6 +111,7 @@ def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(argv, prefi
     assert f"error: unrecognized arguments: {prefix}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_root_dir_moves_the_run_unless_the_logger_has_its_own_save_dir(tmp_path, monkeypatch):
     """``--trainer.default_root_dir`` moves every output (the logger's run folder with its matrix,
     config and checkpoints), as in plain Lightning; a logger ``save_dir`` given beside it wins."""
@@ -124,6 +128,7 @@ def test_default_root_dir_moves_the_run_unless_the_logger_has_its_own_save_dir(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "root"]  # nothing in the working directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])
 def test_split_cifar100_runs_end_to_end(method, cifar_root, tmp_path):
     """Task-masked logits, the ResNet as each config sets it (batch or running BatchNorm statistics),

@@ -119,6 +119,7 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"cl-lightning {importlib.metadata.version('cl_lightning')}\n"
 
 
+@pytest.mark.slow
 def test_the_entry_point_answers_version_without_importing_torch():
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="cl-lightning")
     module, function = script.value.split(":")

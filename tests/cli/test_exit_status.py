@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from signal_probes import is_paused, wait_until
 
 REPO = Path(__file__).parents[2]
+pytestmark = pytest.mark.slow  # a real `cl-lightning validate` process
 
 
 def test_validate_stopped_by_sigterm_exits_143_not_0(tmp_path):

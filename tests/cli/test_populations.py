@@ -27,6 +27,7 @@ def population(mnist_root: Path, tmp_path_factory) -> Path:
     return out / "lightning_logs"
 
 
+@pytest.mark.slow
 def test_members_write_what_a_plain_run_writes(population: Path) -> None:
     members = json.loads((population / "version_0" / "members.json").read_text())
     assert members["seeds"] == SEEDS and (population / "version_0" / "checkpoints" / "last.ckpt").exists()
@@ -46,6 +47,7 @@ def test_members_write_what_a_plain_run_writes(population: Path) -> None:
         assert values["seed"] == seed and values["model/lr"] == [0.1, 0.05][k]
 
 
+@pytest.mark.slow
 def test_a_members_config_reruns_it_alone_to_the_same_numbers(population: Path, tmp_path: Path) -> None:
     folder = population / "version_0" / "seed_3"
     cli_main(["fit", "--config", str(folder / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
@@ -60,6 +62,7 @@ def test_a_setting_list_of_the_wrong_length_is_refused(mnist_root: Path, tmp_pat
     assert "model.lr has 2 values but the population has 3 member(s)" in message
 
 
+@pytest.mark.slow
 def test_test_evaluates_a_member_from_the_populations_checkpoint(population: Path, tmp_path: Path) -> None:
     run = population / "version_0"
     checkpoint = run / "checkpoints" / "last.ckpt"
@@ -77,6 +80,7 @@ def test_test_evaluates_a_member_from_the_populations_checkpoint(population: Pat
     assert sorted(p.name for p in population.iterdir()) == ["version_0"]  # no new run folder
 
 
+@pytest.mark.slow
 def test_resuming_one_member_of_a_population_is_refused_with_the_fix(population: Path, tmp_path: Path) -> None:
     checkpoint = population / "version_0" / "checkpoints" / "last.ckpt"
     message = user_error(["fit", "--config", str(population / "version_0" / "seed_3" / "config.yaml"), "--ckpt_path", str(checkpoint),
@@ -93,6 +97,7 @@ def test_a_repeated_seed_needs_member_dirs(mnist_root: Path, tmp_path: Path) -> 
     assert "name a folder twice" in user_error(["fit", *args, "--member_dirs", f"[{tmp_path / 'a'},{tmp_path / 'a'}]"])
 
 
+@pytest.mark.slow
 def test_settings_on_one_seed_train_together_into_named_folders(mnist_root: Path, tmp_path: Path) -> None:
     """Two learning rates on seed 3 in one population, each member in the folder it was given (as
     ``sweep`` packs settings); member k is its plain run with that lr, bitwise."""

@@ -15,6 +15,7 @@ from cl_lightning.methods.mcsgd import MCSGD
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 METHODS = ("naive", "mcsgd")
+pytestmark = pytest.mark.slow  # whole runs, crashed and resumed
 
 
 def fit_args(method: str, out: Path, *extra: str) -> list[str]:
@@ -35,14 +36,11 @@ def matrix_files(run: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict[str, tuple[Path, ContinualCLI]]:
+def straight(tmp_path_factory, mcsgd_digits_run) -> dict[str, tuple[Path, ContinualCLI]]:
     """Each method's uninterrupted seed-0 run: its folder and the CLI object (trained objects)."""
-    runs = {}
-    for method in METHODS:
-        out = tmp_path_factory.mktemp(f"straight_{method}")
-        cli = cli_main(fit_args(method, out))
-        runs[method] = (run_folder(out, 0), cli)
-    return runs
+    out = tmp_path_factory.mktemp("straight_naive")
+    # MC-SGD's is the session's (conftest: the same arguments as fit_args, shared with the signal and fault tests)
+    return {"naive": (run_folder(out, 0), cli_main(fit_args("naive", out))), "mcsgd": mcsgd_digits_run}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -24,6 +24,7 @@ from cl_lightning.cli import main
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "configs" / "mcsgd" / "permuted_digits.yaml"
 STEPS_PER_TASK = 90  # 1438 training digits in batches of 16
+pytestmark = pytest.mark.slow  # real `cl-lightning fit` processes
 
 
 def fit_args(out: Path, *extra: str) -> list[str]:
@@ -39,11 +40,10 @@ def results(run: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return files, torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("straight")
-    main(fit_args(out))
-    return results(out / "lightning_logs" / "version_0")
+@pytest.fixture
+def straight(mcsgd_digits_run) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The uninterrupted run of ``fit_args`` (conftest: one in-process run shared with the fault and resume tests)."""
+    return results(mcsgd_digits_run[0])
 
 
 @pytest.mark.parametrize(

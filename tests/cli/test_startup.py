@@ -36,6 +36,7 @@ def answer(argv: list[str]) -> tuple[int, list[str]]:
     return code, loaded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("argv", "status"), [
     (["--help"], 0),
     (["report", "--help"], 0),

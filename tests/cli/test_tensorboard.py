@@ -26,6 +26,7 @@ def events(tmp_path_factory) -> EventAccumulator:
     return accumulator.Reload()
 
 
+@pytest.mark.slow
 def test_heatmap_logged_after_each_task_within_the_pixel_cap(events):
     images = events.Images("cl/accuracy_matrix")
     assert [image.step for image in images] == [1, 2]
@@ -33,6 +34,7 @@ def test_heatmap_logged_after_each_task_within_the_pixel_cap(events):
         assert (image.height, image.width) <= MAX_PIXELS and image.height >= 300  # readable, bounded
 
 
+@pytest.mark.slow
 def test_hparams_are_the_science_one_column_each(events):
     values, metrics = hparams_of(events)
     assert values["method"] == "MCSGD"

@@ -259,6 +259,7 @@ def runs(tmp_path_factory):
     return naive, with_agem, agem
 
 
+@pytest.mark.slow
 def test_agem_forgets_less_than_naive_sgd_in_every_member(runs):
     naive, with_agem, _ = runs
     last = NUM_TASKS - 1
@@ -270,6 +271,7 @@ def test_agem_forgets_less_than_naive_sgd_in_every_member(runs):
         assert average_accuracy(with_agem[k], last) > average_accuracy(naive[k], last)
 
 
+@pytest.mark.slow
 def test_memory_holds_one_example_per_class_of_every_task(runs):
     _, _, agem = runs
     assert agem.memory.tasks == list(range(NUM_TASKS))
@@ -292,6 +294,7 @@ def population_run(tmp_path_factory):
     return agem_run(tmp_path_factory.mktemp("population"), SEEDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", range(len(SEEDS)))
 def test_member_k_is_the_population_of_one_with_its_seed(population_run, tmp_path, k):
     """Bitwise on the CPU: weights, accuracy matrix, memory and projection counts."""
@@ -303,6 +306,7 @@ def test_member_k_is_the_population_of_one_with_its_seed(population_run, tmp_pat
     assert agem.projected[k] == alone.projected[0] and agem.steps == alone.steps
 
 
+@pytest.mark.slow
 def test_changing_member_2s_seed_leaves_member_1_unchanged(population_run, tmp_path):
     _, weights, agem = population_run
     _, other_weights, other = agem_run(tmp_path, [SEEDS[0], SEEDS[1], 11])
@@ -311,6 +315,7 @@ def test_changing_member_2s_seed_leaves_member_1_unchanged(population_run, tmp_p
     assert agem.projected[:2].tolist() == other.projected[:2].tolist()
 
 
+@pytest.mark.slow
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
     straight, resumed = straight_and_resumed(tmp_path, lambda: [AGEM(**AGEM_ARGS)], num_tasks=3, lr=0.02, seeds=[0, 4])
     assert_same_run(straight, resumed)

@@ -207,6 +207,7 @@ def forgetting_runs(tmp_path_factory):
     return naive, replay, er
 
 
+@pytest.mark.slow
 def test_er_reduces_forgetting(forgetting_runs):
     naive, replay, _ = forgetting_runs
     last = naive.shape[0] - 1
@@ -218,6 +219,7 @@ def test_er_reduces_forgetting(forgetting_runs):
     assert average_accuracy(replay, last) > average_accuracy(naive, last) + 15.0
 
 
+@pytest.mark.slow
 def test_memory_is_a_sample_of_every_task(forgetting_runs):
     *_, er = forgetting_runs
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=5, seed=0)
@@ -227,6 +229,7 @@ def test_memory_is_a_sample_of_every_task(forgetting_runs):
     assert shares.shape == (1, 5) and torch.all(shares > 0.05) and shares.sum().item() == pytest.approx(1.0)  # about 1/5 each
 
 
+@pytest.mark.slow
 def test_memory_holds_the_examples_it_was_offered(tmp_path):
     """The stored (base index, task) pairs name the images that were trained on: the replayed
     batch of a member equals its training examples' pixels and labels (permuted: each member's maps)."""
@@ -294,6 +297,7 @@ class GradientProbe(Callback):
             self.grad = torch.cat([p.grad.flatten(1) for p in pl_module.parameters()], dim=1).clone()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_step_follows_one_mean_over_the_joined_current_and_memory_batch(tmp_path, accumulate):
     step = 150 // accumulate  # in task 2 (90 batches per task): the memory holds examples of both tasks
@@ -335,6 +339,7 @@ def member_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_member_k_of_a_population_is_its_population_of_one(member_runs, k):
     matrix, module, er = member_runs[0, 1, 2]
@@ -346,6 +351,7 @@ def test_member_k_of_a_population_is_its_population_of_one(member_runs, k):
         assert torch.equal(population[k], solo[0])
 
 
+@pytest.mark.slow
 def test_a_member_does_not_depend_on_another_members_seed_or_setting(member_runs):
     (_, module, er), (_, other_module, other_er) = member_runs[0, 1, 2], member_runs[0, 1, 7]
     weights, other_weights = module.population.flat(), other_module.population.flat()
@@ -355,6 +361,7 @@ def test_a_member_does_not_depend_on_another_members_seed_or_setting(member_runs
     assert not torch.equal(er.buffer.examples()[0][2], other_er.buffer.examples()[0][2])
 
 
+@pytest.mark.slow
 def test_a_diverged_member_does_not_reach_the_others(member_runs):
     _, module, _ = member_runs["diverged"]
     _, solo_module, _ = member_runs[0,]
@@ -363,6 +370,7 @@ def test_a_diverged_member_does_not_reach_the_others(member_runs):
     assert torch.equal(weights[0], solo_module.population.flat()[0])  # ... member 0 is its solo run
 
 
+@pytest.mark.slow
 # ---------------------------------------------------------------------------- resume
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("crash_step", [None, 100], ids=["between_tasks", "mid_task"])

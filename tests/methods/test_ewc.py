@@ -103,6 +103,7 @@ def runs(tmp_path_factory):
     return naive, with_ewc, ewc, module
 
 
+@pytest.mark.slow
 def test_ewc_forgets_less_than_naive_sgd(runs):
     naive, with_ewc, _, _ = runs
     last = NUM_TASKS - 1
@@ -112,6 +113,7 @@ def test_ewc_forgets_less_than_naive_sgd(runs):
     assert average_accuracy(with_ewc, last) > average_accuracy(naive, last)
 
 
+@pytest.mark.slow
 def test_every_task_is_accumulated_once(runs):
     _, _, ewc, module = runs
     assert ewc.tasks == list(range(NUM_TASKS))
@@ -119,6 +121,7 @@ def test_every_task_is_accumulated_once(runs):
     assert (ewc.fisher_sum >= 0).all()
 
 
+@pytest.mark.slow
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
     straight, resumed = straight_and_resumed(tmp_path, lambda: [EWC(lam=LAM, fisher_samples=128)], num_tasks=3)
     assert_same_run(straight, resumed)
@@ -177,6 +180,7 @@ def agem_run(tmp_path_factory):
     return recorder, ewc, module
 
 
+@pytest.mark.slow
 def test_agem_keeps_one_anchor_the_last_tasks_weights_and_one_fisher(agem_run):
     _, ewc, module = agem_run
     theta = module.population.flat()  # the weights at the last task's end
@@ -188,6 +192,7 @@ def test_agem_keeps_one_anchor_the_last_tasks_weights_and_one_fisher(agem_run):
     assert ewc.penalty(theta).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_agem_fisher_is_the_normalised_moving_average_of_squared_minibatch_gradients(agem_run):
     recorder, ewc, _ = agem_run
     assert len(recorder.squares) == 3 * 90  # 1438 training examples per task in batches of 16
@@ -198,6 +203,7 @@ def test_agem_fisher_is_the_normalised_moving_average_of_squared_minibatch_gradi
     # previous task's: invisible here)
 
 
+@pytest.mark.slow
 def test_agem_penalty_gradient_is_that_of_lam_sum_fisher_squared_distance(agem_run):
     _, ewc, module = agem_run
     params = params_of(module)
@@ -222,6 +228,7 @@ def test_agem_penalty_gradient_is_that_of_lam_sum_fisher_squared_distance(agem_r
         ewc.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_agem_resume_mid_task_gives_the_same_run(tmp_path):
     # the crash comes 15 steps into task 1: the running Fisher, its window and the step count
     # must come back from the checkpoint for the run to continue exactly
@@ -234,6 +241,7 @@ def test_agem_resume_mid_task_gives_the_same_run(tmp_path):
         assert torch.equal(getattr(resumed_ewc, name).cpu(), getattr(straight_ewc, name).cpu()), name
 
 
+@pytest.mark.slow
 def test_agem_forgets_less_than_naive_sgd(runs, tmp_path):
     naive = runs[0]
     agem, _ = fit_permuted_digits(tmp_path, [EWC(lam=AGEM_LAM, variant="agem")])

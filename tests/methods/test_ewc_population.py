@@ -321,6 +321,7 @@ def population_run(request, tmp_path_factory):
     return request.param, fit(tmp_path_factory.mktemp(request.param), request.param, SEEDS, RUN_LAMS)
 
 
+@pytest.mark.slow
 def test_member_k_of_a_run_is_the_run_of_one_with_its_seed_and_lam(population_run, tmp_path):
     variant, (matrices, module, ewc) = population_run
     for k, (seed, lam) in enumerate(zip(SEEDS, RUN_LAMS)):
@@ -332,6 +333,7 @@ def test_member_k_of_a_run_is_the_run_of_one_with_its_seed_and_lam(population_ru
     assert ewc.tasks == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_member_2s_seed_and_lam_do_not_reach_member_1(population_run, tmp_path):
     # member 2 becomes seed 7 with a lam far past SGD's stability limit: it is warned about and
     # diverges to NaN, and members 0 and 1 end bitwise where they ended beside the old member 2
@@ -342,6 +344,7 @@ def test_member_2s_seed_and_lam_do_not_reach_member_1(population_run, tmp_path):
     assert changed.population.flat()[2].isnan().any()
 
 
+@pytest.mark.slow
 def test_a_population_resumed_mid_task_gives_the_same_run(tmp_path):
     # agem's running Fisher, its window and the [N, P] penalty state come back from the checkpoint
     straight, resumed = straight_and_resumed(tmp_path, lambda: [EWC(lam=[10.0, 3.0], variant="agem")], num_tasks=3,
@@ -352,6 +355,7 @@ def test_a_population_resumed_mid_task_gives_the_same_run(tmp_path):
         assert torch.equal(getattr(resumed_ewc, name).cpu(), getattr(straight_ewc, name).cpu()), name
 
 
+@pytest.mark.slow
 # ---------------------------------------------------------------------- the command line
 def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, tmp_path):
     # lam and fisher_decay per member: member k's config.yaml holds its own values, its TensorBoard

@@ -62,6 +62,7 @@ def digits_run(tmp_path_factory):
     return fit_mcsgd(tmp_path_factory.mktemp("mcsgd"))
 
 
+@pytest.mark.slow
 def test_matrix_row_t_is_accuracy_of_w_bar_t(digits_run):
     mcsgd, probe, matrix, _ = digits_run
     for task in range(3):
@@ -70,23 +71,27 @@ def test_matrix_row_t_is_accuracy_of_w_bar_t(digits_run):
     assert not torch.equal(probe.w_bar[2], probe.w_hat[2])  # consolidation moved the weights
 
 
+@pytest.mark.slow
 def test_first_task_is_not_consolidated(digits_run):
     _, probe, _, _ = digits_run
     assert torch.equal(probe.w_bar[0], probe.w_hat[0])
 
 
+@pytest.mark.slow
 def test_next_task_starts_from_w_hat_by_default(digits_run):
     _, probe, _, _ = digits_run
     for task in (1, 2):
         assert torch.equal(probe.start[task], probe.w_hat[task - 1])
 
 
+@pytest.mark.slow
 def test_next_task_can_start_from_w_bar(tmp_path):
     _, probe, _, _ = fit_mcsgd(tmp_path, next_task_start="w_bar")
     for task in (1, 2):
         assert torch.equal(probe.start[task], probe.w_bar[task - 1])
 
 
+@pytest.mark.slow
 def test_consolidation_starts_at_alpha0_on_the_segment(tmp_path):
     # with a vanishing learning rate w_bar_t stays at its starting point
     _, probe, _, _ = fit_mcsgd(tmp_path, lr=1e-30, alpha0=0.3)
@@ -282,6 +287,7 @@ def population_run(tmp_path_factory):
     return fit_mcsgd(tmp_path_factory.mktemp("population"), seeds=SEEDS, **SETTINGS)
 
 
+@pytest.mark.slow
 def test_member_k_of_a_run_is_the_run_of_one_with_its_seed_and_settings(population_run, tmp_path):
     mcsgd, probe, matrices, module = population_run
     for k, seed in enumerate(SEEDS):
@@ -295,6 +301,7 @@ def test_member_k_of_a_run_is_the_run_of_one_with_its_seed_and_settings(populati
         assert all(torch.equal(alone.memory.indices[t][0], mcsgd.memory.indices[t][k]) for t in range(3))
 
 
+@pytest.mark.slow
 def test_member_2s_seed_and_settings_do_not_reach_member_1(population_run, tmp_path):
     # member 2 becomes seed 7 with a consolidation lr far too large: its weights blow up, and
     # members 0 and 1 end bitwise where they ended beside the old member 2
@@ -306,6 +313,7 @@ def test_member_2s_seed_and_settings_do_not_reach_member_1(population_run, tmp_p
     assert not probe.w_bar[2][2].isfinite().all()
 
 
+@pytest.mark.slow
 def test_a_population_resumed_between_tasks_gives_the_same_run(tmp_path):
     straight, resumed = straight_and_resumed(tmp_path, lambda: [MCSGD(**{**MCSGD_ARGS, "alpha0": [0.25, 0.1]})],
                                              seeds=[0, 1], **RUN_ARGS)
@@ -315,6 +323,7 @@ def test_a_population_resumed_between_tasks_gives_the_same_run(tmp_path):
         assert torch.equal(getattr(resumed_mcsgd, name).nan_to_num(-1), getattr(straight_mcsgd, name).nan_to_num(-1)), name
 
 
+@pytest.mark.slow
 def test_a_member_of_a_command_line_population_is_its_own_plain_run(mnist_root, tmp_path):
     # alpha0 and lr per member: member k's config.yaml holds its own values, its folder its own w_hat
     # matrix, solutions and MC-SGD scalars, and its config re-runs it alone to the same matrices
@@ -388,6 +397,7 @@ def test_shipped_configs_follow_their_commits(config, steps, subset):
     assert (mcsgd.subset.per_task, mcsgd.subset.per_class, mcsgd.subset.per_class is None and mcsgd.subset.replacement) == subset
 
 
+@pytest.mark.slow
 def test_resume_between_tasks_gives_the_same_run(tmp_path):
     straight, resumed = straight_and_resumed(tmp_path, lambda: [MCSGD(**MCSGD_ARGS)], **RUN_ARGS)
     assert_same_run(straight, resumed)
@@ -413,6 +423,7 @@ def demo_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["mcsgd", "mcsgd_full_batch"])
 def test_mcsgd_beats_naive_sgd_on_the_digits_demo(demo_runs, run):
     naive = json.loads((demo_runs["naive"] / "accuracy_matrix.json").read_text())
@@ -421,6 +432,7 @@ def test_mcsgd_beats_naive_sgd_on_the_digits_demo(demo_runs, run):
     assert mcsgd["forgetting"] < naive["forgetting"] - 0.1
 
 
+@pytest.mark.slow
 def test_w_hat_chain_is_the_naive_run(demo_runs):
     # with next_task_start=w_hat, w_hat_t is plain SGD from w_hat_{t-1}: the naive run, for free
     naive = json.loads((demo_runs["naive"] / "accuracy_matrix.json").read_text())["matrix"]

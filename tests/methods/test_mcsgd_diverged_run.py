@@ -13,6 +13,7 @@ from cl_lightning.cli import main
 MCSGD = str(Path(__file__).parents[2] / "configs" / "mcsgd" / "permuted_digits.yaml")
 
 
+@pytest.mark.slow
 def test_run_diverging_in_task_1_writes_no_accuracy_matrix_files(tmp_path, capsys):
     # lr 1e6: the loss of task 1 overflows within a few steps; before the fix MC-SGD's
     # end-of-task report still wrote w_hat_accuracy_matrix.csv with a chance-level row.
@@ -27,6 +28,7 @@ def test_run_diverging_in_task_1_writes_no_accuracy_matrix_files(tmp_path, capsy
     assert not (run / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_member_whose_consolidation_diverges_is_stopped_and_the_other_trains_on(tmp_path):
     # member 1's consolidation lr (inf in float32) makes its w_bar_2 NaN: the guard, run before MC-SGD
     # reports the task, stops member 1 with a warning; it keeps the rows of task 1 only, member 0 has all 3

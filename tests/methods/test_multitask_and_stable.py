@@ -97,6 +97,7 @@ def runs(tmp_path_factory):
     return {joint: fit_digits(tmp_path_factory.mktemp(f"joint_{joint}"), joint) for joint in (False, True)}
 
 
+@pytest.mark.slow
 def test_multitask_trains_on_the_union_of_tasks_seen(runs):
     probe, _ = runs[True]
     per_task = 1438  # training examples of one digits task
@@ -106,6 +107,7 @@ def test_multitask_trains_on_the_union_of_tasks_seen(runs):
     assert naive_probe.tasks == {t: {t} for t in range(4)}
 
 
+@pytest.mark.slow
 def test_multitask_forgets_less_than_naive(runs):
     naive, multitask = runs[False][1], runs[True][1]
     last = naive.shape[0] - 1

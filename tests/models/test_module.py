@@ -16,6 +16,7 @@ def test_a_single_task_run_has_a_one_by_one_matrix(tmp_path: Path) -> None:
     assert matrix.shape == (1, 1) and 50 < matrix[0, 0] <= 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["naive", "mcsgd"])
 def test_resume_in_the_middle_of_a_task_gives_the_same_run(tmp_path: Path, method: str) -> None:
     """A crash at step 130 of 3 tasks x 90 steps (inside task 2), resumed from the checkpoint of
@@ -29,6 +30,7 @@ def test_resume_in_the_middle_of_a_task_gives_the_same_run(tmp_path: Path, metho
     assert torch.isfinite(straight[1].tril()).all()
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 

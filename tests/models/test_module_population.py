@@ -29,6 +29,7 @@ def member(settings: dict, k: int) -> dict:
     return {name: [values[k]] for name, values in settings.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("joint", [False, True], ids=["naive", "multitask"])
 def test_member_k_is_the_population_of_one_with_its_seed_and_settings(tmp_path: Path, joint: bool) -> None:
     matrices, population = fit_permuted_digits(tmp_path / "population", num_tasks=3, joint=joint, seeds=SEEDS, **SETTINGS)
@@ -41,6 +42,7 @@ def test_member_k_is_the_population_of_one_with_its_seed_and_settings(tmp_path: 
         assert same_matrix(matrices[k], solo_matrix[0]), k
 
 
+@pytest.mark.slow
 def test_a_member_depends_on_nothing_of_the_others(tmp_path: Path) -> None:
     _, a = fit_permuted_digits(tmp_path / "a", num_tasks=2, seeds=SEEDS, **SETTINGS)
     changed = {**SETTINGS, "lr": [0.1, 0.05, 0.3], "dropout": [0.2, 0.0, 0.1]}
@@ -49,6 +51,7 @@ def test_a_member_depends_on_nothing_of_the_others(tmp_path: Path) -> None:
     assert not torch.equal(a.population.flat()[2], b.population.flat()[2])
 
 
+@pytest.mark.slow
 def test_model_dropout_is_the_networks_own_rate(tmp_path: Path) -> None:
     """``model.dropout`` (a per-member setting, so sweeps can pack it) trains exactly as the same rate
     given to the network: the Stable SGD grids search it this way."""
@@ -79,6 +82,7 @@ def fit_with_guard(tmp_path: Path, seeds: list[int], lr: list[float], **trainer_
     return matrix.matrix, module
 
 
+@pytest.mark.slow
 def test_a_diverging_member_is_stopped_and_the_others_train_on(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"Member 1 \(seed 0\): the (training loss|weights) (is|are) not finite"):
         matrices, population = fit_with_guard(tmp_path / "population", [5, 0, 7], lr=[0.1, 1e6, 0.05])
@@ -95,6 +99,7 @@ def test_a_diverging_member_is_stopped_and_the_others_train_on(tmp_path: Path) -
         fit_with_guard(tmp_path / "alone", [0], lr=[1e6])
 
 
+@pytest.mark.slow
 def test_gradient_clipping_is_per_member(tmp_path: Path) -> None:
     clip = {"gradient_clip_val": 0.05}
     _, population = fit_with_guard(tmp_path / "population", [5, 0], lr=[0.1, 0.2], **clip)

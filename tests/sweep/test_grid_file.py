@@ -162,6 +162,8 @@ def ray_running_here() -> bool:
     return any("gcs_server" in text for text in command_lines().values())
 
 
+@pytest.mark.xdist_group("ray")  # one Ray at a time on this machine (see tests/sweep/test_run.py)
+@pytest.mark.slow
 def test_an_unreachable_cluster_is_named(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     if ray_running_here():

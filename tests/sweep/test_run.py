@@ -25,7 +25,9 @@ from cl_lightning.rundir import is_finished
 from cl_lightning.sweep.run import main
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# One local Ray for the module; the other tests that start a Ray (a sweep of the fault table, the
+# unreachable-cluster check, which needs none running) join its group, so pytest -n 2 runs them one after another.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false"]

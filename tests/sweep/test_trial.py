@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from cl_lightning.rundir import is_finished, placement, run_folder
 from cl_lightning.sweep.trial import TrialSpec
 
@@ -33,6 +35,7 @@ def test_the_seeds_of_a_setting_are_packed_into_one_population_trial(tmp_path):
     assert [m.folder for m in population.members] == [specs[0].folder, specs[2].folder]
 
 
+@pytest.mark.slow
 def test_a_population_trial_that_runs_out_of_device_memory_is_split_until_it_fits(tmp_path, monkeypatch):
     import os
     from pathlib import Path
@@ -81,6 +84,7 @@ def test_settings_that_differ_only_in_per_member_values_share_a_population(tmp_p
     assert all(job.one_setting for job in pack(specs))
 
 
+@pytest.mark.slow
 def test_a_packed_population_of_settings_gives_each_its_plain_runs_numbers(tmp_path):
     """Two learning rates x two seeds in one fit: each member's accuracy matrix is its plain trial's,
     bitwise; a refused value fails its own trials only (the population is split until it does)."""

@@ -27,6 +27,7 @@ import torch
 CONFIG = Path(__file__).parents[3] / "configs" / "mcsgd" / "permuted_digits.yaml"
 POINTS = ("mid_task", "last_step", "consolidation", "evaluation", "checkpoint_write")
 EXIT_STATUS = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 128 + signal.SIGTERM}
+pytestmark = pytest.mark.slow  # each case kills a real `cl-lightning` process
 
 
 SETTINGS = ("--data.num_tasks", "3", "--trainer.deterministic", "true", "--trainer.enable_model_summary", "false",
@@ -87,11 +88,11 @@ def loadable(checkpoint: Path) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight")
-    assert fit(out).returncode == 0
-    return run_folder(out, 0)
+@pytest.fixture
+def straight(mcsgd_digits_run) -> Path:
+    """The uninterrupted run of these settings (conftest: one in-process run that the signal and resume tests
+    share; a run is the same in any process of this machine, which test_signals checks)."""
+    return mcsgd_digits_run[0]
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
@@ -140,6 +141,7 @@ def test_grid_child_interrupted_then_grid_rerun_gives_the_same_result(signal_nam
     assert identical
 
 
+@pytest.mark.xdist_group("ray")  # one Ray at a time on this machine (see tests/sweep/test_run.py)
 def test_sweep_trial_killed_then_sweep_rerun_gives_the_same_result(straight, tmp_path, fault_table):
     pytest.importorskip("ray")
     grid_file = tmp_path / "one.yaml"
