@@ -16,16 +16,24 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 from fakedata import patch_cifar100_md5, write_cifar100, write_mnist
 
-from cl_lightning.data.datamodule import ContinualDataModule
+if TYPE_CHECKING:
+    from cl_lightning.data.datamodule import ContinualDataModule
 
-# As the CLI's default `num_threads: 1`: the tests' batches are tiny, and with 2 threads on a
-# 2-core machine any concurrent process makes every torch op stall (see cl_lightning.cli).
-torch.set_num_threads(1)
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In every process that runs tests: one torch thread, as the CLI's default `num_threads: 1` (the tests'
+    batches are tiny, and with 2 threads on a 2-core machine any concurrent process makes every torch op
+    stall; see cl_lightning.cli). Not in the controller of `pytest -n 2`, which runs none: importing torch
+    and Lightning there (10 s of CPU) would delay the workers' start."""
+    if not getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +75,8 @@ def cifar_root(_cifar_files: tuple[Path, dict[str, str]], monkeypatch: pytest.Mo
 @pytest.fixture(scope="session")
 def digits() -> ContinualDataModule:
     """Three permuted 8x8-digits tasks, seed 0, set up (offline). Shared: do not modify it."""
+    from cl_lightning.data.datamodule import ContinualDataModule
+
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=3, seed=0)
     dm.setup()
     return dm

@@ -115,6 +115,7 @@ def test_member_folders_under_a_file_are_refused_before_anything_is_made(results
     assert tree(results) == before
 
 
+@pytest.mark.slow
 def test_a_resume_continues_in_its_own_folder(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(fit_args(NAIVE, tmp_path, "--trainer.callbacks+=sequence_runs.CrashAtTaskStart", "--trainer.callbacks.task", "2",
@@ -127,6 +128,7 @@ def test_a_resume_continues_in_its_own_folder(tmp_path: Path) -> None:
     assert (run / "config.yaml").read_text() == config  # the run's own config is kept
 
 
+@pytest.mark.slow
 def test_validate_evaluates_every_task_seen_in_the_runs_folder(tmp_path: Path, capsys) -> None:
     main(fit_args(NAIVE, tmp_path, tasks=3))
     run = tmp_path / "lightning_logs" / "version_0"
@@ -145,6 +147,7 @@ def test_validate_evaluates_every_task_seen_in_the_runs_folder(tmp_path: Path, c
     assert {k: v for k, v in tree(run).items() if k in before} == before  # the training's files untouched
 
 
+@pytest.mark.slow
 def test_a_population_of_one_records_the_seed_it_trains(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         main(fit_args(NAIVE, tmp_path, "--seeds", "[3]"))
