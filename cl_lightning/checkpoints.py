@@ -18,13 +18,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from cl_lightning.errors import CheckpointError
 from cl_lightning.hparams import MODEL_PLUMBING
-from cl_lightning.methods import METHODS
+from cl_lightning.methods.registry import method_callbacks, method_class, state_keys
 
 #: ``ckpt_path`` values that Lightning resolves itself (no file to check).
 SPECIAL_PATHS = ("last", "best", "hpc", "registry")
 #: Data settings that may differ on resume without changing the run.
 FREE_DATA_SETTINGS = ("root", "download", "eval_batch_size", "eval_future_tasks")
-METHOD_NAMES = tuple(m.__qualname__ for m in METHODS)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,8 +74,8 @@ def check_checkpoint(path: str, config: dict[str, Any], subcommand: str) -> dict
     if data_diff:
         raise CheckpointError(f"checkpoint {path} was written by a run with other data settings ({data_diff}): resuming "
                               f"would continue a different task sequence. {fix}")
-    saved = sorted(k for k in checkpoint["callbacks"] if k in METHOD_NAMES)
-    configured = sorted(name for name in map(_class_name, _callbacks(config)) if name in METHOD_NAMES)
+    saved = state_keys(checkpoint["callbacks"])
+    configured = sorted(method_class(c["class_path"]).__qualname__ for c in method_callbacks(_callbacks(config)))
     if saved != configured:
         raise CheckpointError(
             f"checkpoint {path} was written by a run with method callbacks {saved or 'none (naive SGD)'} but this config "
@@ -147,10 +146,6 @@ def _init_args(section: Any) -> dict[str, Any]:
 def _callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
     return callbacks if isinstance(callbacks, list) else [callbacks]
-
-
-def _class_name(callback: Any) -> str:
-    return str(callback.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(callback, dict) else ""
 
 
 def _resume_hint(path: Path) -> str:

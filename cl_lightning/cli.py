@@ -29,7 +29,6 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-import cl_lightning.methods  # noqa: F401  (registers the method callbacks' short names, e.g. MCSGD)
 from cl_lightning.checkpoints import check_checkpoint, finished_run_message
 from cl_lightning.cli_errors import METHOD_NAMES, ContinualArgumentParser
 from cl_lightning.console import DESCRIPTION, EXTRA_COMMANDS, TRAINER_COMMANDS, main, run_extra_command, usage

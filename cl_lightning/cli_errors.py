@@ -21,10 +21,11 @@ from typing_extensions import override
 
 from cl_lightning.console import COMMANDS
 from cl_lightning.console import unknown_command as unknown_command_refusal
-from cl_lightning.methods import METHODS
+from cl_lightning.methods.registry import registered_methods
 
-#: The method callbacks' short names, which ``--trainer.callbacks+=<name>`` and a config's ``class_path`` accept.
-METHOD_NAMES = tuple(method.__name__ for method in METHODS)
+#: The method callbacks' short names, which ``--trainer.callbacks+=<name>`` and a config's ``class_path`` accept
+#: (finding them imports every method, which registers the short names with jsonargparse).
+METHOD_NAMES = tuple(method.__name__ for method in registered_methods())
 #: Where the methods go: an unknown class there is most likely a misspelled method.
 CALLBACKS_KEY = "trainer.callbacks"
 

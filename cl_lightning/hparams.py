@@ -50,8 +50,11 @@ def _class_name(class_path: str) -> str:
 
 def method_columns(config: dict[str, Any]) -> dict[str, Scalar]:
     """``method`` (the method callbacks' class names, ``naive`` or ``multitask`` without one) and
-    ``method/<setting>`` for each of their init arguments."""
+    ``method/<setting>`` for each of their init arguments. Other callbacks are not the method."""
+    from cl_lightning.methods.registry import method_callbacks  # Lightning: only once a config names callbacks
+
     callbacks = config.get("trainer", {}).get("callbacks") or []
+    callbacks = method_callbacks(callbacks) if callbacks else []
     if not callbacks:
         return {"method": "multitask" if config.get("data", {}).get("joint") else "naive"}
     columns: dict[str, Scalar] = {"method": "+".join(_class_name(c["class_path"]) for c in callbacks)}

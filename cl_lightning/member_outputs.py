@@ -11,10 +11,11 @@ the other analysis commands read members and plain runs alike.
 
 A population of one is a plain run: its folder is the run folder and it writes nothing extra.
 
-A per-member setting is one a class lists in its ``MEMBER_SETTINGS``: ``ContinualModule``'s
-learning-rate, momentum, weight decay and dropout settings, and each method callback's own (EWC's
-``lam``, ...). In a population's config such a setting is one value for all members or a list with
-one value per member; member k's config holds its value.
+A per-member setting is a constructor parameter annotated ``PerMember[...]``
+(:mod:`cl_lightning.models.member_settings`): ``ContinualModule``'s learning-rate, momentum, weight
+decay and dropout settings, and each method's own (EWC's ``lam``, ...). In a population's config such
+a setting is one value for all members or a list with one value per member; member k's config holds
+its value.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from cl_lightning.models.member_settings import per_member_settings
 from cl_lightning.rundir import (
     CONFIG_FILE,
     MEMBERS_FILE,
@@ -40,11 +42,11 @@ from cl_lightning.rundir import (
 
 
 def member_settings(class_path: str) -> tuple[str, ...]:
-    """The per-member settings of the class at ``class_path`` (its ``MEMBER_SETTINGS``, or none)."""
+    """The per-member settings of the class at ``class_path`` (none if it cannot be imported)."""
     module, _, name = class_path.rpartition(".")
     try:
-        return tuple(getattr(getattr(importlib.import_module(module), name), "MEMBER_SETTINGS", ()))
-    except (ImportError, AttributeError):
+        return tuple(per_member_settings(getattr(importlib.import_module(module), name)))
+    except (ImportError, AttributeError, TypeError):
         return ()
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from cl_lightning.models.population import member_values
+from cl_lightning.methods.base import Method
 from cl_lightning.rundir import check_new_run, check_writable, loggers_run_dir, member_dirs
 
 
@@ -48,13 +48,11 @@ def check_run_inputs(datamodule: LightningDataModule, trainer_config: dict[str, 
 
 
 def _check_member_settings(callbacks: list[Callback], size: int) -> None:
-    """Each method's per-member settings (its ``MEMBER_SETTINGS``: one value, or one per member) against
-    the population's size, now rather than in the method's ``setup``, after the run folder exists."""
+    """Each method's per-member settings (one value, or one per member) against the population's size,
+    now rather than in the method's ``setup``, after the run folder exists."""
     for callback in callbacks:
-        for name in getattr(callback, "MEMBER_SETTINGS", ()):
-            value = getattr(callback, name, None)
-            if value is not None:
-                member_values(value, size, name)
+        if isinstance(callback, Method):
+            callback.check_settings(size)
 
 
 def _output_folders(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[tuple[str, str]]:

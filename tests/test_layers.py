@@ -5,12 +5,14 @@ From the bottom up (a module may import its own layer and those below it):
 1. ``errors``, ``seeding``: what every layer shares.
 2. ``data`` (the task sequence), ``metrics`` (formulas and the per-task metric: tensors in,
    numbers out), and the run's plumbing that knows no continual learning: ``guards``, ``saving``,
-   ``signals``, ``hparams``, ``rundir`` (the run folder).
-3. ``models``: the networks, the LightningModule and the flat-parameter helpers.
+   ``signals``, ``rundir`` (the run folder).
+3. ``models``: the networks, the LightningModule, per-member settings and random numbers, and
+   ``member_outputs``: what each member of a population writes (its config, its logger).
 4. ``evaluation`` (a model on the task sequence: the accuracy-matrix callback, evaluation outside
    Lightning's loop) and ``progress`` (the task progress bar).
 5. ``methods``: the continual-learning callbacks.
-6. ``checkpoints`` and ``preflight``: checks of a run's inputs, which know the methods.
+6. ``checkpoints``, ``preflight`` and ``hparams``: checks of a run's inputs and its HParams row, which
+   know the methods.
 7. The commands: ``cli`` (with ``console``, its entry point, and ``cli_errors``), ``__main__``, ``grid``,
    ``analysis``, ``sweep``.
 
@@ -31,11 +33,11 @@ TESTS = Path(__file__).parent
 
 LAYERS: list[set[str]] = [
     {"errors", "seeding"},
-    {"data", "metrics", "guards", "saving", "signals", "hparams", "rundir", "member_outputs"},
-    {"models"},
+    {"data", "metrics", "guards", "saving", "signals", "rundir"},
+    {"models", "member_outputs"},
     {"evaluation", "progress"},
     {"methods"},
-    {"checkpoints", "preflight"},
+    {"checkpoints", "preflight", "hparams"},
     {"cli", "cli_errors", "console", "__main__", "grid", "analysis", "sweep"},
 ]
 

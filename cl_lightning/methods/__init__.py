@@ -1,15 +1,5 @@
-"""Continual-learning methods, each a Lightning callback.
+"""Continual-learning methods, each a Lightning callback subclassing :class:`~cl_lightning.methods.base.Method`.
 
-Importing this package registers them with the command line, so ``--trainer.callbacks+=MCSGD``
-works without the full class path.
+One file per method; :func:`~cl_lightning.methods.registry.registered_methods` finds them all (and
+registers their short names with the command line, ``--trainer.callbacks+=MCSGD``).
 """
-
-from cl_lightning.methods.agem import AGEM
-from cl_lightning.methods.er import ER
-from cl_lightning.methods.ewc import EWC
-from cl_lightning.methods.mcsgd import MCSGD
-
-#: The method callbacks, whose state a checkpoint must carry for a run to resume.
-METHODS = (AGEM, ER, EWC, MCSGD)
-
-__all__ = ["AGEM", "ER", "EWC", "MCSGD", "METHODS"]

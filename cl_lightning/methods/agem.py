@@ -35,17 +35,15 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data.datamodule import Batch, ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.member_outputs import log_members
-from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.methods.base import Method
 from cl_lightning.methods.memory import EpisodicMemory
+from cl_lightning.models.member_random import keyed_subsets, member_keys, mix64
 from cl_lightning.models.member_sgd import member_view
-from cl_lightning.models.population import keyed_subsets, member_keys, mix64
 
 #: The dropout stream of the reference forward: the step's own forward uses stream 0, so the
 #: memory batch gets fresh masks in the same step (``ContinualModule.forward``'s ``stream``).
@@ -96,7 +94,7 @@ def memory_positions(keys: Tensor, size: int, count: int, epoch: int, batch_idx:
     return keyed_subsets(mix64(mix64(keys ^ epoch) ^ batch_idx), size, count)
 
 
-class AGEM(TaskAwareCallback):
+class AGEM(Method):
     """Projects each member's training gradient so that it does not increase that member's loss
     on its memory batch.
 
@@ -126,6 +124,7 @@ class AGEM(TaskAwareCallback):
         memory_replacement: bool = False,
         memory_batch_size: PositiveInt = 64,
     ) -> None:
+        super().__init__()
         if memory_batch_size < 1:
             raise ConfigError(f"memory_batch_size must be a positive integer, got {memory_batch_size}")
         if memory_per_class is None and memory_per_task is None:
@@ -146,7 +145,7 @@ class AGEM(TaskAwareCallback):
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         dm: ContinualDataModule = trainer.datamodule
-        self._publish(trainer, task)
+        self._publish(trainer, pl_module, task)
         self.memory.add_task(dm, task)
 
     @override
@@ -203,24 +202,23 @@ class AGEM(TaskAwareCallback):
         self.steps += 1
 
     # ------------------------------------------------------------------ reporting
-    @rank_zero_only
-    def _publish(self, trainer: Trainer, task: int) -> None:
+    def _publish(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
         """Each member's fraction of projected steps (and the memory size) into its own logger."""
         if self.projected is None:
             return
         size = float(sum(i.shape[1] for i in self.memory.indices.values()))
-        log_members(trainer, [{"agem/projected_fraction": projected / max(self.steps, 1), "agem/memory_size": size}
-                              for projected in self.projected.tolist()], task + 1)
+        self.log_members(trainer, pl_module, {"agem/projected_fraction": self.projected.double() / max(self.steps, 1),
+                                              "agem/memory_size": [size] * len(self.projected)}, task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def method_state(self) -> dict[str, Any]:
         projected = None if self.projected is None else self.projected.detach().cpu().clone()
         return {"memory": self.memory.state_dict(), "projected": projected, "steps": self.steps}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state_dict["memory"])
-        self.projected = state_dict["projected"]
-        self.steps = int(state_dict["steps"])
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
+        self.projected = state["projected"]
+        self.steps = int(state["steps"])
         self._cache = None

@@ -53,19 +53,18 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.data.members import Batch, MemberSet
+from cl_lightning.data.members import Batch
 from cl_lightning.errors import ConfigError
-from cl_lightning.member_outputs import log_members
-from cl_lightning.methods.base import TaskAwareCallback
-from cl_lightning.methods.reservoir import ReservoirBuffer
+from cl_lightning.methods.base import Method
+from cl_lightning.methods.reservoir import ReservoirBuffer, step_examples
+from cl_lightning.models.member_random import member_keys
 from cl_lightning.models.module import total
-from cl_lightning.models.population import member_keys
 
 #: Dropout stream of the memory batch's forward: masks other than the current batch's (stream 0).
 REPLAY_STREAM = 1
 
 
-class ER(TaskAwareCallback):
+class ER(Method):
     """Experience replay with a reservoir memory, for every member of the population.
 
     Each training step, once the memory holds examples, trains each member on the mean
@@ -105,6 +104,7 @@ class ER(TaskAwareCallback):
     """
 
     def __init__(self, memory_size: PositiveInt = 200, memory_batch_size: PositiveInt = 64) -> None:
+        super().__init__()
         if memory_size is None or memory_size < 1:
             raise ConfigError(f"ER needs a memory: memory_size must be at least 1, got {memory_size!r}")
         if memory_batch_size is None or memory_batch_size < 1:
@@ -117,19 +117,15 @@ class ER(TaskAwareCallback):
         self.sample_keys: Tensor | None = None
         #: M/(B+M) of the running step: the memory's share of the joined batch (0: no replay).
         self._memory_share = 0.0
-        self._restored: dict[str, Any] | None = None  # a state loaded before `setup`
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup_population(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Created once (a later fit/test with the same callback keeps the memory); a checkpoint
-        # is loaded after `setup` and overwrites the buffer's contents.
+        # is loaded after this and overwrites the buffer's contents.
         if self.buffer is None:
             seeds = trainer.datamodule.seeds
             self.buffer = ReservoirBuffer(self.memory_size, seeds)
             self.sample_keys = member_keys(seeds, "er_sample")
-        if self._restored is not None:
-            self.buffer.load_state_dict(self._restored)
-            self._restored = None
 
     # ------------------------------------------------------------------ training
     @override
@@ -155,13 +151,8 @@ class ER(TaskAwareCallback):
         with torch.inference_mode(False), torch.enable_grad():
             with trainer.precision_plugin.forward_context():
                 losses = pl_module.member_losses(batch, stream=REPLAY_STREAM)
-            # Only on the steps the logger writes, as the module's `train/loss`: `log` costs about as
-            # much as a small MLP's step.
-            if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
-                if pl_module.size == 1:
-                    pl_module.log("er/memory_loss", losses[0].detach())
-                else:
-                    log_members(trainer, [{"er/memory_loss": v} for v in losses.detach().tolist()], trainer.global_step)
+            if self.is_logging_step(trainer):
+                self.log_members(trainer, pl_module, {"er/memory_loss": losses}, trainer.global_step)
             # Lightning divides the training loss by the accumulation steps and scales it for
             # fp16 (the scaler unscales every .grad before the step): the memory loss likewise.
             # A member the guard stopped adds nothing (its loss may be NaN), as in the module's loss.
@@ -175,53 +166,26 @@ class ER(TaskAwareCallback):
         """This step's replayed ``(x, y, task)`` batch, ``[N, M, ...]``: member k's draw from its memory."""
         self.sample_keys = self.sample_keys.to(pl_module.device)  # once: a no-op when there
         slots = self.buffer.to(pl_module.device).sample(self.memory_batch_size, self.sample_keys)
-        return self.stored_batch(trainer, slots)
-
-    def stored_batch(self, trainer: Trainer, slots: Tensor) -> Batch:
-        """The examples in ``slots`` (``[N, m]``, row k: member k's slots) as an ``(x, y, task)``
-        batch, built through the training set's own path (base images, each example's task map)."""
-        training: MemberSet = trainer.train_dataloader.dataset
-        memory = MemberSet(training.base, self.buffer.index.gather(1, slots), self.buffer.task.gather(1, slots),
-                           training.pixel_maps)
-        return memory.batch(0, slots.shape[1])
+        return self.buffer.batch(trainer.train_dataloader.dataset, slots)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int
     ) -> None:
-        index, task = self._global_examples(trainer, batch, batch_idx)
+        index, task = step_examples(trainer, batch, batch_idx)
         self.buffer.to(pl_module.device).add(index, task)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @staticmethod
-    def _global_examples(trainer: Trainer, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor]:
-        """Base indices and task ids ``[N, B]`` of the step's examples of every process, in rank order.
-
-        The batch carries images, not indices: its indices are those of the training loader's
-        examples at this batch's place in the epoch (``MemberBatches``: batch i is columns
-        ``[i*B, (i+1)*B)`` of its ordered :class:`MemberSet`, also after a mid-epoch resume, where
-        Lightning's ``batch_idx`` continues the interrupted epoch's count).
-        """
-        loader = trainer.train_dataloader
-        start = batch_idx * loader.batch_size
-        stop = start + batch[1].shape[1]
-        index, task = loader.dataset.base_index[:, start:stop], batch[2]
-        if trainer.world_size == 1:
-            return index, task
-        return tuple(trainer.strategy.all_gather(t).transpose(0, 1).flatten(1, 2) for t in (index, task))
 
     # ------------------------------------------------------------------ reporting
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> None:
-        self._publish(trainer, task)
-
-    def _publish(self, trainer: Trainer, task: int) -> None:
         """Once per task: how much of each member's memory each task holds (a host sync here is fine)."""
         if len(self.buffer) == 0:
             return
-        shares = self.shares(trainer.datamodule.num_tasks)[:, : task + 1].tolist()
-        log_members(trainer, [{f"er/memory_share/task_{i + 1:02d}": v for i, v in enumerate(row)}
-                              | {"er/examples_seen": float(self.buffer.seen)} for row in shares], task + 1)
+        shares = self.shares(trainer.datamodule.num_tasks)
+        values = {f"er/memory_share/task_{i + 1:02d}": shares[:, i] for i in range(task + 1)}
+        values["er/examples_seen"] = [float(self.buffer.seen)] * self.buffer.size
+        self.log_members(trainer, pl_module, values, task + 1)
 
     def shares(self, num_tasks: int) -> Tensor:
         """``[N, num_tasks]``: fraction of each member's memory held by each task (CPU)."""
@@ -231,14 +195,10 @@ class ER(TaskAwareCallback):
 
     # ------------------------------------------------------------------ checkpoint
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def method_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict() if self.buffer is not None else None}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["buffer"] is None:
-            return
-        if self.buffer is None:  # loaded before `setup`: applied there, once the seeds are known
-            self._restored = state_dict["buffer"]
-        else:
-            self.buffer.load_state_dict(state_dict["buffer"])
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])

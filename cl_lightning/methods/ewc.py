@@ -74,19 +74,18 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
-from cl_lightning.member_outputs import log_members
-from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.methods.base import Method
+from cl_lightning.models.member_settings import FractionOpenBelow, PerMember
 from cl_lightning.models.member_sgd import member_view
 from cl_lightning.models.module import mask_logits
 from cl_lightning.models.params import eval_mode, outside_inference
-from cl_lightning.models.population import member_list, member_values
 from cl_lightning.seeding import generator
 
 FisherKind = Literal["empirical", "true"]
@@ -110,7 +109,7 @@ def _split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [v.view_as(p) for p, v in zip(params, flat.split(widths, dim=1))]
 
 
-class EWC(TaskAwareCallback):
+class EWC(Method):
     """Penalises moving the weights that mattered for earlier tasks (diagonal Fisher), per member.
 
     ``variant="kirkpatrick"`` keeps one Fisher and anchor per task and sums the penalties. At the
@@ -157,22 +156,19 @@ class EWC(TaskAwareCallback):
             the A-GEM code's MNIST scripts, 50 in its CIFAR script), shared by the members.
     """
 
-    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
-    MEMBER_SETTINGS = ("lam", "fisher_decay")
-
     def __init__(
         self,
-        lam: NonNegativeFloat | list[NonNegativeFloat] = 1.0,
+        lam: PerMember[NonNegativeFloat] = 1.0,
         variant: Variant = "kirkpatrick",
         fisher: FisherKind = "empirical",
         fisher_samples: PositiveInt | None = 1024,
         fisher_batch_size: PositiveInt = 64,
         fisher_normalization: Literal["none", "min_max"] = "none",
         backend: Literal["vmap", "loop"] = "vmap",
-        fisher_decay: float | list[float] = 0.9,
+        fisher_decay: PerMember[FractionOpenBelow] = 0.9,
         fisher_update_every: PositiveInt = 10,
     ) -> None:
-        lams = member_list(lam, "lam", lambda v: v >= 0, "be non-negative for every member")
+        super().__init__(lam=lam, fisher_decay=fisher_decay)
         if variant not in ("kirkpatrick", "agem"):
             raise ConfigError(f"variant must be 'kirkpatrick' or 'agem', got {variant!r}")
         if fisher not in ("empirical", "true"):
@@ -185,18 +181,15 @@ class EWC(TaskAwareCallback):
             raise ConfigError(f"fisher_normalization must be 'none' or 'min_max', got {fisher_normalization!r}")
         if backend not in ("vmap", "loop"):
             raise ConfigError(f"backend must be 'vmap' or 'loop', got {backend!r}")
-        member_list(fisher_decay, "fisher_decay", lambda v: 0 < v <= 1, "lie in (0, 1] for every member")
         if fisher_update_every < 1:
             raise ConfigError(f"fisher_update_every must be a positive integer, got {fisher_update_every}")
-        self.lam = lam
-        self._penalised = any(value > 0 for value in lams)  # else the penalty adds nothing: skip it
+        self._penalised = max(lam if isinstance(lam, list) else [lam]) > 0  # else the penalty adds nothing: skip it
         self.variant = variant
         self.fisher = fisher
         self.fisher_samples = fisher_samples
         self.fisher_batch_size = int(fisher_batch_size)
         self.fisher_normalization = fisher_normalization
         self.backend = backend
-        self.fisher_decay = fisher_decay
         self.fisher_update_every = int(fisher_update_every)
         # The penalty's state, one row per member: sum_t F_t, sum_t F_t * theta*_t ([N, P], the
         # layout of Population.flat()), sum_t sum_i F_t,i theta*_t,i^2 ([N] float64).
@@ -210,30 +203,18 @@ class EWC(TaskAwareCallback):
         self.running_fisher: Tensor | None = None
         self.fisher_window: Tensor | None = None
         self.task_steps = 0
-        # Per-member settings on the parameters' device and dtype, built once (no copy per step).
-        self._settings: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ per-member settings
     def curvature(self, n: int) -> Tensor:
         """``c`` of the penalty ``c/2 * sum_t F_t (theta - theta*_t)^2`` per member, ``[N]``
         float64: the penalty's second derivative per unit of Fisher (agem's ``lam * F d^2`` has no
         1/2)."""
-        lam = member_values(self.lam, n, "lam")
+        lam = self.settings(n)["lam"]
         return lam if self.variant == "kirkpatrick" else 2 * lam
 
     def decay(self, n: int) -> Tensor:
         """agem's ``fisher_decay`` per member, ``[N]`` float64."""
-        return member_values(self.fisher_decay, n, "fisher_decay")
-
-    def _setting(self, name: str, values: Callable[[int], Tensor], like: Tensor) -> Tensor:
-        """``[N]``: the float64 ``values(N)`` for the N members of ``like`` (``[N, ...]``), rounded
-        to its dtype on its device (rounded once, as torch's kernels round a Python float setting),
-        kept until N, the device or the dtype changes."""
-        n = like.shape[0]
-        cached = self._settings.get(name)
-        if cached is None or cached.device != like.device or cached.dtype != like.dtype or len(cached) != n:
-            cached = self._settings[name] = values(n).to(device=like.device, dtype=like.dtype)
-        return cached
+        return self.settings(n)["fisher_decay"]
 
     # ------------------------------------------------------------------ task events
     @override
@@ -339,7 +320,7 @@ class EWC(TaskAwareCallback):
             self.track_gradient(params)
         if self.fisher_sum is None or not self._penalised:
             return
-        curvature = self._setting("curvature", self.curvature, params[0])
+        curvature = self.on_device("curvature", params[0], self.curvature)
         with torch.no_grad():
             for p, (f, a) in zip(params, self._parameter_views(params)):
                 if not p.requires_grad:
@@ -362,8 +343,8 @@ class EWC(TaskAwareCallback):
         self.running_fisher, self.fisher_window = self.running_fisher.to(device), self.fisher_window.to(device)
         with torch.no_grad():
             if (self.task_steps + 1) % self.fisher_update_every == 0:
-                keep = self._setting("fisher_keep", lambda n: 1 - self.decay(n), self.running_fisher)
-                gain = self._setting("fisher_gain", lambda n: self.decay(n) / self.fisher_update_every, self.running_fisher)
+                keep = self.on_device("fisher_keep", self.running_fisher, lambda n: 1 - self.decay(n))
+                gain = self.on_device("fisher_gain", self.running_fisher, lambda n: self.decay(n) / self.fisher_update_every)
                 self.running_fisher.mul_(keep.unsqueeze(1)).add_(self.fisher_window * gain.unsqueeze(1))
                 self.fisher_window.zero_()
             for p, w in zip(params, _split_like(self.fisher_window, params)):
@@ -400,7 +381,6 @@ class EWC(TaskAwareCallback):
         indices = self.fisher_indices(dm, task)
         dataset = dm.task_set(task, "train")
         examples = dataset.select(indices.to(dataset.base_index.device))
-        class_mask = pl_module.class_mask  # [N, T, C] on the module's device (split benchmarks), else None
         labels = [generator(seed, "ewc_fisher_labels", task) for seed in dm.seeds]
         example_grad = _example_grad(stacked)
         compute = _squared_grads_vmap if self.backend == "vmap" else _squared_grads_loop
@@ -409,7 +389,7 @@ class EWC(TaskAwareCallback):
             for start in range(0, indices.shape[1], self.fisher_batch_size):
                 x, y, task_ids = (outside_inference(v.to(pl_module.device))
                                   for v in examples.batch(start, start + self.fisher_batch_size))
-                mask = class_mask[pl_module.members.unsqueeze(1), task_ids] if class_mask is not None else None
+                mask = pl_module.task_mask(task_ids)
                 if self.fisher == "true":
                     y = self._sampled_labels(population(x), mask, labels)
                 for name, value in compute(example_grad, params, buffers, x, y, mask).items():
@@ -426,7 +406,6 @@ class EWC(TaskAwareCallback):
         return (logits.double() - torch.log(-torch.log(uniform.to(logits.device)))).argmax(dim=2)
 
     # ------------------------------------------------------------------ reporting
-    @rank_zero_only
     def _publish(
         self, trainer: Trainer, pl_module: LightningModule, task: int, previous_penalty: Tensor | None, fisher: Tensor,
         stiffness: Tensor,
@@ -438,14 +417,11 @@ class EWC(TaskAwareCallback):
             # The penalty of tasks 1..t-1 at theta*_t: how far training task t pulled the weights
             # from where the earlier tasks want them (the current task adds 0 at its optimum).
             values["ewc/penalty"] = previous_penalty
-        rows = {name: value.detach().cpu().double().tolist() for name, value in values.items()}
-        failed = pl_module.failed.tolist()
-        log_members(trainer, [{} if failed[k] else {name: row[k] for name, row in rows.items()} for k in range(len(failed))],
-                    task + 1)
+        self.log_members(trainer, pl_module, {name: value.double() for name, value in values.items()}, task + 1)
 
     # ------------------------------------------------------------------ checkpoint
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def method_state(self) -> dict[str, Any]:
         def cpu(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().cpu().clone()
 
@@ -455,15 +431,15 @@ class EWC(TaskAwareCallback):
                 "task_steps": self.task_steps}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fisher_sum = state_dict["fisher_sum"]
-        self.fisher_anchor = state_dict["fisher_anchor"]
-        self.anchor_energy = state_dict["anchor_energy"]
-        self.tasks = [int(t) for t in state_dict["tasks"]]
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.fisher_sum = state["fisher_sum"]
+        self.fisher_anchor = state["fisher_anchor"]
+        self.anchor_energy = state["anchor_energy"]
+        self.tasks = [int(t) for t in state["tasks"]]
         self._views = None
-        self.running_fisher = state_dict["running_fisher"]
-        self.fisher_window = state_dict["fisher_window"]
-        self.task_steps = int(state_dict["task_steps"])
+        self.running_fisher = state["running_fisher"]
+        self.fisher_window = state["fisher_window"]
+        self.task_steps = int(state["task_steps"])
 
 
 # ---------------------------------------------------------------------- per-example gradients

@@ -43,7 +43,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
@@ -53,16 +53,15 @@ from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.data.members import Batch
 from cl_lightning.errors import ConfigError
 from cl_lightning.evaluation.evaluate import task_accuracies
-from cl_lightning.guards import FiniteGuard
-from cl_lightning.member_outputs import member_loggers
-from cl_lightning.methods.base import TaskAwareCallback
+from cl_lightning.methods.base import Method
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.methods.memory import DrawOptions, EpisodicMemory, ExampleDraw
 from cl_lightning.metrics.continual import average_accuracy
+from cl_lightning.models.member_settings import PerMember
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.params import eval_mode
-from cl_lightning.models.population import Population, member_list, member_values
-from cl_lightning.rundir import run_dir, solution_path, trainer_member_dirs, write_matrix
+from cl_lightning.models.population import Population
+from cl_lightning.rundir import solution_path, write_matrix
 from cl_lightning.seeding import generator
 
 SUBSET_OPTIONS = DrawOptions("MC-SGD's subset of the current task", "line B needs examples of the current task",
@@ -78,7 +77,7 @@ Step = list[tuple[Literal["memory", "subset"], int, float]]
 LineBatch = tuple[Tensor, Tensor, Tensor | None]
 
 
-class MCSGD(TaskAwareCallback):
+class MCSGD(Method):
     """Consolidates each task's solution with the previous ones along linear paths, per member.
 
     ``alpha0``, ``lr`` and ``momentum`` take one value for every member or a list with one value
@@ -128,15 +127,12 @@ class MCSGD(TaskAwareCallback):
             CIFAR ResNet).
     """
 
-    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
-    MEMBER_SETTINGS = ("alpha0", "lr", "momentum")
-
     def __init__(
         self,
-        alpha0: NonNegativeFloat | list[NonNegativeFloat] = 0.1,
+        alpha0: PerMember[ClosedUnitInterval] = 0.1,
         num_segments: PositiveInt = 5,
-        lr: PositiveFloat | list[PositiveFloat] = 0.01,
-        momentum: NonNegativeFloat | list[NonNegativeFloat] = 0.8,
+        lr: PerMember[PositiveFloat] = 0.01,
+        momentum: PerMember[NonNegativeFloat] = 0.8,
         batch_size: PositiveInt = 64,
         epochs: PositiveInt = 1,
         steps: Steps = "minibatch",
@@ -152,13 +148,8 @@ class MCSGD(TaskAwareCallback):
         evaluate_w_hat: bool = True,
         save_solutions: bool = False,
     ) -> None:
-        member_list(alpha0, "alpha0", lambda v: 0.0 <= v <= 1.0, "be in [0, 1] for every member")
-        member_list(lr, "lr", lambda v: v > 0.0, "be positive for every member")
-        member_list(momentum, "momentum", lambda v: v >= 0.0, "be non-negative for every member")
-        self.alpha0 = alpha0
+        super().__init__(alpha0=alpha0, lr=lr, momentum=momentum)
         self.num_segments = int(num_segments)
-        self.lr = lr
-        self.momentum = momentum
         self.batch_size = int(batch_size)
         self.epochs = int(epochs)
         if steps not in get_args(Steps):
@@ -177,20 +168,15 @@ class MCSGD(TaskAwareCallback):
         self.w_hat_matrix: Tensor | None = None
         self.line: LineGradient | None = None
 
-    def member_settings(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``alpha0``, ``lr`` and ``momentum`` of each of the ``n`` members, float64 ``[n]`` each."""
-        return tuple(member_values(getattr(self, name), n, name) for name in self.MEMBER_SETTINGS)
-
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup_population(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         n = dm.num_tasks
-        self.member_settings(dm.size)  # one value per member, or one for all: checked before training
         self.memory.check(dm)
         self.subset.check(dm)
         self.w_hat_matrix = torch.full((dm.size, n, n), float("nan"), dtype=torch.float64)
         self.line_gradient(pl_module.population)  # checks the backend against the network now
-        self.folders = trainer_member_dirs(trainer, run_dir(trainer))
+        self.folders = self.member_dirs(trainer)
 
     def line_gradient(self, population: Population) -> LineGradient:
         """The line gradient of ``population`` (made again if the module rebuilt its population after
@@ -237,7 +223,7 @@ class MCSGD(TaskAwareCallback):
             "memory": (w_bar_prev, [self._line_batch(b, pl_module) for b in self._memory_batches(dm, task)]),
             "subset": (w_hat, [self._line_batch(b, pl_module) for b in self._subset_batches(dm, task)]),
         }
-        alpha0, lr, momentum = self.member_settings(dm.size)
+        alpha0, lr, momentum = self.settings(dm.size).values()
         w = nn.Parameter(w_bar_prev + alpha0.to(w_hat).unsqueeze(1) * (w_hat - w_bar_prev))
         optimizer = MemberSGD([w], lr=lr, momentum=momentum)
         loss_sums = {name: torch.zeros(dm.size, device=w.device) for name in lines}
@@ -317,38 +303,30 @@ class MCSGD(TaskAwareCallback):
         """``(x, y, logit_mask)`` for :class:`LineGradient` on the module's device; the mask keeps each
         example's task classes of its member (split benchmarks)."""
         x, y, task_ids = (v.to(pl_module.device) for v in batch)
-        class_mask = pl_module.class_mask  # [N, T, C] (split benchmarks), else None
-        return x, y, (class_mask[pl_module.members.unsqueeze(1), task_ids] if class_mask is not None else None)
+        return x, y, pl_module.task_mask(task_ids)
 
     # ------------------------------------------------------------------ reporting
     def _publish(self, trainer: Trainer, pl_module: LightningModule, task: int, losses: dict[str, Tensor],
                  distance: Tensor) -> None:
         """Log each member's consolidation and write its w_hat row, once the task is known not to have
-        diverged: the guard checks here (on every process: its check is collective) instead of at the
+        diverged: the members that diverged are stopped here (``stop_diverged``) rather than at the
         validation that follows, so that a member stopped by a divergence (or a run whose every member
         diverged) leaves no w_hat row that looks like a result."""
-        for guard in (c for c in trainer.callbacks if isinstance(c, FiniteGuard)):
-            guard.check(trainer, trainer.lightning_module)
-        failed = pl_module.failed.cpu()
+        failed = self.stop_diverged(trainer, pl_module)
         self.w_hat_matrix[failed, task] = float("nan")  # a stopped member's rows are not results
-        self._write(trainer, task, losses, distance, failed.tolist())
+        values = {f"mcsgd/{name}": value for name, value in losses.items()} | {"mcsgd/distance_w_hat_w_bar": distance}
+        if self.evaluate_w_hat:
+            values |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": self.w_hat_matrix[:, task, i] for i in range(task + 1)}
+            values["mcsgd/w_hat_average_accuracy"] = [average_accuracy(matrix, task) for matrix in self.w_hat_matrix]
+            self._write_matrices(trainer, task, failed.tolist())
+        self.log_members(trainer, pl_module, values, task + 1)
 
     @rank_zero_only
-    def _write(self, trainer: Trainer, task: int, losses: dict[str, Tensor], distance: Tensor, failed: list[bool]) -> None:
-        """Each running member's consolidation metrics into its own logger, its w_hat matrix into its folder."""
-        rows = {f"mcsgd/{name}": value.tolist() for name, value in losses.items()}
-        rows["mcsgd/distance_w_hat_w_bar"] = distance.tolist()
-        for k, (folder, logger) in enumerate(zip(self.folders, member_loggers(trainer))):
-            if failed[k]:
-                continue
-            metrics = {name: row[k] for name, row in rows.items()}
-            if self.evaluate_w_hat:
-                matrix = self.w_hat_matrix[k]
-                metrics |= {f"mcsgd/w_hat_acc/task_{i + 1:02d}": v for i, v in enumerate(matrix[task, : task + 1].tolist())}
-                metrics["mcsgd/w_hat_average_accuracy"] = average_accuracy(matrix, task)
-                write_matrix(folder, "w_hat_accuracy_matrix", matrix, task, trainer.datamodule.eval_split)
-            if logger is not None:
-                logger.log_metrics(metrics, step=task + 1)
+    def _write_matrices(self, trainer: Trainer, task: int, failed: list[bool]) -> None:
+        """Each running member's w_hat accuracy matrix into its folder."""
+        for k, folder in enumerate(self.folders):
+            if not failed[k]:
+                write_matrix(folder, "w_hat_accuracy_matrix", self.w_hat_matrix[k], task, trainer.datamodule.eval_split)
 
     @rank_zero_only
     def _save_solutions(self, pl_module: LightningModule, task: int) -> None:
@@ -364,12 +342,12 @@ class MCSGD(TaskAwareCallback):
 
     # ------------------------------------------------------------------ checkpoint
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def method_state(self) -> dict[str, Any]:
         return {"w_bar": self.w_bar, "w_hat": self.w_hat, "w_hat_matrix": self.w_hat_matrix,
                 "memory": self.memory.state_dict()}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.w_bar, self.w_hat = state_dict["w_bar"], state_dict["w_hat"]
-        self.w_hat_matrix = state_dict["w_hat_matrix"]
-        self.memory.load_state_dict(state_dict["memory"])
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.w_bar, self.w_hat = state["w_bar"], state["w_hat"]
+        self.w_hat_matrix = state["w_hat_matrix"]
+        self.memory.load_state_dict(state["memory"])

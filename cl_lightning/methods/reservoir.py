@@ -32,12 +32,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from torch import Tensor
 
+from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
-from cl_lightning.models.population import keyed_subsets, member_keys, mix64, stream_bits
+from cl_lightning.models.member_random import keyed_subsets, member_keys, mix64, stream_bits
 
-__all__ = ["ReservoirBuffer"]
+__all__ = ["ReservoirBuffer", "step_examples"]
 
 class ReservoirBuffer:
     """Every member's fixed-capacity uniform sample (algorithm R) of its stream of examples.
@@ -52,22 +54,29 @@ class ReservoirBuffer:
     batches), so ``seen`` and ``len`` are host-side ints common to all, and insertion is one
     batched operation over ``[N, B]``.
 
+    Besides the example's name (base index and task id), a method may keep values computed when the
+    example was seen (DER++ keeps the network's logits): :meth:`add` takes them as ``[N, B, ...]``
+    tensors and :attr:`values` holds them per slot, ``[N, capacity, ...]``.
+
     Args:
         capacity: Examples kept per member (over all tasks).
-        seeds: The members' seeds; member k's draws are keyed by ``generator(seeds[k], "er_reservoir")``.
+        seeds: The members' seeds; member k's draws are keyed by ``generator(seeds[k], key)``.
+        key: The name of the reservoir's random stream (each method its own).
     """
 
-    def __init__(self, capacity: int, seeds: Sequence[int]) -> None:
+    def __init__(self, capacity: int, seeds: Sequence[int], key: str = "er_reservoir") -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"a reservoir needs a capacity of at least 1 example, got {capacity!r}")
         if not seeds:
             raise ValueError("a reservoir needs at least one member seed")
         self.capacity = capacity
-        self.keys = member_keys(seeds, "er_reservoir")
+        self.keys = member_keys(seeds, key)
         self.seen = 0  # examples each member's stream offered so far (a host-side int: no device sync)
         #: ``[N, capacity]`` base index and task id of each slot; columns ``[0, len(self))`` are held.
         self.index = torch.zeros(len(seeds), capacity, dtype=torch.int64)
         self.task = torch.zeros(len(seeds), capacity, dtype=torch.int64)
+        #: ``[N, capacity, ...]`` per name: the values given with each kept example (created by the first :meth:`add`).
+        self.values: dict[str, Tensor] = {}
 
     def __len__(self) -> int:
         """Examples held by each member (``min(seen, capacity)``)."""
@@ -83,11 +92,13 @@ class ReservoirBuffer:
         device = torch.device(device)
         if self.index.device != device:
             self.index, self.task, self.keys = (t.to(device) for t in (self.index, self.task, self.keys))
+            self.values = {name: t.to(device) for name, t in self.values.items()}
         return self
 
     # ------------------------------------------------------------------ insertion
-    def add(self, index: Tensor, task: Tensor) -> None:
-        """Offer every member's next examples, in order: base indices and task ids, ``[N, B]``."""
+    def add(self, index: Tensor, task: Tensor, **values: Tensor) -> None:
+        """Offer every member's next examples, in order: base indices and task ids, ``[N, B]``, and the
+        ``values`` to keep with them (``[N, B, ...]`` each)."""
         if index.shape != task.shape or index.dim() != 2 or index.shape[0] != self.size:
             raise ValueError(f"index and task must both have shape [N={self.size}, B], got {tuple(index.shape)} "
                              f"and {tuple(task.shape)}")
@@ -99,6 +110,13 @@ class ReservoirBuffer:
         source = writer.clamp(min=0)
         self.index = torch.where(written, index.gather(1, source), self.index)
         self.task = torch.where(written, task.gather(1, source), self.task)
+        rows = torch.arange(self.size, device=source.device).unsqueeze(1)
+        for name, value in values.items():
+            stored = self.values.get(name)
+            if stored is None:
+                stored = value.new_zeros((self.size, self.capacity, *value.shape[2:]))
+            kept = written.view(*written.shape, *([1] * (value.dim() - 2)))
+            self.values[name] = torch.where(kept, value[rows, source], stored)
 
     def _slots(self, count: int) -> Tensor:
         """``[N, count]``: the slot each of the next ``count`` examples draws (``capacity``: not kept)."""
@@ -130,6 +148,12 @@ class ReservoirBuffer:
             raise ValueError("cannot sample from an empty reservoir")
         return keyed_subsets(mix64(keys ^ self.seen), held, batch_size)
 
+    def batch(self, training: MemberSet, slots: Tensor) -> Batch:
+        """The examples in ``slots`` (``[N, m]``, row k: member k's slots) as an ``(x, y, task)`` batch,
+        built through the training set's own path (its base images, each example's task map)."""
+        memory = MemberSet(training.base, self.index.gather(1, slots), self.task.gather(1, slots), training.pixel_maps)
+        return memory.batch(0, slots.shape[1])
+
     def examples(self) -> tuple[Tensor, Tensor]:
         """Every member's stored base indices and task ids ``[N, len(self)]``, in slot order."""
         held = len(self)
@@ -142,7 +166,8 @@ class ReservoirBuffer:
         """Tensors and ints only (loads with ``weights_only=True``); copies, so later insertions do
         not change a state taken earlier. No generator state: the draws are counter-based."""
         return {"capacity": self.capacity, "seen": self.seen,
-                "index": self.index.detach().clone(), "task": self.task.detach().clone()}
+                "index": self.index.detach().clone(), "task": self.task.detach().clone(),
+                "values": {name: t.detach().clone() for name, t in self.values.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state (its tensors are moved to this buffer's device)."""
@@ -154,3 +179,23 @@ class ReservoirBuffer:
                              f"{self.size}: resume with the run's own seeds")
         self.seen = int(state["seen"])
         self.index, self.task = (state[name].to(self.keys.device) for name in ("index", "task"))
+        self.values = {name: t.to(self.keys.device) for name, t in state.get("values", {}).items()}
+
+
+def step_examples(trainer: Trainer, batch: Batch, batch_idx: int, *values: Tensor) -> tuple[Tensor, ...]:
+    """Base indices and task ids ``[N, B]`` of the training step's examples on every process, in rank
+    order, followed by ``values`` (``[N, b, ...]`` per process) gathered the same way: what every
+    process inserts into its reservoir, so that the members' reservoirs stay the same everywhere.
+
+    The batch carries images, not indices: its indices are those of the training loader's examples
+    at this batch's place in the epoch (``MemberBatches``: batch i is columns ``[i*B, (i+1)*B)`` of
+    its ordered :class:`MemberSet`, also after a mid-epoch resume, where Lightning's ``batch_idx``
+    continues the interrupted epoch's count).
+    """
+    loader = trainer.train_dataloader
+    start = batch_idx * loader.batch_size
+    stop = start + batch[1].shape[1]
+    local = (loader.dataset.base_index[:, start:stop], batch[2], *values)
+    if trainer.world_size == 1:
+        return local
+    return tuple(trainer.strategy.all_gather(t).transpose(0, 1).flatten(1, 2) for t in local)

@@ -29,9 +29,10 @@ from typing_extensions import override
 from cl_lightning.errors import CheckpointError, ConfigError
 from cl_lightning.member_outputs import log_members
 from cl_lightning.metrics.task_accuracy import TaskAccuracy, accuracy_key
+from cl_lightning.models.member_settings import DropoutRate, PerMember, member_list, member_values, per_member_settings
 from cl_lightning.models.member_sgd import MemberSGD, MemberTaskLR, member_view
 from cl_lightning.models.nets import MLP, ResNet18
-from cl_lightning.models.population import Population, fresh_copy, init_member, member_list, member_rows, member_values
+from cl_lightning.models.population import Population, fresh_copy, init_member, member_rows
 from cl_lightning.seeding import run_seed
 
 #: Logit given to classes outside the task (split benchmarks), as the research code (-10e10).
@@ -77,18 +78,15 @@ class ContinualModule(LightningModule):
             repeats). Ignored without such a checkpoint.
     """
 
-    #: The settings that may take one value per member (see :mod:`cl_lightning.member_outputs`).
-    MEMBER_SETTINGS = (*SGD_SETTINGS, "dropout")
-
     def __init__(
         self,
         net: MLP | ResNet18,
-        lr: PositiveFloat | list[PositiveFloat] = 0.1,
-        momentum: NonNegativeFloat | list[NonNegativeFloat] = 0.8,
-        lr_decay: PositiveFloat | list[PositiveFloat] = 1.0,
-        lr_floor: NonNegativeFloat | list[NonNegativeFloat] = 0.0005,
-        weight_decay: NonNegativeFloat | list[NonNegativeFloat] = 0.0,
-        dropout: NonNegativeFloat | list[NonNegativeFloat] | None = None,
+        lr: PerMember[PositiveFloat] = 0.1,
+        momentum: PerMember[NonNegativeFloat] = 0.8,
+        lr_decay: PerMember[PositiveFloat] = 1.0,
+        lr_floor: PerMember[NonNegativeFloat] = 0.0005,
+        weight_decay: PerMember[NonNegativeFloat] = 0.0,
+        dropout: PerMember[DropoutRate] | None = None,
         seeds: Sequence[int] | None = None,
         population_member: NonNegativeInt | None = None,
     ) -> None:
@@ -104,8 +102,9 @@ class ContinualModule(LightningModule):
         # The network every member is a fresh copy of; kept out of the module's submodules (it is
         # never trained) so that it is not in the state_dict.
         object.__setattr__(self, "_template", net)
-        for name in SGD_SETTINGS:  # the types admit inf, with which the first step diverges
-            member_list(self.hparams[name], f"model.{name}", math.isfinite, "be finite")
+        for name, kind in per_member_settings(type(self)).items():
+            if self.hparams[name] is not None:
+                member_list(self.hparams[name], f"model.{name}", kind)
         self._build([int(seed) for seed in seeds] if seeds is not None else [run_seed(None)])
         self.val_accuracy: TaskAccuracy | None = None
         self.test_accuracy: TaskAccuracy | None = None
@@ -152,7 +151,6 @@ class ContinualModule(LightningModule):
         silently do nothing)."""
         if dropout is None:
             return None
-        member_list(dropout, "model.dropout", lambda p: 0.0 <= p < 1.0, "be in [0, 1)")
         if not any(isinstance(module, nn.Dropout) for module in self._template.modules()):
             raise ConfigError(f"model.dropout is {dropout} but the network {type(self._template).__name__} has no "
                               "dropout layer: remove model.dropout, or use a network built with dropout layers")
@@ -218,16 +216,24 @@ class ContinualModule(LightningModule):
         (1 .. ``STREAMS - 1``) for fresh masks.
         """
         logits = self.population(x, step=STREAMS * self.global_step + stream)
-        if self.class_mask is None or task is None:
-            return logits
-        return mask_logits(logits, self.class_mask[self.members.unsqueeze(1), task])
+        return logits if task is None else mask_logits(logits, self.task_mask(task))
+
+    def task_mask(self, task: Tensor) -> Tensor | None:
+        """``[N, B, C]``: True for the classes of each example's task (``task`` ``[N, B]``), for its member
+        (members may order the classes differently); None where every class is every task's (no masks)."""
+        return None if self.class_mask is None else self.class_mask[self.members.unsqueeze(1), task]
 
     # ------------------------------------------------------------------ training
     def member_losses(self, batch: tuple[Tensor, Tensor, Tensor], stream: int = 0) -> Tensor:
         """``[N]``: each member's mean cross-entropy on its ``(x, y, task)`` batch."""
+        return self._losses_and_logits(batch, stream)[0]
+
+    def _losses_and_logits(self, batch: tuple[Tensor, Tensor, Tensor], stream: int) -> tuple[Tensor, Tensor]:
+        """:meth:`member_losses` and the logits before the task's class mask, ``[N, B, C]``."""
         x, y, task = batch
-        losses = F.cross_entropy(self(x, task, stream).flatten(0, 1), y.flatten(), reduction="none")
-        return losses.view_as(y).mean(dim=1)
+        logits = self(x, stream=stream)
+        losses = F.cross_entropy(mask_logits(logits, self.task_mask(task)).flatten(0, 1), y.flatten(), reduction="none")
+        return losses.view_as(y).mean(dim=1), logits
 
     def loss(self, batch: tuple[Tensor, Tensor, Tensor], stream: int = 0) -> Tensor:
         """The sum of the members' mean cross-entropies: its gradient is each member's own gradient
@@ -238,7 +244,9 @@ class ContinualModule(LightningModule):
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        losses = self.member_losses(batch)
+        """The loss Lightning backpropagates, with what the callbacks read in ``on_train_batch_end``: each
+        member's loss (the divergence guard) and the logits before the class mask (DER++ keeps them)."""
+        losses, logits = self._losses_and_logits(batch, 0)
         # Only on the steps the logger writes (every `log_every_n_steps`): `self.log` costs about
         # as much as a whole MLP step at batch size 10, and the other steps' values are never shown.
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
@@ -246,7 +254,7 @@ class ContinualModule(LightningModule):
                 self.log("train/loss", losses[0].detach())
             else:  # each member's into its own logger (one read of the [N] losses)
                 log_members(self.trainer, [{"train/loss": loss} for loss in losses.detach().tolist()], self.global_step)
-        return {"loss": total(losses, self.failed), "member_losses": losses.detach()}
+        return {"loss": total(losses, self.failed), "member_losses": losses.detach(), "logits": logits.detach()}
 
     def task_lr(self, epoch: int) -> Tensor:
         """``[N]``: each member's learning rate in ``epoch``'s task (0 for a stopped member)."""

@@ -134,13 +134,16 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 def per_member_keys(config: dict[str, Any]) -> frozenset[str]:
     """The grid keys whose values members of one population may differ in: the model's and the
-    method's (the config's last callback) per-member settings (their ``MEMBER_SETTINGS``)."""
+    method's per-member settings (annotated ``PerMember[...]``). ``trainer.callbacks.init_args.<name>``
+    sets the config's last callback, so only the method's settings when the method is last."""
     from cl_lightning.member_outputs import member_settings
+    from cl_lightning.methods.registry import method_callbacks
 
     keys = {f"model.{name}" for name in member_settings("cl_lightning.models.module.ContinualModule")}
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    if callbacks and isinstance(callbacks[-1], dict) and "class_path" in callbacks[-1]:
-        keys |= {f"trainer.callbacks.init_args.{name}" for name in member_settings(callbacks[-1]["class_path"])}
+    methods = method_callbacks(callbacks)
+    if methods and methods[-1] is callbacks[-1]:
+        keys |= {f"trainer.callbacks.init_args.{name}" for name in member_settings(methods[-1]["class_path"])}
     return frozenset(keys)
 
 

@@ -16,12 +16,12 @@ from cli_runs import tiny_run_args
 
 from cl_lightning.cli import cli_main, main
 from cl_lightning.console import COMMANDS
-from cl_lightning.methods import METHODS
+from cl_lightning.methods.registry import registered_methods
 from cl_lightning.saving import TaskCheckpoint
 
 ROOT = Path(__file__).parents[2]
 MCSGD = str(ROOT / "configs" / "mcsgd" / "permuted_digits.yaml")
-METHOD_NAMES = [method.__name__ for method in METHODS]
+METHOD_NAMES = [method.__name__ for method in registered_methods()]
 
 
 def refusal(argv: list[str], capsys) -> list[str]:

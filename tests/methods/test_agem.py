@@ -10,10 +10,10 @@ from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_res
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.methods.agem import AGEM, member_dot, memory_positions, project_gradients
 from cl_lightning.metrics.continual import average_accuracy, forgetting
+from cl_lightning.models.member_random import member_keys
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
-from cl_lightning.models.population import member_keys
 
 NUM_TASKS = 5
 SEEDS = [0, 5, 9]
@@ -229,6 +229,7 @@ def test_state_survives_a_weights_only_round_trip(population_digits, tmp_path):
     torch.save(agem.state_dict(), tmp_path / "agem.pt")
     restored = AGEM(memory_batch_size=4)
     restored.load_state_dict(torch.load(tmp_path / "agem.pt", weights_only=True))
+    restored.setup(trainer, module, "fit")  # a state loaded before `setup` is applied there
     assert restored.memory.tasks == [0, 1] and restored.steps == agem.steps
     assert torch.equal(restored.projected, agem.projected)
     for u, v in zip(restored.memory_batch(dm, module.device, 1, 5), agem.memory_batch(dm, module.device, 1, 5)):

@@ -251,7 +251,7 @@ def test_memory_holds_the_examples_it_was_offered(tmp_path):
     class Check(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             slots = torch.arange(len(er.buffer)).expand(len(seeds), -1)
-            x, y, task = er.stored_batch(trainer, slots)
+            x, y, task = er.buffer.batch(trainer.train_dataloader.dataset, slots)
             index, _ = er.buffer.examples()
             for k in range(len(seeds)):
                 for m in range(slots.shape[1]):

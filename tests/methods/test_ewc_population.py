@@ -283,7 +283,7 @@ def test_agem_running_fisher_is_the_a_gem_codes_moving_average() -> None:
 
 
 def test_state_survives_a_weights_only_round_trip(tmp_path) -> None:
-    _, module = members(SEEDS)
+    dm, module = members(SEEDS)
     theta = module.population.flat()
     ewc = EWC(lam=LAMS)
     for f, a in penalty_state(3, theta.shape[1], tasks=2):
@@ -292,11 +292,13 @@ def test_state_survives_a_weights_only_round_trip(tmp_path) -> None:
     torch.save(ewc.state_dict(), tmp_path / "ewc.pt")
     restored = EWC(lam=LAMS)
     restored.load_state_dict(torch.load(tmp_path / "ewc.pt", weights_only=True))
+    restored.setup(SimpleNamespace(datamodule=dm), module, "fit")  # a state loaded before `setup` is applied there
     assert restored.tasks == [0, 1]
     assert torch.equal(added_gradient(ewc, module), added_gradient(restored, module))
-    _, other = members([0, 1])  # a population of another size is refused with the reason
+    other_dm, other = members([0, 1])  # a population of another size is refused with the reason
     elsewhere = EWC(lam=1.0)
     elsewhere.load_state_dict(torch.load(tmp_path / "ewc.pt", weights_only=True))
+    elsewhere.setup(SimpleNamespace(datamodule=other_dm), other, "fit")
     with pytest.raises(ValueError, match="another network or population"):
         added_gradient(elsewhere, other)
 

@@ -62,8 +62,8 @@ def test_model_dropout_is_the_networks_own_rate(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("net", "dropout", "message"), [
-    (MLP(64, [32], 10, dropout=0.25), [0.2, 1.0], r"model.dropout must be in \[0, 1\)"),
-    (MLP(64, [32], 10, dropout=0.25), -0.1, r"model.dropout must be in \[0, 1\)"),
+    (MLP(64, [32], 10, dropout=0.25), [0.2, 1.0], r"model.dropout must be finite and >= 0 and < 1"),
+    (MLP(64, [32], 10, dropout=0.25), -0.1, r"model.dropout must be finite and >= 0 and < 1"),
     (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 0.5, "has no dropout layer"),
 ])
 def test_a_dropout_rate_that_cannot_apply_is_refused(net: torch.nn.Module, dropout, message: str) -> None:

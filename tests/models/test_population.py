@@ -19,17 +19,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.utils import parameters_to_vector
 
+from cl_lightning.models.member_random import drop_threshold, dropout_keys, keep_mask, mix64
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.models.params import load_flat
-from cl_lightning.models.population import (
-    Population,
-    _StackedLinear,
-    drop_threshold,
-    dropout_keys,
-    init_member,
-    keep_mask,
-    mix64,
-)
+from cl_lightning.models.population import Population, _StackedLinear, init_member
 
 small_mlp = partial(MLP, 20, [16, 16], 5)
 SEEDS = [0, 1, 2]
