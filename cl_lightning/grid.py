@@ -8,8 +8,8 @@ TensorBoard logger pointed at ``<root>/<benchmark>/<method>/seeds_<s1>-...`` (ch
 folder a plain run with that seed gets (plain LightningCLI overrides, printed by ``--dry_run`` to
 reuse in a job script). ``--solo`` runs each seed in its own process instead (``--seed_everything
 <n>``, everything in ``seed_<n>/``), so a crash or an out-of-memory kill ends that run only. The
-console output goes to ``run.log`` (:mod:`cl_lightning.rundir` owns the layout and the launch,
-shared with ``sweep``).
+console output goes to ``run.log`` (:mod:`cl_lightning.rundir` owns the layout, :mod:`cl_lightning.launch`
+the launch, both shared with ``sweep``).
 
 Rerunning the same command resumes the grid: finished runs (all T rows of the accuracy matrix)
 are skipped, and only the unfinished seeds of a cell form its population; an interrupted run
@@ -19,8 +19,9 @@ folders) is moved aside to ``.<name>.attempt<k>`` (hidden, so ``cl-lightning rep
 A failed run, or a member that did not finish (e.g. stopped by the divergence guard), leaves a
 ``FAILED`` marker and the grid goes on; the exit status is 1 when any run failed.
 
-The run folders' module (:mod:`cl_lightning.rundir`) loads torch, seconds on a busy machine: it is
-imported inside the functions that use it, so that ``grid --help`` and a refused argument answer at once.
+The run folders' module (:mod:`cl_lightning.rundir`, which :mod:`cl_lightning.launch` imports) loads torch,
+seconds on a busy machine: it is imported inside the functions that use it, so that ``grid --help`` and a
+refused argument answer at once.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cl_lightning.errors import UserError
+
+if TYPE_CHECKING:  # loads torch (see above)
+    from cl_lightning.launch.process import Outcome
 
 
 class GridError(UserError):
@@ -51,33 +56,24 @@ def fit_command(config: Path, root: Path, benchmark: str, method: str, seeds: Se
     return ["fit", "--config", str(config), *where, *overrides]
 
 
-def run_one(folder: Path, fit_args: list[str], resume: list[str]) -> tuple[bool, str]:
-    """Run one fit into ``folder`` (resumed with ``resume``, see :func:`~cl_lightning.rundir.prepare`).
-    Returns (ok, summary); a stop by a signal is not ok but leaves no ``FAILED`` marker: the next grid
-    command resumes it. A population is ok when all its members finished; a member that did not
-    (the divergence guard stopped it) gets a ``FAILED`` marker of its own, as a plain run would."""
-    from cl_lightning.rundir import LOG_FILE, launch, members_of, read_result
+def summary(folder: Path, members: list[Path], outcome: Outcome) -> tuple[bool, str]:
+    """Whether the fit into ``folder`` finished, and the line that says how it ended. A stop by a signal
+    is not ok but leaves no ``FAILED`` marker: the next grid command resumes it. A population is ok when
+    all its ``members`` finished (:func:`~cl_lightning.launch.jobs.run_job` marked the others)."""
+    from cl_lightning.rundir import LOG_FILE, is_finished, members_of, read_result
 
-    outcome = launch(folder, fit_args, resume)
-    members = members_of(folder)
-    if members is not None and not outcome.stopped:
-        return _members_outcome(folder, members, outcome.seconds)
+    if members_of(folder) is not None and not outcome.stopped:
+        finished = [is_finished(member) for member in members]
+        results = [f"{m.name} {read_result(m)['average_accuracy']:.2f} %" if done else f"{m.name} FAILED"
+                   for m, done in zip(members, finished)]
+        ok = all(finished)
+        return ok, f"{'done' if ok else 'FAILED'} in {outcome.seconds:.0f} s, average accuracy " + ", ".join(results) + (
+            "" if ok else f"; see {folder / LOG_FILE}")
     if outcome.failure is None and not outcome.stopped:
         result = read_result(folder)
         return True, f"done in {outcome.seconds:.0f} s, average accuracy {result['average_accuracy']:.2f} %"
     state = "stopped" if outcome.stopped else "FAILED"
     return False, f"{state} ({outcome.failure or f'exit code {outcome.code}'}) after {outcome.seconds:.0f} s, see {folder / LOG_FILE}"
-
-
-def _members_outcome(folder: Path, members: list[Path], seconds: float) -> tuple[bool, str]:
-    from cl_lightning.rundir import LOG_FILE, mark_unfinished_members, read_result
-
-    unfinished = mark_unfinished_members(folder, members)
-    results = [f"{m.name} FAILED" if m in unfinished else f"{m.name} {read_result(m)['average_accuracy']:.2f} %"
-               for m in members]
-    ok = not unfinished
-    return ok, f"{'done' if ok else 'FAILED'} in {seconds:.0f} s, average accuracy " + ", ".join(results) + (
-        "" if ok else f"; see {folder / LOG_FILE}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -107,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "one GPU the J processes share it")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what would be skipped; run nothing")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    from cl_lightning.rundir import Terminated, check_writable, interrupted_exit, signal_of, sigterm_raises_terminated
+    from cl_lightning.launch.process import Terminated, interrupted_exit, signal_of, sigterm_raises_terminated
+    from cl_lightning.rundir import check_writable
     from cl_lightning.seeding import MAX_SEED
 
     if args.jobs < 1:
@@ -172,7 +169,7 @@ def run_concurrently(run: Callable[..., bool], groups: list[tuple], jobs: int, s
     SIGTERM reach this (the main) thread: it passes each on to every running fit (once per signal,
     also to a fit a job was starting just then), starts no more, waits for the fits to stop (each with
     its checkpoint) and re-raises, as the one-at-a-time grid does."""
-    from cl_lightning.rundir import POLL_SECONDS, Terminated, pass_on, signal_of
+    from cl_lightning.launch.process import POLL_SECONDS, Terminated, pass_on, signal_of
 
     stop: KeyboardInterrupt | Terminated | None = None
     signalled: set = set()
@@ -198,7 +195,8 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
               overrides: list[str], prefix: str, stopping: threading.Event | None = None) -> bool:
     """Run one fit of ``seeds`` (a plain run, or a population of several); False if it did not finish
     (or was not started: ``stopping`` is set once the grid was told to stop)."""
-    from cl_lightning.rundir import population_folder, prepare, ran_out_of_memory, run_folder, set_aside_existing
+    from cl_lightning.launch.jobs import run_job
+    from cl_lightning.rundir import population_folder, run_folder, set_aside_existing
 
     if stopping is not None and stopping.is_set():
         return False
@@ -211,13 +209,14 @@ def run_group(args: argparse.Namespace, benchmark: str, method: str, seeds: list
         print(f"{label}: cl-lightning {' '.join(command)}")
         return True
     members = [run_folder(args.root, benchmark, method, seed) for seed in seeds]
-    resume = prepare(folder)
-    if population and not resume:  # a fresh population: earlier attempts of its members are set aside
-        set_aside_existing(members)
-    print(f"{label}: {f'resuming from {resume[-1]}' if resume else 'running'} ...", flush=True)
-    ok, summary = run_one(folder, command, resume)
-    print(f"{label}: {summary}", flush=True)
-    if not ok and population and ran_out_of_memory(folder):
+
+    def starting(checkpoint: Path | None) -> None:
+        print(f"{label}: {f'resuming from {checkpoint}' if checkpoint else 'running'} ...", flush=True)
+
+    job = run_job(folder, command, members, on_start=starting)
+    ok, line = summary(folder, members, job.fit)
+    print(f"{label}: {line}", flush=True)
+    if job.halve:
         # too large for the device: two populations of half the seeds, each split again if need be
         halves = [seeds[: len(seeds) // 2], seeds[len(seeds) // 2:]]
         print(f"{label}: out of the device's memory; training seeds {halves[0]} and {halves[1]} separately", flush=True)

@@ -1,7 +1,7 @@
-"""A run folder: where a run lives, the names and format of its files, and launching a fit into it.
+"""A run folder: where a run lives, the names and format of its files, and what they say of the run.
 
 One owner for what ``fit`` (the accuracy matrix, MC-SGD's solutions), ``grid`` and ``sweep`` (which
-launch fits into folders) and ``report`` (which reads them) must agree on:
+launch fits into folders, :mod:`cl_lightning.launch`) and ``report`` (which reads them) must agree on:
 
 - a fit's run folder: a new one for every new fit (Lightning's ``version_N``, or a named folder that
   holds no run: :func:`check_new_run`), the checkpoint's own for a resume; a population's members
@@ -11,14 +11,12 @@ launch fits into folders) and ``report`` (which reads them) must agree on:
   a run is identified without parsing its config; hidden folders (``.seed_<n>.attempt<k>``, a
   previous attempt set aside) are not runs;
 - the files in it: ``config.yaml`` (LightningCLI), ``run.log`` (console output of the launched
-  processes, each part ending with its wall-time line), ``FAILED`` (the reason a launched fit
-  failed), ``accuracy_matrix.json``/``.csv`` and MC-SGD's ``w_hat_accuracy_matrix.*``,
-  ``checkpoints/last.ckpt`` (always the latest state) and ``solutions/w_hat_XX.pt``;
+  processes, each part starting with its command line and ending with its wall-time line), ``FAILED``
+  (the reason a launched fit or a member failed), ``accuracy_matrix.json``/``.csv`` and MC-SGD's
+  ``w_hat_accuracy_matrix.*``, ``checkpoints/last.ckpt`` (always the latest state) and
+  ``solutions/w_hat_XX.pt``;
 - the accuracy-matrix file format, written by :func:`write_matrix` and read by :func:`read_matrix`;
-- launching a fit into a folder (:func:`prepare`, :func:`launch`): a finished run is left alone,
-  an interrupted one resumes from ``last.ckpt``, a failed one or one without a checkpoint yet is
-  set aside and starts again; a failure leaves ``FAILED`` with the run's last error, a stop or kill
-  by a signal (exit 130/143 with a checkpoint written, or death by SIGKILL) does not.
+- the run's state read from its files: finished, failed, out of the device's memory, its wall time.
 """
 
 from __future__ import annotations
@@ -29,14 +27,8 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -65,24 +57,15 @@ MEMBERS_FILE = "members.json"
 #: The file in a member's folder that names the population it was trained in.
 POPULATION_FILE = "population.json"
 #: Part of ``cl-lightning``'s message when the accelerator's memory is exhausted; ``grid`` and
-#: ``sweep`` look for it (:func:`ran_out_of_memory`) to split a population.
+#: ``sweep`` look for it (:func:`ran_out_of_memory`, :mod:`cl_lightning.launch.jobs`) to split a population.
 OUT_OF_MEMORY = "the device ran out of memory"
 SEED_FOLDER = re.compile(r"seed_(\d+)")
 #: Ends each process's part of ``run.log`` (:func:`wall_time_line`); a resumed run has several.
 WALL_TIME_LINE = re.compile(r"wall time of the whole command: ([0-9.]+) s")
-#: Starts each process's part of ``run.log`` (the command :func:`launch` ran).
+#: Starts each process's part of ``run.log`` (:func:`attempt_line`).
 ATTEMPT_LINE = re.compile(r"^\$ cl-lightning ", re.MULTILINE)
 #: The line the fit prints after each task (``progress.TaskProgressBar``): the task's wall time.
 TASK_LINE = re.compile(r"^task \d+/\d+: \d+ steps in ([0-9.]+) s", re.MULTILINE)
-#: Exit statuses of an interrupted fit, unfinished but not failed (the next launch resumes it from
-#: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``), or killed by a signal
-#: from outside (the OOM killer's or a scheduler's SIGKILL, a hangup). A crash (e.g. SIGSEGV) is a failure.
-STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM,
-                     -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
-#: ``python -m cl_lightning``: how a fit is launched unless the caller wraps it (the sweep's child).
-FIT_ENTRY = (sys.executable, "-m", "cl_lightning")
-#: Seconds between two looks at a launched fit (its exit, its accuracy matrix for ``on_poll``).
-POLL_SECONDS = 1.0
 
 
 class MatrixFileError(UserError, ValueError):
@@ -383,40 +366,21 @@ def read_result(folder: Path) -> dict[str, float | int | str] | None:
     return matrix.result() if matrix.tasks_completed else None
 
 
-def has_failed(folder: Path) -> bool:
-    return (Path(folder) / FAILED_MARKER).exists()
+# ---------------------------------------------------------------------------------- run.log and FAILED
+def attempt_line(fit_args: Sequence[str], resumed: bool) -> str:
+    """What starts each launched ``fit`` process's part of ``run.log``: its command (:data:`ATTEMPT_LINE`)."""
+    return ("\n--- resumed ---\n" if resumed else "") + "$ cl-lightning " + " ".join(map(str, fit_args)) + "\n\n"
 
 
-def ran_out_of_memory(folder: Path) -> bool:
-    """Whether the failed run in ``folder`` stopped because the device's memory was exhausted (its
-    ``FAILED`` marker quotes the error: ``cl-lightning``'s message, or PyTorch's for a crash elsewhere)."""
-    marker = Path(folder) / FAILED_MARKER
-    text = marker.read_text(errors="replace") if marker.exists() else ""
-    return OUT_OF_MEMORY in text or "CUDA out of memory" in text
+def wall_time_line(seconds: float, exit_code: int) -> str:
+    """The line appended to ``run.log`` after each launched ``fit`` process (:data:`WALL_TIME_LINE`)."""
+    return f"\nwall time of the whole command: {seconds:.1f} s (exit code {exit_code})\n"
 
 
-def members_of(folder: Path) -> list[Path] | None:
-    """The member folders of the population whose run folder is ``folder`` (its ``members.json``,
-    written when the fit starts), or None for a plain run's folder."""
-    record = Path(folder) / MEMBERS_FILE
-    if not record.exists():
-        return None
-    return [Path(f) for f in json.loads(record.read_text())["folders"]]
-
-
-def population_of(member: Path) -> tuple[Path, int] | None:
-    """The run folder of the population that trained the member in ``member`` (its ``population.json``)
-    and the population's number of members; None for a plain run. It is looked for where it lies
-    relative to the member (so a tree of runs copied or moved elsewhere reads its own copy), else
-    where it was written."""
-    record_file = Path(member) / POPULATION_FILE
-    if not record_file.exists():
-        return None
-    record = json.loads(record_file.read_text())
-    written = Path(record["population"])
-    relative = os.path.relpath(written, Path(record["folders"][record["member"]]))
-    population = Path(os.path.normpath(Path(member).absolute() / relative))
-    return (population if population.is_dir() else written), len(record["folders"])
+def mark_failed(folder: Path, reason: str) -> None:
+    """Leave the ``FAILED`` marker of a launched fit that failed: the reason, then the last lines of its log."""
+    tail = (folder / LOG_FILE).read_text(errors="replace").splitlines()[-30:]
+    (folder / FAILED_MARKER).write_text(f"{reason}\n\nlast lines of {LOG_FILE}:\n" + "\n".join(tail) + "\n")
 
 
 @dataclass(frozen=True)
@@ -455,6 +419,43 @@ def wall_time(folder: Path) -> WallTime | None:
     return WallTime(seconds, complete) if seconds > 0 else None
 
 
+# ---------------------------------------------------------------------------------- the run's state
+def has_failed(folder: Path) -> bool:
+    return (Path(folder) / FAILED_MARKER).exists()
+
+
+def ran_out_of_memory(folder: Path) -> bool:
+    """Whether the failed run in ``folder`` stopped because the device's memory was exhausted (its
+    ``FAILED`` marker quotes the error: ``cl-lightning``'s message, or PyTorch's for a crash elsewhere)."""
+    marker = Path(folder) / FAILED_MARKER
+    text = marker.read_text(errors="replace") if marker.exists() else ""
+    return OUT_OF_MEMORY in text or "CUDA out of memory" in text
+
+
+def members_of(folder: Path) -> list[Path] | None:
+    """The member folders of the population whose run folder is ``folder`` (its ``members.json``,
+    written when the fit starts), or None for a plain run's folder."""
+    record = Path(folder) / MEMBERS_FILE
+    if not record.exists():
+        return None
+    return [Path(f) for f in json.loads(record.read_text())["folders"]]
+
+
+def population_of(member: Path) -> tuple[Path, int] | None:
+    """The run folder of the population that trained the member in ``member`` (its ``population.json``)
+    and the population's number of members; None for a plain run. It is looked for where it lies
+    relative to the member (so a tree of runs copied or moved elsewhere reads its own copy), else
+    where it was written."""
+    record_file = Path(member) / POPULATION_FILE
+    if not record_file.exists():
+        return None
+    record = json.loads(record_file.read_text())
+    written = Path(record["population"])
+    relative = os.path.relpath(written, Path(record["folders"][record["member"]]))
+    population = Path(os.path.normpath(Path(member).absolute() / relative))
+    return (population if population.is_dir() else written), len(record["folders"])
+
+
 def mark_unfinished_members(folder: Path, members: Sequence[Path]) -> list[Path]:
     """After the population in ``folder`` ended: give each member that did not finish (the divergence
     guard stopped it, or the run failed) a ``FAILED`` marker of its own, as its plain run would have;
@@ -480,173 +481,3 @@ def is_finished(folder: Path) -> bool:
         return read_matrix(Path(folder) / MATRIX_FILE).finished
     except MatrixFileError:
         return False
-
-
-# ---------------------------------------------------------------------------------- launching a fit
-def wall_time_line(seconds: float, exit_code: int) -> str:
-    """The line appended to ``run.log`` after each launched ``fit`` process (read by ``report``)."""
-    return f"\nwall time of the whole command: {seconds:.1f} s (exit code {exit_code})\n"
-
-
-def prepare(folder: Path) -> list[str]:
-    """Decide from the run folder how a launched fit starts: the extra ``fit`` arguments
-    (``--ckpt_path .../last.ckpt`` to resume an interrupted run), after moving a failed or
-    checkpoint-less attempt aside (it starts again). Call it on a folder that is not finished."""
-    if not folder.exists():
-        return []
-    if not has_failed(folder) and (folder / LAST_CHECKPOINT).exists():
-        return ["--ckpt_path", str(folder / LAST_CHECKPOINT)]
-    set_aside(folder)
-    return []
-
-
-def failure_reason(code: int, folder: Path) -> str:
-    """Why a launched fit failed: its exit code and the last error of its log (with the indented
-    lines that continue it, where LightningCLI puts the reason of a bad value)."""
-    log = folder / LOG_FILE
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    # the last line that starts an error (not an indented line of one, e.g. jsonargparse's "Errors:")
-    last = next((i for i in reversed(range(len(lines))) if ("Error" in lines[i] or "error:" in lines[i])
-                 and not lines[i].startswith((" ", "\t"))), None)
-    error = ""
-    if last is not None:
-        block = [lines[last].strip()]
-        for line in lines[last + 1:last + 9]:
-            if not line.startswith((" ", "\t")):
-                break
-            block.append(line.strip())
-        error = " ".join(block)
-    if code:
-        reason = f"exit code {code}"
-    else:
-        result = read_result(folder)
-        reason = f"exit code 0 but only {result['tasks_completed'] if result else 0} task(s) done"
-    return f"{reason}: {error}" if error else reason
-
-
-class Terminated(Exception):
-    """SIGTERM reached a launcher (``kill``, a scheduler ending the job): it stops as on Ctrl-C."""
-
-
-@contextmanager
-def sigterm_raises_terminated() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` instead of ending the process at once.
-
-    A launcher killed outright would leave its running fit, which has a session of its own,
-    training on as an orphan, and a rerun would start a second fit on the same run folder. Python
-    delivers signals to the main thread only, so elsewhere (a Ray trial's thread) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum: int, frame: object) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def signal_of(stop: KeyboardInterrupt | Terminated) -> int:
-    """The signal behind a launcher's stop: SIGINT for Ctrl-C, SIGTERM for :class:`Terminated`."""
-    return signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
-
-
-#: The fit processes :func:`launch` is running, so that a launcher running several at once (``grid
-#: --jobs``, one thread each) passes a signal on to all of them from its main thread (Python delivers
-#: signals there only): :func:`pass_on`.
-_running: set[subprocess.Popen] = set()
-_running_lock = threading.Lock()
-
-
-def pass_on(signum: int, skip: frozenset[subprocess.Popen] | set[subprocess.Popen] = frozenset()) -> set[subprocess.Popen]:
-    """Send ``signum`` to every fit process :func:`launch` is running but those in ``skip`` (each
-    stops as ``fit`` does on it); return the processes it was sent to."""
-    with _running_lock:
-        targets = {child for child in _running if child not in skip and child.poll() is None}
-        for child in targets:
-            child.send_signal(signum)
-    return targets
-
-
-def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None] | None = None) -> int:
-    """The child's exit status, calling ``on_poll`` about every :data:`POLL_SECONDS` meanwhile.
-
-    Ctrl-C (SIGINT) and SIGTERM (under :func:`sigterm_raises_terminated`) reach only the launcher,
-    the child running in a session of its own: each is passed on, once per signal, so that the child
-    stops as ``fit`` does (a checkpoint at its next consistent point; a second Ctrl-C stops it at
-    once) rather than being killed mid-write, and re-raised once the child has ended."""
-    stop: KeyboardInterrupt | Terminated | None = None
-    while True:
-        try:
-            if on_poll is not None:
-                on_poll()
-            code = child.wait(timeout=POLL_SECONDS)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-        except (KeyboardInterrupt, Terminated) as caught:
-            stop = caught
-            child.send_signal(signal_of(caught))
-    if stop is not None:
-        raise stop
-    return code
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a launched fit ended: its exit code, wall time, and why it failed (None: finished or stopped)."""
-
-    code: int
-    seconds: float
-    failure: str | None
-
-    @property
-    def stopped(self) -> bool:
-        """Stopped or killed by a signal: unfinished, and resumed by the next launch."""
-        return self.code in STOPPED_BY_SIGNAL
-
-
-def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), entry: Sequence[str] = FIT_ENTRY,
-           cwd: Path | None = None, on_poll: Callable[[], None] | None = None) -> Outcome:
-    """Run ``<entry> <fit_args> <resume>`` (``resume`` from :func:`prepare`) in a child process whose
-    console output is appended to ``run.log``, with its wall-time line; a failure leaves the
-    ``FAILED`` marker (reason and last lines of the log), a stop by a signal does not.
-
-    A resumed fit continues in its run folder and keeps the ``config.yaml`` there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [*entry, *fit_args, *resume]
-    start = time.monotonic()
-    code = -1
-    with open(folder / LOG_FILE, "a") as log:
-        log.write(("\n--- resumed ---\n" if resume else "") + "$ cl-lightning " + " ".join(map(str, [*fit_args, *resume]))
-                  + "\n\n")
-        log.flush()
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-        with _running_lock:
-            _running.add(child)
-        try:
-            code = wait_passing_on_signals(child, on_poll)
-        finally:
-            with _running_lock:
-                _running.discard(child)
-            log.write(wall_time_line(time.monotonic() - start, child.returncode))
-    seconds = time.monotonic() - start
-    if code in STOPPED_BY_SIGNAL or (code == 0 and is_finished(folder)):
-        return Outcome(code, seconds, None)
-    reason = failure_reason(code, folder)
-    tail = (folder / LOG_FILE).read_text(errors="replace").splitlines()[-30:]
-    (folder / FAILED_MARKER).write_text(f"{reason}\n\nlast lines of {LOG_FILE}:\n" + "\n".join(tail) + "\n")
-    return Outcome(code, seconds, reason)
-
-
-def interrupted_exit(command: str, signum: int = signal.SIGINT) -> None:
-    """End a launcher (``grid``, ``sweep``) stopped by Ctrl-C or SIGTERM: one line with the rerun
-    command, status 130 or 143."""
-    how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    print(f"{how}; finished runs are kept and the interrupted ones resume from their last checkpoint "
-          f"when you rerun: {command}", file=sys.stderr, flush=True)
-    sys.exit(128 + signum)

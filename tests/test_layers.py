@@ -14,7 +14,7 @@ From the bottom up (a module may import its own layer and those below it):
 6. ``checkpoints``, ``preflight`` and ``hparams``: checks of a run's inputs and its HParams row, which
    know the methods.
 7. The commands: ``cli`` (with ``console``, its entry point, and ``cli_errors``), ``__main__``, ``grid``,
-   ``analysis``, ``sweep``.
+   ``analysis``, ``sweep``, and ``launch`` (how ``grid`` and ``sweep`` run ``fit`` processes).
 
 So metrics can be reused without a model, models without a method, and analysis code depends on
 the pieces it measures, never the other way round. Imports inside functions count too. A new
@@ -38,7 +38,7 @@ LAYERS: list[set[str]] = [
     {"evaluation", "progress"},
     {"methods"},
     {"checkpoints", "preflight", "hparams"},
-    {"cli", "cli_errors", "console", "__main__", "grid", "analysis", "sweep"},
+    {"cli", "cli_errors", "console", "__main__", "grid", "analysis", "sweep", "launch"},
 ]
 
 

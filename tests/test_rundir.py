@@ -1,7 +1,6 @@
-"""The run folder: layout, the accuracy-matrix file written and read back, and a real fit launched into it."""
+"""The run folder: layout, the accuracy-matrix file written and read back, ``run.log`` read back."""
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -10,27 +9,21 @@ import torch
 from cl_lightning.analysis.report import write_report
 from cl_lightning.metrics.continual import summary
 from cl_lightning.rundir import (
-    CONFIG_FILE,
     FAILED_MARKER,
-    LAST_CHECKPOINT,
     LOG_FILE,
     MatrixFileError,
-    failure_reason,
+    WallTime,
+    attempt_line,
     is_finished,
-    launch,
     placement,
-    prepare,
     read_matrix,
     read_result,
     run_folder,
     set_aside,
+    wall_time,
+    wall_time_line,
     write_matrix,
 )
-
-CONFIGS = Path(__file__).parents[1] / "configs"
-REPO = CONFIGS.parent
-TINY = ["--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false",
-        "--trainer.enable_progress_bar", "false", "--accuracy_matrix.print_table", "false"]
 
 
 def test_placement_puts_the_fit_into_the_run_folder():
@@ -63,21 +56,6 @@ def test_a_damaged_matrix_file_is_a_user_error_naming_the_file(tmp_path):
     assert read_result(tmp_path) is None and not is_finished(tmp_path)
 
 
-def test_prepare_resumes_an_interrupted_run_and_sets_aside_a_failed_or_checkpointless_one(tmp_path):
-    folder = run_folder(tmp_path, "permuted_digits", "naive", 0)
-    assert prepare(folder) == []  # nothing there yet
-    (folder / "checkpoints").mkdir(parents=True)
-    (folder / LAST_CHECKPOINT).write_bytes(b"")
-    (folder / CONFIG_FILE).write_text("model: {}\n")
-    assert prepare(folder) == ["--ckpt_path", str(folder / LAST_CHECKPOINT)]
-    assert (folder / CONFIG_FILE).exists()  # kept: only a fit that writes a new one replaces it
-    (folder / FAILED_MARKER).write_text("exit code 1: error: boom\n")
-    assert prepare(folder) == []
-    assert not folder.exists() and (folder.parent / ".seed_0.attempt1" / FAILED_MARKER).exists()
-    folder.mkdir()  # an attempt stopped before its first checkpoint starts again too
-    assert prepare(folder) == [] and (folder.parent / ".seed_0.attempt2").is_dir()
-
-
 def test_a_set_aside_attempt_is_hidden_from_the_report(tmp_path):
     broken = tmp_path / "permuted_digits" / "naive" / "seed_0"
     broken.mkdir(parents=True)
@@ -90,39 +68,12 @@ def test_a_set_aside_attempt_is_hidden_from_the_report(tmp_path):
     assert [r.name for r in report.runs] == ["permuted_digits/naive/seed_0"]
 
 
-def test_failure_reason_is_the_exit_code_and_the_last_error_with_its_continuation(tmp_path):
-    (tmp_path / LOG_FILE).write_text("$ cl-lightning fit\nValueError: early\nerror: Parser key \"model.lr\":\n"
-                                     "  Expected a PositiveFloat\nnot indented\n")
-    assert failure_reason(2, tmp_path) == 'exit code 2: error: Parser key "model.lr": Expected a PositiveFloat'
-    (tmp_path / LOG_FILE).write_text("all fine\n")
-    assert failure_reason(0, tmp_path) == "exit code 0 but only 0 task(s) done"
-
-
-@pytest.fixture
-def env(monkeypatch):
-    """The launched ``python -m cl_lightning`` imports this tree."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-
-
-@pytest.mark.slow
-def test_launch_runs_a_fit_and_a_relaunch_of_a_finished_checkpoint_keeps_the_config(tmp_path, env):
-    """A real 2-task fit launched into its folder finishes with run.log and its wall-time line. A
-    run whose matrix file was lost after its final ``last.ckpt`` (killed in between) is relaunched
-    from that checkpoint: ``fit`` says there is nothing to resume and writes no config, so the
-    previous ``config.yaml`` must still be there (it used to be deleted before the resume)."""
-    folder = run_folder(tmp_path, "permuted_digits", "naive", 0)
-    fit = ["fit", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), *TINY,
-           *placement(tmp_path, "permuted_digits", "naive", 0)]
-    outcome = launch(folder, fit, prepare(folder))
-    assert (outcome.code, outcome.failure) == (0, None) and is_finished(folder)
-    assert "wall time of the whole command:" in (folder / LOG_FILE).read_text()
-    config = (folder / CONFIG_FILE).read_text()
-
-    (folder / "accuracy_matrix.json").unlink()
-    resume = prepare(folder)
-    assert resume == ["--ckpt_path", str(folder / LAST_CHECKPOINT)]
-    outcome = launch(folder, fit, resume)
-    log = (folder / LOG_FILE).read_text()
-    assert "--- resumed ---" in log and "nothing to resume" in log
-    assert (folder / CONFIG_FILE).read_text() == config
-    assert outcome.failure == "exit code 0 but only 0 task(s) done" and (folder / FAILED_MARKER).exists()
+def test_run_log_reads_back_the_wall_time_of_each_attempt(tmp_path):
+    """Each launched process's part of ``run.log``: its command line, its output, its wall-time line."""
+    log = (attempt_line(["fit", "--config", "c.yaml"], resumed=False) + "task 1/2: 5 steps in 1.5 s\n"
+           + wall_time_line(3.0, 143) + attempt_line(["fit", "--ckpt_path", "last.ckpt"], resumed=True))
+    assert log.startswith("$ cl-lightning fit --config c.yaml\n\n") and "\n--- resumed ---\n$ cl-lightning fit --ckpt" in log
+    (tmp_path / LOG_FILE).write_text(log + wall_time_line(1.0, 0))
+    assert wall_time(tmp_path) == WallTime(4.0, True)
+    (tmp_path / LOG_FILE).write_text(log + "task 1/2: 5 steps in 2.0 s\n")  # killed with its launcher: no wall-time line
+    assert wall_time(tmp_path) == WallTime(5.0, False)  # 3.0 s, and the 2.0 s of the tasks it logged

@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         sweep(*parse_args(argv))
     except KeyboardInterrupt:
-        from cl_lightning.rundir import interrupted_exit
+        from cl_lightning.launch.process import interrupted_exit
 
         interrupted_exit(f"cl-lightning sweep {shlex.join(argv)}")
 

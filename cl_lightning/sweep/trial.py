@@ -11,7 +11,7 @@ A trial runs in a child process (:mod:`cl_lightning.sweep.child`), so a crash en
 and Ray records it as failed.
 
 The run folder, not Ray's experiment state, says what is left to do, so a sweep rerun after a
-crash or a kill picks up exactly where the runs are (:func:`cl_lightning.rundir.prepare`, as
+crash or a kill picks up exactly where the runs are (:func:`cl_lightning.launch.jobs.run_job`, as
 ``cl-lightning grid`` does):
 
 - finished (all T rows of the accuracy matrix): not run again, its result is reported as is;
@@ -34,17 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_lightning.launch.jobs import run_job
+from cl_lightning.launch.process import Outcome
 from cl_lightning.rundir import (
     LOG_FILE,
-    Outcome,
     is_finished,
-    launch,
-    mark_unfinished_members,
     placement,
     population_folder,
     population_placement,
-    prepare,
-    ran_out_of_memory,
     read_result,
     run_folder,
     set_aside_existing,
@@ -203,27 +200,26 @@ def execute(job: Job, report: Callable[[dict[str, Any]], None] | None = None) ->
             reported = result["tasks_completed"]
             report(result)
 
-    resume = prepare(folder)
-    if isinstance(job, PopulationSpec) and not resume:  # a fresh population: earlier attempts of its members set aside
-        set_aside_existing([member.folder for member in job.members])
+    members = [member.folder for member in job.members] if isinstance(job, PopulationSpec) else []
     entry = (sys.executable, "-m", "cl_lightning.sweep.child", str(os.getpid()))
-    outcome = launch(folder, job.fit_args(), resume, entry=entry, cwd=job.cwd, on_poll=report_new_rows)
-    if isinstance(job, PopulationSpec) and not outcome.stopped and (ran_out_of_memory(folder) or _failed_untrained(job, outcome)):
+    done = run_job(folder, job.fit_args(), members, entry=entry, cwd=job.cwd, on_poll=report_new_rows,
+                   halve_if=lambda outcome: _failed_untrained(job, outcome))
+    if done.halve:
         return _in_halves(job, report)
-    unfinished = ([] if outcome.stopped or not isinstance(job, PopulationSpec)
-                  else mark_unfinished_members(folder, [member.folder for member in job.members]))
-    if outcome.failure is not None or outcome.stopped or unfinished:
+    outcome = done.fit
+    if outcome.failure is not None or outcome.stopped or done.unfinished:
         reason = outcome.failure or (f"stopped by a signal (exit code {outcome.code}); a rerun resumes it" if outcome.stopped
-                                     else f"member(s) {', '.join(f.name for f in unfinished)} did not finish")
+                                     else f"member(s) {', '.join(f.name for f in done.unfinished)} did not finish")
         raise TrialFailedError(f"{job.name}: {reason} (log: {folder / LOG_FILE})")
     report_new_rows()
     return job.result()
 
 
-def _failed_untrained(job: PopulationSpec, outcome: Outcome) -> bool:
+def _failed_untrained(job: Job, outcome: Outcome) -> bool:
     """Whether a population of several settings failed before any member finished a task: most likely
     one setting's value is refused (a negative lr), which must fail that setting's trials alone."""
-    return not job.one_setting and outcome.failure is not None and all(m.result() is None for m in job.members)
+    return (isinstance(job, PopulationSpec) and not job.one_setting and outcome.failure is not None
+            and all(m.result() is None for m in job.members))
 
 
 def _in_halves(job: PopulationSpec, report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
