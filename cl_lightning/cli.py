@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import warnings
+from argparse import Action
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -149,6 +150,70 @@ def sequence_trainer_defaults() -> dict[str, int]:
     return {name: value for name, value in settings.items() if name not in LINKED_TRAINER_SETTINGS}
 
 
+#: What ``--help`` says of the linked trainer settings (Lightning's own text explains a free ``max_epochs``).
+LINKED_TRAINER_HELP = {
+    "max_epochs": "data.num_tasks * data.epochs_per_task: the whole task sequence is one fit.",
+    "check_val_every_n_epoch": "data.epochs_per_task: the evaluation that fills the accuracy matrix's row runs "
+    "once per task, after its last epoch.",
+}
+
+#: What ``--help`` says of trainer options that this CLI treats otherwise than Lightning's text says.
+TRAINER_HELP = {
+    "callbacks": "The method, e.g. [{class_path: MCSGD, init_args: {alpha0: 0.25}}], and any other callbacks. "
+    "The accuracy matrix, checkpoint, progress bar, finite guard and stop on a signal are always added "
+    "(their own sections below).",
+    "enable_checkpointing": "false drops the checkpoint section's callback (and any ModelCheckpoint of "
+    "trainer.callbacks).",
+    "default_root_dir": "Folder of the run's outputs: the logger's save_dir follows it unless set itself. "
+    "null: the current folder.",
+}
+
+#: Trainer options that the commands' ``--help`` leaves out, and why: the task sequence sets them, or they do
+#: nothing (or harm) in it. They still parse and are written to the run's ``config.yaml``, so a config or an
+#: old run's ``config.yaml`` that sets one keeps working; the trainer section of ``--help`` names them.
+HIDDEN_TRAINER_OPTIONS = {
+    "min_epochs": "the sequence's length is max_epochs, linked to data.num_tasks * data.epochs_per_task",
+    "max_steps": "a step bound would end the sequence in the middle of a task (limit_train_batches shortens every task)",
+    "min_steps": "as min_epochs",
+    "val_check_interval": "the evaluation runs once per task, after its last epoch (check_val_every_n_epoch, linked): "
+    "it is the accuracy matrix's row",
+    "num_sanity_val_steps": "0 (sequence_trainer_settings): a sanity check would evaluate the untrained model",
+    "reload_dataloaders_every_n_epochs": "must stay 1 (sequence_trainer_settings): the datamodule takes the task "
+    "from the epoch when Lightning reloads its loaders",
+    "overfit_batches": "it cannot fix the batches (the datamodule's loaders shuffle themselves), so it only limits "
+    "them, as limit_train_batches and limit_val_batches do",
+    "limit_predict_batches": "there is no predict command",
+    "use_distributed_sampler": "no effect: the datamodule's loaders are not torch DataLoaders and give each process "
+    "its share themselves",
+    "barebones": "it refuses the logger, checkpoint and progress bar that every run has",
+    "model_registry": "uploads to Lightning's cloud model registry",
+}
+HIDDEN_TRAINER_DESTS = frozenset(f"trainer.{name}" for name in HIDDEN_TRAINER_OPTIONS)
+HIDDEN_TRAINER_NOTE = (
+    "Lightning's Trainer. Not listed, since the task sequence sets them or has no use for them, but accepted: "
+    + ", ".join(HIDDEN_TRAINER_OPTIONS) + " (why: HIDDEN_TRAINER_OPTIONS in cl_lightning/cli.py)."
+)
+
+
+class ContinualHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter without the options of :data:`HIDDEN_TRAINER_OPTIONS` (nor their
+    ``.help``). Only the help leaves them out: ``help=SUPPRESS`` would also drop them from ``--print_config``
+    and the run's ``config.yaml``, and a ``skip`` would refuse the configs that set them."""
+
+    @override
+    def add_argument(self, action: Action) -> None:
+        if action.dest.removesuffix(".help") not in HIDDEN_TRAINER_DESTS:
+            super().add_argument(action)
+
+
+def set_help(parser: LightningArgumentParser, dest: str, text: str) -> None:
+    """Replace the help of the option ``dest`` (a Lightning docstring written for Python callers, say)."""
+    action = next((a for a in parser._actions if a.dest == dest), None)
+    if action is None:
+        raise KeyError(f"the parser has no option {dest}")
+    action.help = text
+
+
 class ContinualCLI(LightningCLI):
     """LightningCLI with the task sequence wired in.
 
@@ -172,7 +237,8 @@ class ContinualCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # No prefix abbreviations (the main parser and each subcommand's): `--data.num_task 5` in
         # a long sweep command must be refused, not silently taken for `--data.num_tasks`.
-        return super().init_parser(**{"allow_abbrev": False, **kwargs})
+        # The help leaves out the trainer options a task sequence does not use (`HIDDEN_TRAINER_OPTIONS`).
+        return super().init_parser(**{"allow_abbrev": False, "formatter_class": ContinualHelpFormatter, **kwargs})
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -181,11 +247,22 @@ class ContinualCLI(LightningCLI):
             # The accuracy matrix prints the per-task table; Lightning's (`verbose`) would repeat its numbers
             # once per task's dataloader, 40 lines for 10 tasks. `--verbose true` still asks for it.
             parser.set_defaults(verbose=False)
+        # Lightning's texts of these explain the checkpoint registry and torch's serialization notes (33 lines).
+        set_help(parser, "weights_only", "Passed to torch.load when Lightning restores --ckpt_path: true reads "
+                 "tensors and primitive types only (safe for a file of unknown origin); null: torch.load's default.")
+        if subcommand == "fit":
+            set_help(parser, "ckpt_path", "Checkpoint file to resume from, e.g. <run>/checkpoints/last.ckpt; the "
+                     "run then continues in <run>. Checked against the config before anything runs: the data "
+                     "settings and the method must be the checkpoint's.")
         return parser
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.groups["trainer"].description = HIDDEN_TRAINER_NOTE
+        for name, text in TRAINER_HELP.items():
+            set_help(parser, f"trainer.{name}", text)
         for name in LINKED_TRAINER_SETTINGS:
+            set_help(parser, f"trainer.{name}", LINKED_TRAINER_HELP[name])  # shown with the link
             parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), f"trainer.{name}",
                                   compute_fn=linked_trainer_setting(name))
         parser.add_argument(
@@ -196,15 +273,18 @@ class ContinualCLI(LightningCLI):
             "that change no shape may then be lists with one value per member (e.g. --model.lr [0.1,0.05]). "
             "Default (null): one member, seed_everything.",
         )
-        # One list of members: the model's population and the datamodule's task sequences.
-        parser.link_arguments("seeds", "data.seeds")
-        parser.link_arguments("seeds", "model.seeds")
+        # One list of members: the model's population and the datamodule's task sequences. The links show
+        # their targets' help, written for Python callers: here the options above say it all.
+        for target in ("data.seeds", "model.seeds"):
+            set_help(parser, target, "Set by --seeds.")
+            parser.link_arguments("seeds", target)
         parser.add_argument(
             "--member_dirs", type=Optional[list[str]], default=None,
             help="The folder each member of a population writes its results into, one per seed, e.g. "
             "--seeds [0,0] --model.lr [0.1,0.01] --member_dirs [runs/lr0.1/seed_0,runs/lr0.01/seed_0]. Default "
             "(null): seed_<seed> inside the run folder; needed when a seed repeats. A folder holding another run's results is refused.",
         )
+        set_help(parser, "data.member_dirs", "Set by --member_dirs.")
         parser.link_arguments("member_dirs", "data.member_dirs")
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
@@ -213,12 +293,11 @@ class ContinualCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch}-{step}"})
         parser.add_argument(
             "--num_threads", type=Optional[PositiveInt], default=1,
-            help="CPU threads for torch's intra-op parallelism (torch.set_num_threads). Default 1: "
-            "continual-learning batches (10-64 examples) are too small to gain from more (same "
-            "speed with 1 or 2 threads on an idle 2-core machine), and when another process "
-            "competes for the cores extra threads stall each other (a training step measured 26x "
-            "slower with 2 threads). Raise it for big models on many idle cores; null keeps "
-            "torch's default.",
+            # Measured: the same speed with 1 or 2 threads on an idle 2-core machine, and a training
+            # step 26x slower with 2 threads when another process competed for the cores.
+            help="CPU threads for torch's intra-op parallelism (torch.set_num_threads); null keeps torch's "
+            "default. Default 1: batches of 10-64 examples gain nothing from more, and extra threads stall "
+            "each other when other processes compete for the cores. Raise it for big models on idle cores.",
         )
         # After the accuracy matrix: the checkpoint it writes on a signal holds the task's row.
         parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")

@@ -43,10 +43,10 @@ class FiniteGuard(Callback):
     A member that fails is stopped (``ContinualModule.stop_members``: lr 0 and no loss from then
     on) with a warning naming the task, epoch, batch and global step of its first bad loss; its
     accuracy matrix keeps the tasks it completed, and the other members go on. When every member
-    has failed (a plain run's one member) it raises
-    :class:`~cl_lightning.errors.TrainingDivergedError` instead; since it raises before the
-    checkpoint is written (and before the evaluation of the task's accuracy-matrix row), the last
-    checkpoint on disk and the accuracy matrix files are those of the last good state.
+    has failed (a plain run's one member) it raises :class:`~cl_lightning.errors.TrainingDivergedError`
+    instead; since it raises before the checkpoint is written (and before the evaluation of the task's
+    accuracy-matrix row), the last checkpoint on disk and the accuracy matrix files are those of the
+    last good state.
 
     Multi-process runs: every process checks at the same batches, and the position of each member's
     first bad batch is the minimum over processes, so all processes stop the same members together.

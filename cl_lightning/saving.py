@@ -44,8 +44,9 @@ from cl_lightning.errors import ConfigError, OutputWriteError
 
 
 class TaskCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` with step checkpoints *added* to the after-task ones, each
-    written where a resume continues exactly.
+    """Lightning's ``ModelCheckpoint`` with step checkpoints added to the after-task ones.
+
+    Each is written where a resume continues exactly:
 
     - ``every_n_epochs`` (default 1: after every task; the CLI validates once per task, and the
       checkpoint of an epoch with validation is written after it) and ``every_n_train_steps``
@@ -56,7 +57,35 @@ class TaskCheckpoint(ModelCheckpoint):
       docstring for why the stock one cannot be resumed.
 
     The arguments are ``ModelCheckpoint``'s; only ``every_n_train_steps`` no longer excludes
-    ``every_n_epochs``.
+    ``every_n_epochs``. They are described here for this use (``fit --help`` shows these texts);
+    ``ModelCheckpoint``'s documentation has the rest.
+
+    Args:
+        dirpath: Folder of the checkpoint files. None: ``checkpoints`` in the run folder.
+        filename: File name, formatted with ``epoch``, ``step`` and logged metrics (e.g.
+            ``'{epoch}-{val_loss:.2f}'``); ``.ckpt`` is appended. None: ``'{epoch}-{step}'``.
+        monitor: Logged metric that ranks the checkpoints for ``save_top_k``. None: no ranking.
+        verbose: Log each save.
+        save_last: Also write ``last.ckpt`` at every save (``'link'``: a symbolic link), the file
+            to resume from.
+        save_top_k: Checkpoints to keep: the best ``k`` by ``monitor``, -1 all, 0 none (but
+            ``last.ckpt``). Without a ``monitor`` only -1, 0 or 1 (the newest).
+        save_on_exception: Also write a checkpoint when training raises an exception.
+        save_weights_only: Write the weights only, without the optimizer, loop and callback
+            states (a method's memory, the accuracy matrix): ``--ckpt_path`` refuses such a file.
+        mode: ``min`` or ``max``: whether a lower or a higher ``monitor`` is better.
+        auto_insert_metric_name: Write ``name=value`` for each field of ``filename`` (turn it
+            off for metric names with ``/``, which would make folders).
+        every_n_train_steps: Also save every this many training steps (None or 0: never).
+        train_time_interval: Also save each time this much time has passed (checked after each
+            training batch).
+        every_n_epochs: Save every this many epochs (None: 1); 0: never at an epoch's end (the
+            step and time saves and the final ``last.ckpt`` remain).
+        save_on_train_epoch_end: Save at the end of every training epoch (True) or only after an
+            evaluation, i.e. once per task (False). None: Lightning's choice, False when a task
+            has several epochs. An epoch's evaluation comes before its checkpoint either way.
+        enable_version_counter: Name a file that exists ``<name>-v1.ckpt`` (and so on) instead of
+            overwriting it.
     """
 
     def __init__(
