@@ -104,3 +104,29 @@ class EvalAgreement(Callback):
             with open(self.out, "a") as f:
                 f.write(json.dumps({"single": single.float().tolist(), "logged": logged,
                                     "sizes": [len(dm.task_set(t, dm.eval_split)) for t in tasks]}) + "\n")
+
+
+def state_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A method's state (``Method.method_state``) as ``{dotted name: tensor}``: its tensors, and its
+    numbers as 0-d tensors, NaN written as -1 (NaN != NaN); None and strings are left out."""
+    tensors = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            tensors |= state_tensors(value, f"{name}.")
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            tensors[name] = torch.tensor(value, dtype=torch.float64)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            tensors[name] = torch.tensor(float(value), dtype=torch.float64)
+        elif isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().nan_to_num(-1) if value.is_floating_point() else value.detach()
+    return tensors
+
+
+class MethodStateAgreement(StateAgreement):
+    """Any method: every tensor and number of its checkpointed state, and the weights."""
+
+    @override
+    def state(self, trainer, pl_module):
+        tensors = state_tensors(self.method.method_state())
+        return {"weights": pl_module.population.flat(), **{name: t.to(pl_module.device) for name, t in tensors.items()}}
