@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from cl_lightning import cli as cli_module
-from cl_lightning.cli import cli_main
+from cl_lightning.cli import lightning_cli as cli_module
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.metrics.continual import summary
 

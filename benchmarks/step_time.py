@@ -35,7 +35,7 @@ from lightning.pytorch import Callback, Trainer
 sys.path.insert(0, str(Path(__file__).parent))
 from common import image_source  # noqa: E402
 
-from cl_lightning.cli import cli_main  # noqa: E402
+from cl_lightning.cli.lightning_cli import cli_main  # noqa: E402
 from cl_lightning.data.datamodule import ContinualDataModule  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "naive"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def pytest_configure(config: pytest.Config) -> None:
     """In every process that runs tests: one torch thread, as the CLI's default `num_threads: 1` (the tests'
     batches are tiny, and with 2 threads on a 2-core machine any concurrent process makes every torch op
-    stall; see cl_lightning.cli). Not in the controller of `pytest -n 2`, which runs none: importing torch
+    stall; see cl_lightning.cli.lightning_cli). Not in the controller of `pytest -n 2`, which runs none: importing torch
     and Lightning there (10 s of CPU) would delay the workers' start."""
     if not getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
         import torch
@@ -98,7 +98,7 @@ def mcsgd_digits_run(tmp_path_factory: pytest.TempPathFactory):
     trained model, data module and callbacks). The signal, fault-injection and resume tests compare their
     interrupted runs with it, bitwise: one run for all of them (a run is the same in any process of this
     machine). Shared: do not modify it."""
-    from cl_lightning.cli import cli_main
+    from cl_lightning.cli.lightning_cli import cli_main
 
     out = tmp_path_factory.mktemp("mcsgd_digits")
     cli = cli_main(mcsgd_digits_args(out))

@@ -78,7 +78,7 @@ class FisherAgreement(StateAgreement):
     def state(self, trainer, pl_module):
         ewc = self.method
         return {"weights": pl_module.population.flat(),
-                "running_fisher": ewc.running_fisher, "fisher": ewc.fisher_sum, "anchor": ewc.fisher_anchor}
+                "running_fisher": ewc.running.fisher, "fisher": ewc.fisher_sum, "anchor": ewc.fisher_anchor}
 
     @override
     def facts(self, trainer, pl_module):

@@ -4,17 +4,16 @@ From the bottom up (a module may import its own layer and those below it):
 
 1. ``errors``, ``seeding``: what every layer shares.
 2. ``data`` (the task sequence), ``metrics`` (formulas and the per-task metric: tensors in,
-   numbers out), and the run's plumbing that knows no continual learning: ``guards``, ``saving``,
-   ``signals``, ``rundir`` (the run folder).
+   numbers out), ``rundir`` (the run folder) and ``callbacks``: the run's plumbing that knows no
+   continual learning (the divergence guard, checkpoint saving, signals, the progress line).
 3. ``models``: the networks, the LightningModule, per-member settings and random numbers, and
    ``member_outputs``: what each member of a population writes (its config, its logger).
-4. ``evaluation`` (a model on the task sequence: the accuracy-matrix callback, evaluation outside
-   Lightning's loop) and ``progress`` (the task progress bar).
+4. ``evaluation``: a model on the task sequence (the accuracy-matrix callback, evaluation outside
+   Lightning's loop).
 5. ``methods``: the continual-learning callbacks.
-6. ``checkpoints``, ``preflight`` and ``hparams``: checks of a run's inputs and its HParams row, which
-   know the methods.
-7. The commands: ``cli`` (with ``console``, its entry point, and ``cli_errors``), ``__main__``, ``grid``,
-   ``analysis``, ``sweep``, and ``launch`` (how ``grid`` and ``sweep`` run ``fit`` processes).
+6. The commands: ``cli`` (the entry point, LightningCLI and the checks of a run's inputs, which
+   know the methods), ``__main__``, ``launch`` (``grid``, and how ``grid`` and ``sweep`` run ``fit``
+   processes), ``analysis``, ``sweep``.
 
 So metrics can be reused without a model, models without a method, and analysis code depends on
 the pieces it measures, never the other way round. Imports inside functions count too. A new
@@ -33,12 +32,11 @@ TESTS = Path(__file__).parent
 
 LAYERS: list[set[str]] = [
     {"errors", "seeding"},
-    {"data", "metrics", "guards", "saving", "signals", "rundir"},
+    {"data", "metrics", "rundir", "callbacks"},
     {"models", "member_outputs"},
-    {"evaluation", "progress"},
+    {"evaluation"},
     {"methods"},
-    {"checkpoints", "preflight", "hparams"},
-    {"cli", "cli_errors", "console", "__main__", "grid", "analysis", "sweep", "launch"},
+    {"cli", "__main__", "launch", "analysis", "sweep"},
 ]
 
 

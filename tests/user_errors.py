@@ -2,7 +2,7 @@
 
 import pytest
 
-from cl_lightning.cli import main
+from cl_lightning.cli.lightning_cli import main
 
 
 def user_error(argv: list[str]) -> str:

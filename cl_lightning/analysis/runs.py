@@ -36,8 +36,8 @@ from typing import Any, Literal
 import yaml
 from torch import Tensor
 
+from cl_lightning.cli.hparams import differing, method_columns, science
 from cl_lightning.errors import UserError
-from cl_lightning.hparams import differing, method_columns, science
 from cl_lightning.rundir import (
     CONFIG_FILE,
     FAILED_MARKER,
@@ -244,7 +244,7 @@ def trained_seed(config: dict[str, Any]) -> int | None:
 
 def settings_keys(configs: dict[Path, dict[str, Any]]) -> dict[Path, Key]:
     """:func:`config_key` of each run, the method followed by the settings that differ between the runs of
-    its benchmark and method (``mcsgd[model.lr=0.05]``, the HParams columns of :mod:`cl_lightning.hparams`),
+    its benchmark and method (``mcsgd[model.lr=0.05]``, the HParams columns of :mod:`cl_lightning.cli.hparams`),
     where they differ: two populations of other settings in one folder are two rows, never one cell."""
     keys = {folder: config_key(config) for folder, config in configs.items()}
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)

@@ -23,7 +23,7 @@ from pathlib import Path
 from cl_lightning.rundir import LOG_FILE, attempt_line, is_finished, mark_failed, read_result, wall_time_line
 
 #: Exit statuses of an interrupted fit, unfinished but not failed (the next launch resumes it from
-#: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``signals.py``), or killed by a signal
+#: ``last.ckpt``): stopped by SIGINT / SIGTERM with a checkpoint (``callbacks/signals.py``), or killed by a signal
 #: from outside (the OOM killer's or a scheduler's SIGKILL, a hangup). A crash (e.g. SIGSEGV) is a failure.
 STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM,
                      -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)

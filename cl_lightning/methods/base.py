@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.guards import FiniteGuard
+from cl_lightning.callbacks.guards import FiniteGuard
 from cl_lightning.member_outputs import log_members
 from cl_lightning.models.member_settings import member_list, member_values, per_member_settings
 from cl_lightning.rundir import run_dir, trainer_member_dirs

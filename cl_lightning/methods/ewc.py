@@ -35,6 +35,7 @@ Stable-SGD authors' fork imirzadeh/stable-continual-learning at be4049c6f1c433e6
   - no 1/2, so its ``lam`` is twice Kirkpatrick's at equal curvature. The Fisher of the initial
   state is 0, so the penalty acts from the second task on.
 
+The two Fisher estimators live in :mod:`~cl_lightning.methods.fisher`; this module is the penalty.
 One penalty code serves both: the penalty is ``c/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2``
 with curvature scale ``c = lam`` (kirkpatrick) or ``2 lam`` (agem, one term). Its gradient,
 ``c * (F_sum * theta - sum_t F_t * theta*_t)``, needs only two flat vectors however many tasks
@@ -67,46 +68,23 @@ examples. Each task's Fisher is broadcast from process 0 to guard against floati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import Method
+from cl_lightning.methods.fisher import FisherKind, RunningFisher, example_fisher, fisher_indices, min_max, split_like
 from cl_lightning.models.member_settings import FractionOpenBelow, PerMember
 from cl_lightning.models.member_sgd import member_view
-from cl_lightning.models.module import mask_logits
-from cl_lightning.models.params import eval_mode, outside_inference
-from cl_lightning.seeding import generator
 
-FisherKind = Literal["empirical", "true"]
 Variant = Literal["kirkpatrick", "agem"]
-#: Per-example gradients of one member: ``(params, buffers, x, y, mask) -> {name: gradient}``.
-ExampleGrad = Callable[..., dict[str, Tensor]]
-
-
-def min_max(flat: Tensor) -> Tensor:
-    """Each member's row of ``flat`` ``[N, P]`` rescaled to [0, 1] by its own min and max (all
-    zeros if constant), as the A-GEM code normalises its Fisher (model.py 1100-1110, there with
-    ``+ 1e-32`` in the denominator)."""
-    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    return (flat - low) / (high - low).clamp_min(torch.finfo(flat.dtype).tiny)
-
-
-def _split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    """Per-parameter ``[N, ...]`` views of ``[N, P]`` flat vectors in the layout of
-    :meth:`~cl_lightning.models.population.Population.flat`."""
-    widths = [p[0].numel() for p in params]
-    return [v.view_as(p) for p, v in zip(params, flat.split(widths, dim=1))]
 
 
 class EWC(Method):
@@ -198,11 +176,8 @@ class EWC(Method):
         self.anchor_energy: Tensor | None = None
         self.tasks: list[int] = []
         self._views: list[tuple[Tensor, Tensor]] | None = None
-        # agem's running Fisher F, its window of squared gradients ([N, P], same layout; None until
-        # the first step), and the optimizer steps of the current task (the same for every member).
-        self.running_fisher: Tensor | None = None
-        self.fisher_window: Tensor | None = None
-        self.task_steps = 0
+        #: agem's running Fisher (its [N, P] average and window, the optimizer steps of the task).
+        self.running = RunningFisher(self.fisher_update_every)
 
     # ------------------------------------------------------------------ per-member settings
     def curvature(self, n: int) -> Tensor:
@@ -226,7 +201,7 @@ class EWC(Method):
         if self.variant == "kirkpatrick":
             fisher = self.estimate_fisher(pl_module, trainer.datamodule, task)
         else:
-            fisher = self.close_running_fisher(theta)
+            fisher = self.running.close(theta)
         # Every process computed the same Fisher; the broadcast only guards against
         # floating-point drift between devices (once per task).
         fisher = trainer.strategy.broadcast(fisher, src=0)
@@ -308,7 +283,7 @@ class EWC(Method):
             if tuple(self.fisher_sum.shape) != shape:
                 raise ValueError(f"EWC holds a Fisher of shape {tuple(self.fisher_sum.shape)} (members, parameters) but the "
                                  f"population has {shape}: was the checkpoint made with another network or population?")
-            self._views = list(zip(_split_like(self.fisher_sum, params), _split_like(self.fisher_anchor, params)))
+            self._views = list(zip(split_like(self.fisher_sum, params), split_like(self.fisher_anchor, params)))
         return self._views
 
     @override
@@ -329,81 +304,26 @@ class EWC(Method):
                     p.grad = torch.zeros_like(p)
                 p.grad.add_(member_view(curvature, p) * (f * p - a))
 
-    # ------------------------------------------------------------------ agem's running Fisher
+    # ------------------------------------------------------------------ the Fisher (methods/fisher.py)
     def track_gradient(self, params: list[Tensor]) -> None:
-        """One optimizer step of the A-GEM code's running Fisher (fc_permute_mnist.py 274-279), for
-        every member: fold the window into F on every ``fisher_update_every``-th step, then add this
-        step's squared loss gradient (``.grad`` before the penalty) to the window."""
-        if self.running_fisher is None:
-            dtype = torch.promote_types(params[0].dtype, torch.float32)
-            shape = (len(params[0]), sum(p[0].numel() for p in params))
-            self.running_fisher = torch.zeros(shape, dtype=dtype, device=params[0].device)
-            self.fisher_window = torch.zeros_like(self.running_fisher)
-        device = params[0].device
-        self.running_fisher, self.fisher_window = self.running_fisher.to(device), self.fisher_window.to(device)
-        with torch.no_grad():
-            if (self.task_steps + 1) % self.fisher_update_every == 0:
-                keep = self.on_device("fisher_keep", self.running_fisher, lambda n: 1 - self.decay(n))
-                gain = self.on_device("fisher_gain", self.running_fisher, lambda n: self.decay(n) / self.fisher_update_every)
-                self.running_fisher.mul_(keep.unsqueeze(1)).add_(self.fisher_window * gain.unsqueeze(1))
-                self.fisher_window.zero_()
-            for p, w in zip(params, _split_like(self.fisher_window, params)):
-                if p.grad is not None:
-                    w.add_(p.grad * p.grad)
-        self.task_steps += 1
+        """agem: one optimizer step of the running Fisher (``.grad`` before the penalty), each member
+        folding its window in with its own ``fisher_decay``."""
+        self.running.track(
+            params,
+            keep=lambda like: self.on_device("fisher_keep", like, lambda n: 1 - self.decay(n)),
+            gain=lambda like: self.on_device("fisher_gain", like, lambda n: self.decay(n) / self.fisher_update_every),
+        )
 
-    def close_running_fisher(self, theta: Tensor) -> Tensor:
-        """At a task's end (model.py 1252-1261): the running Fisher, min-max normalised per
-        member, becomes the penalty's; the window is emptied and the step count restarts. F itself
-        runs on."""
-        fisher = torch.zeros_like(theta) if self.running_fisher is None else min_max(self.running_fisher)
-        if self.fisher_window is not None:
-            self.fisher_window.zero_()
-        self.task_steps = 0
-        return fisher
-
-    # ------------------------------------------------------------------ the Fisher
     def fisher_indices(self, dm: ContinualDataModule, task: int) -> Tensor:
-        """``[N, m]``: row k holds the positions in member k's training set of ``task`` that its
-        Fisher is estimated on, drawn from member k's seed with the solo run's key."""
-        n = len(dm.task_set(task, "train"))
-        orders = torch.stack([torch.randperm(n, generator=generator(seed, "ewc_fisher", task)) for seed in dm.seeds])
-        return orders if self.fisher_samples is None else orders[:, : self.fisher_samples]
+        """kirkpatrick: ``[N, m]`` positions in each member's training set of ``task`` of its Fisher's examples."""
+        return fisher_indices(dm, task, self.fisher_samples)
 
     def estimate_fisher(self, pl_module: LightningModule, dm: ContinualDataModule, task: int) -> Tensor:
-        """Diagonal Fisher of ``task`` at the current weights, ``[N, P]``: row k is the mean over
-        member k's examples of the squared per-example gradient of its log-likelihood
-        (non-negative)."""
-        population = pl_module.population
-        stacked = population.stacked
-        params = {name: outside_inference(p.detach()) for name, p in stacked.named_parameters()}
-        buffers = {name: outside_inference(b.detach()).clone() for name, b in stacked.named_buffers()}
-        indices = self.fisher_indices(dm, task)
-        dataset = dm.task_set(task, "train")
-        examples = dataset.select(indices.to(dataset.base_index.device))
-        labels = [generator(seed, "ewc_fisher_labels", task) for seed in dm.seeds]
-        example_grad = _example_grad(stacked)
-        compute = _squared_grads_vmap if self.backend == "vmap" else _squared_grads_loop
-        total = {name: torch.zeros_like(p) for name, p in params.items()}
-        with eval_mode(population), torch.inference_mode(False), torch.no_grad():
-            for start in range(0, indices.shape[1], self.fisher_batch_size):
-                x, y, task_ids = (outside_inference(v.to(pl_module.device))
-                                  for v in examples.batch(start, start + self.fisher_batch_size))
-                mask = pl_module.task_mask(task_ids)
-                if self.fisher == "true":
-                    y = self._sampled_labels(population(x), mask, labels)
-                for name, value in compute(example_grad, params, buffers, x, y, mask).items():
-                    total[name] += value
-        flat = torch.cat([total[name].flatten(1) for name in params], dim=1) / indices.shape[1]
+        """kirkpatrick: the diagonal Fisher of ``task`` at the current weights, ``[N, P]`` (normalised as
+        ``fisher_normalization`` says)."""
+        flat = example_fisher(pl_module, dm, task, self.fisher_indices(dm, task), self.fisher, self.fisher_batch_size,
+                              self.backend)
         return min_max(flat) if self.fisher_normalization == "min_max" else flat
-
-    @staticmethod
-    def _sampled_labels(logits: Tensor, mask: Tensor | None, labels: list[torch.Generator]) -> Tensor:
-        """``[N, B]`` labels drawn from each member's predictive distribution (Gumbel-max), the
-        noise from member k's CPU generator, so the labels do not depend on the device or on N."""
-        logits = mask_logits(logits, mask)
-        uniform = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in labels])
-        return (logits.double() - torch.log(-torch.log(uniform.to(logits.device)))).argmax(dim=2)
 
     # ------------------------------------------------------------------ reporting
     def _publish(
@@ -427,8 +347,7 @@ class EWC(Method):
 
         return {"fisher_sum": cpu(self.fisher_sum), "fisher_anchor": cpu(self.fisher_anchor),
                 "anchor_energy": cpu(self.anchor_energy), "tasks": list(self.tasks),
-                "running_fisher": cpu(self.running_fisher), "fisher_window": cpu(self.fisher_window),
-                "task_steps": self.task_steps}
+                **self.running.state_dict()}
 
     @override
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -437,45 +356,4 @@ class EWC(Method):
         self.anchor_energy = state["anchor_energy"]
         self.tasks = [int(t) for t in state["tasks"]]
         self._views = None
-        self.running_fisher = state["running_fisher"]
-        self.fisher_window = state["fisher_window"]
-        self.task_steps = int(state["task_steps"])
-
-
-# ---------------------------------------------------------------------- per-example gradients
-def _example_grad(net: nn.Module) -> ExampleGrad:
-    """The gradient of one member's cross-entropy on one example, ``(params, buffers, x, y, mask)
-    -> {name: gradient}`` with the member's parameters and buffers (slices of the stacked
-    network's) and one example (``mask``: its task's classes, or None without masks)."""
-
-    def loss(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-        logits = functional_call(net, (params, buffers), (x.unsqueeze(0),))
-        return F.cross_entropy(mask_logits(logits, mask), y.unsqueeze(0))
-
-    return grad(loss)
-
-
-def _squared_grads_vmap(example_grad: ExampleGrad, params: dict[str, Tensor], buffers: dict[str, Tensor],
-                        x: Tensor, y: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
-    """Sum over each member's examples ``x [N, B, ...]`` of the squared per-example gradients,
-    ``{name: [N, ...]}``, in one call vmapped over the members and, inside, their examples."""
-    mask_dim = None if mask is None else 0
-    per_example = vmap(example_grad, in_dims=(None, None, 0, 0, mask_dim))
-    with torch.enable_grad():
-        grads = vmap(per_example, in_dims=(0, 0, 0, 0, mask_dim))(params, buffers, x, y, mask)
-    return {name: g.square().sum(dim=1) for name, g in grads.items()}
-
-
-def _squared_grads_loop(example_grad: ExampleGrad, params: dict[str, Tensor], buffers: dict[str, Tensor],
-                        x: Tensor, y: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
-    """As :func:`_squared_grads_vmap`, one example position at a time (vmapped over the members
-    only)."""
-    mask_dim = None if mask is None else 0
-    per_member = vmap(example_grad, in_dims=(0, 0, 0, 0, mask_dim))
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
-    with torch.enable_grad():
-        for i in range(x.shape[1]):
-            grads = per_member(params, buffers, x[:, i], y[:, i], None if mask is None else mask[:, i])
-            for name, g in grads.items():
-                total[name] += g.square()
-    return total
+        self.running.load_state_dict(state)

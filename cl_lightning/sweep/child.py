@@ -30,7 +30,7 @@ def die_with_parent(parent: int) -> None:
 
 if __name__ == "__main__":
     die_with_parent(int(sys.argv[1]))
-    from cl_lightning.cli import main
+    from cl_lightning.cli.lightning_cli import main
 
     sys.argv = [sys.argv[0], *sys.argv[2:]]  # what `cl-lightning` would see (LightningCLI reads sys.argv)
     main()

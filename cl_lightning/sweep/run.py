@@ -78,7 +78,7 @@ def import_ray() -> Any:
 
 def resolve_config(args: list[str]) -> str:
     """The full config ``cl-lightning fit <args>`` would run, as YAML (LightningCLI's ``--print_config``)."""
-    from cl_lightning.cli import cli_main
+    from cl_lightning.cli.lightning_cli import cli_main
 
     out, err = io.StringIO(), io.StringIO()
     code: Any = None

@@ -20,8 +20,8 @@ from cl_lightning.analysis.linear_path import (
     main,
     make_parser,
 )
-from cl_lightning.cli import cli_main
-from cl_lightning.cli import main as cl_lightning
+from cl_lightning.cli.lightning_cli import cli_main
+from cl_lightning.cli.lightning_cli import main as cl_lightning
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 README = Path(__file__).parents[2] / "README.md"

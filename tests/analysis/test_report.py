@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from cl_lightning.analysis.report import main, write_report
-from cl_lightning.cli import cli_main
-from cl_lightning.cli import main as cl_lightning
+from cl_lightning.cli.lightning_cli import cli_main
+from cl_lightning.cli.lightning_cli import main as cl_lightning
 from cl_lightning.rundir import FAILED_MARKER, MatrixFileError, read_matrix, write_matrix
 
 nan = math.nan

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cl_lightning.cli import EXTRA_COMMANDS, main
+from cl_lightning.cli.lightning_cli import EXTRA_COMMANDS, main
 
 
 @pytest.mark.parametrize("command", sorted(EXTRA_COMMANDS))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from user_errors import user_error
 
-from cl_lightning.cli import main
+from cl_lightning.cli.lightning_cli import main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 NAIVE = str(CONFIGS / "naive" / "permuted_digits.yaml")

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sequence_runs import fit_permuted_digits
 from user_errors import user_error
 
-from cl_lightning.cli import cli_main, main
+from cl_lightning.cli.lightning_cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 NAIVE = str(CONFIGS / "naive" / "permuted_digits.yaml")

@@ -7,7 +7,7 @@ import pytest
 from cli_runs import tiny_run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cl_lightning.cli import cli_main, main
+from cl_lightning.cli.lightning_cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from cli_runs import tiny_run_args
 
-from cl_lightning.cli import cli_main, main
-from cl_lightning.console import COMMANDS
+from cl_lightning.callbacks.saving import TaskCheckpoint
+from cl_lightning.cli.console import COMMANDS
+from cl_lightning.cli.lightning_cli import cli_main, main
 from cl_lightning.methods.registry import registered_methods
-from cl_lightning.saving import TaskCheckpoint
 
 ROOT = Path(__file__).parents[2]
 MCSGD = str(ROOT / "configs" / "mcsgd" / "permuted_digits.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cl_lightning.cli import HIDDEN_TRAINER_OPTIONS, cli_main, main
+from cl_lightning.cli.lightning_cli import HIDDEN_TRAINER_OPTIONS, cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 COMMANDS = ["fit", "validate", "test", "grid", "report", "path", "sweep"]

@@ -13,7 +13,7 @@ from cli_runs import hparams_of, tiny_run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from user_errors import user_error
 
-from cl_lightning.cli import cli_main
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 
 SEEDS = [0, 3]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_lightning.cli import ContinualCLI, cli_main
+from cl_lightning.cli.lightning_cli import ContinualCLI, cli_main
 from cl_lightning.methods.mcsgd import MCSGD
 
 CONFIGS = Path(__file__).parents[2] / "configs"

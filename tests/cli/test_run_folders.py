@@ -20,7 +20,7 @@ from cli_runs import hparams_of
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from user_errors import user_error
 
-from cl_lightning.cli import cli_main, main
+from cl_lightning.cli.lightning_cli import cli_main, main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 MCSGD = str(CONFIGS / "mcsgd" / "permuted_digits.yaml")

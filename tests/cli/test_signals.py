@@ -19,7 +19,7 @@ import pytest
 import torch
 from signal_probes import is_paused, wait_until
 
-from cl_lightning.cli import main
+from cl_lightning.cli.lightning_cli import main
 
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "configs" / "mcsgd" / "permuted_digits.yaml"

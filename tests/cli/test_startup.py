@@ -20,7 +20,7 @@ HEAVY = ("torch", "lightning", "matplotlib", "scipy", "ray", "tensorboard")
 #: Through the console entry point, in a fresh interpreter: prints the answer, then the heavy packages loaded.
 ANSWER = f"""
 import json, sys
-from cl_lightning.console import main
+from cl_lightning.cli.console import main
 try:
     main(sys.argv[1:])
 except SystemExit as stop:

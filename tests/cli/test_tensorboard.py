@@ -9,7 +9,7 @@ import pytest
 from cli_runs import hparams_of
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cl_lightning.cli import main
+from cl_lightning.cli.lightning_cli import main
 from cl_lightning.metrics.heatmap import MAX_PIXELS
 
 MCSGD = str(Path(__file__).parents[2] / "configs" / "mcsgd" / "permuted_digits.yaml")

@@ -30,10 +30,10 @@ from ddp_probes import MethodStateAgreement, state_tensors
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import fit_permuted_digits
 
-from cl_lightning.cli import cli_main
+from cl_lightning.callbacks.guards import FiniteGuard
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
-from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.base import Method
 from cl_lightning.methods.registry import method_class, registered_methods
 from cl_lightning.models.member_settings import per_member_settings

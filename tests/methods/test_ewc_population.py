@@ -20,9 +20,10 @@ from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_res
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
-from cl_lightning.cli import cli_main
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.data.datamodule import ContinualDataModule
-from cl_lightning.methods.ewc import EWC, min_max
+from cl_lightning.methods.ewc import EWC
+from cl_lightning.methods.fisher import min_max
 from cl_lightning.models.member_sgd import MemberSGD
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
@@ -251,14 +252,14 @@ def test_agem_member_k_running_fisher_is_the_population_of_one_bitwise() -> None
     _, module = members(SEEDS)
     ewc = EWC(variant="agem", lam=LAMS, fisher_decay=decays, fisher_update_every=4)
     feed_gradients(ewc, module, 23, 0, SEEDS)
-    fisher = ewc.close_running_fisher(module.population.flat())
-    assert ewc.task_steps == 0 and not ewc.fisher_window.any()
+    fisher = ewc.running.close(module.population.flat())
+    assert ewc.running.steps == 0 and not ewc.running.window.any()
     for k, seed in enumerate(SEEDS):
         _, alone = members([seed])
         solo = EWC(variant="agem", lam=LAMS[k], fisher_decay=decays[k], fisher_update_every=4)
         feed_gradients(solo, alone, 23, 0, [seed])
-        assert torch.equal(solo.running_fisher[0], ewc.running_fisher[k])
-        assert torch.equal(solo.close_running_fisher(alone.population.flat())[0], fisher[k])
+        assert torch.equal(solo.running.fisher[0], ewc.running.fisher[k])
+        assert torch.equal(solo.running.close(alone.population.flat())[0], fisher[k])
 
 
 def test_agem_running_fisher_is_the_a_gem_codes_moving_average() -> None:
@@ -279,7 +280,7 @@ def test_agem_running_fisher_is_the_a_gem_codes_moving_average() -> None:
         if (step + 1) % every == 0:
             running, window = (1 - decay) * running + decay / every * window, torch.zeros_like(running)
         window = window + square
-    torch.testing.assert_close(ewc.running_fisher.double(), running, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ewc.running.fisher.double(), running, rtol=1e-5, atol=1e-7)
 
 
 def test_state_survives_a_weights_only_round_trip(tmp_path) -> None:
@@ -353,8 +354,9 @@ def test_a_population_resumed_mid_task_gives_the_same_run(tmp_path):
                                              crash_step=90 + 15, hidden=(16,), seeds=[0, 1])
     assert_same_run(straight, resumed)
     [straight_ewc], [resumed_ewc] = straight[0], resumed[0]
+    resumed_state, straight_state = resumed_ewc.method_state(), straight_ewc.method_state()
     for name in ("running_fisher", "fisher_window", "fisher_sum", "fisher_anchor", "anchor_energy"):
-        assert torch.equal(getattr(resumed_ewc, name).cpu(), getattr(straight_ewc, name).cpu()), name
+        assert torch.equal(resumed_state[name], straight_state[name]), name
 
 
 @pytest.mark.slow

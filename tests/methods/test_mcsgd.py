@@ -15,7 +15,7 @@ from cli_runs import tiny_run_args
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cl_lightning.cli import cli_main, main
+from cl_lightning.cli.lightning_cli import cli_main, main
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback

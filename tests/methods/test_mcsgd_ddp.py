@@ -8,9 +8,9 @@ import pytest
 from ddp_probes import EvalAgreement, RankAgreement
 from lightning.pytorch import Trainer, seed_everything
 
+from cl_lightning.callbacks.guards import FiniteGuard
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
-from cl_lightning.guards import FiniteGuard
 from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP

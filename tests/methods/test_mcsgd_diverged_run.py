@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_lightning.cli import main
+from cl_lightning.cli.lightning_cli import main
 
 MCSGD = str(Path(__file__).parents[2] / "configs" / "mcsgd" / "permuted_digits.yaml")
 

@@ -9,7 +9,7 @@ import yaml
 from lightning.pytorch import Callback
 from sequence_runs import fit_permuted_digits
 
-from cl_lightning.cli import cli_main
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.metrics.continual import average_accuracy, forgetting
 from cl_lightning.models.member_sgd import MemberTaskLR
 

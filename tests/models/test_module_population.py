@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch import Trainer
 from sequence_runs import fit_permuted_digits
 
+from cl_lightning.callbacks.guards import FiniteGuard
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.errors import ConfigError, TrainingDivergedError
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
-from cl_lightning.guards import FiniteGuard
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
 

@@ -20,7 +20,7 @@ from fakedata import write_mnist
 from processes import command_lines
 
 from cl_lightning.analysis.report import write_report
-from cl_lightning.cli import cli_main
+from cl_lightning.cli.lightning_cli import cli_main
 from cl_lightning.rundir import is_finished
 from cl_lightning.sweep.run import main
 

@@ -15,7 +15,7 @@ from processes import command_lines
 from signal_probes import has_pending, is_paused, wait_until
 
 from cl_lightning.analysis.report import write_report
-from cl_lightning.grid import GridError, fit_command, main
+from cl_lightning.launch.grid import GridError, fit_command, main
 from cl_lightning.rundir import WallTime, wall_time
 
 CONFIGS = Path(__file__).parents[2] / "configs"

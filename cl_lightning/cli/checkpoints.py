@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cl_lightning.cli.hparams import MODEL_PLUMBING
 from cl_lightning.errors import CheckpointError
-from cl_lightning.hparams import MODEL_PLUMBING
 from cl_lightning.methods.registry import method_callbacks, method_class, state_keys
 
 #: ``ckpt_path`` values that Lightning resolves itself (no file to check).

@@ -14,11 +14,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
-from cl_lightning.cli import cli_main
-from cl_lightning.hparams import log_row, population_rows, science
+from cl_lightning.cli.hparams import log_row, population_rows, science
+from cl_lightning.cli.lightning_cli import cli_main
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-SCREENSHOTS = Path(__file__).parents[1] / "docs" / "screenshots.py"
+CONFIGS = Path(__file__).parents[2] / "configs"
+SCREENSHOTS = Path(__file__).parents[2] / "docs" / "screenshots.py"
 
 
 def parsed(config: str, *extra: str) -> dict:

@@ -30,22 +30,22 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from cl_lightning.checkpoints import check_checkpoint, finished_run_message
-from cl_lightning.cli_errors import METHOD_NAMES, ContinualArgumentParser
-from cl_lightning.console import DESCRIPTION, EXTRA_COMMANDS, TRAINER_COMMANDS, main, run_extra_command, usage
+from cl_lightning.callbacks.guards import FiniteGuard
+from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.callbacks.saving import AtomicCheckpointIO, TaskCheckpoint
+from cl_lightning.callbacks.signals import CheckpointOnSignal
+from cl_lightning.cli.checkpoints import check_checkpoint, finished_run_message
+from cl_lightning.cli.console import DESCRIPTION, EXTRA_COMMANDS, TRAINER_COMMANDS, main, run_extra_command, usage
+from cl_lightning.cli.hparams import METRICS, log_population, science
+from cl_lightning.cli.parse_errors import METHOD_NAMES, ContinualArgumentParser
+from cl_lightning.cli.preflight import check_run_inputs
 from cl_lightning.data.datamodule import ContinualDataModule, sequence_trainer_settings
 from cl_lightning.errors import DeviceMemoryError, user_errors_in_one_line
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
-from cl_lightning.guards import FiniteGuard
-from cl_lightning.hparams import METRICS, log_population, science
 from cl_lightning.member_outputs import member_loggers, write_member_files
 from cl_lightning.models.module import ContinualModule
-from cl_lightning.preflight import check_run_inputs
-from cl_lightning.progress import TaskProgressBar
 from cl_lightning.rundir import CONFIG_FILE, OUT_OF_MEMORY, checkpoint_run_folder, run_files
-from cl_lightning.saving import AtomicCheckpointIO, TaskCheckpoint
 from cl_lightning.seeding import check_seeds
-from cl_lightning.signals import CheckpointOnSignal
 
 # Data are in-memory tensors served a whole batch at a time: worker processes would only add
 # inter-process copies, so Lightning's advice to add workers does not apply.
@@ -63,7 +63,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the run folder and shows the run's science in TensorBoard's HParams
-    tab, one column per method, model and data setting (:mod:`cl_lightning.hparams`)."""
+    tab, one column per method, model and data setting (:mod:`cl_lightning.cli.hparams`)."""
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -191,7 +191,7 @@ HIDDEN_TRAINER_OPTIONS = {
 HIDDEN_TRAINER_DESTS = frozenset(f"trainer.{name}" for name in HIDDEN_TRAINER_OPTIONS)
 HIDDEN_TRAINER_NOTE = (
     "Lightning's Trainer. Not listed, since the task sequence sets them or has no use for them, but accepted: "
-    + ", ".join(HIDDEN_TRAINER_OPTIONS) + " (why: HIDDEN_TRAINER_OPTIONS in cl_lightning/cli.py)."
+    + ", ".join(HIDDEN_TRAINER_OPTIONS) + " (why: HIDDEN_TRAINER_OPTIONS in cl_lightning/cli/lightning_cli.py)."
 )
 
 
@@ -393,13 +393,13 @@ def command_description(name: str) -> str:
 
 
 def run(args: Sequence[str] | None = None) -> None:
-    """Run the command of ``args`` (default: the command line's). :func:`cl_lightning.console.main`, the
+    """Run the command of ``args`` (default: the command line's). :func:`cl_lightning.cli.console.main`, the
     entry point, answers ``--help``, ``--version`` and an unknown command and runs the extra commands
-    itself, without torch; here they go to the same :func:`~cl_lightning.console.run_extra_command`, the
+    itself, without torch; here they go to the same :func:`~cl_lightning.cli.console.run_extra_command`, the
     trainer commands to LightningCLI. Problems with the user's input (data, settings, checkpoint, a
     diverged run, a failed write, for every command) end with the message that names the fix, not a
     traceback (:func:`cl_lightning.errors.user_errors_in_one_line`); argument errors are reported by the
-    commands' parsers in one line (:mod:`cl_lightning.cli_errors`). A trainer command stopped by SIGTERM
+    commands' parsers in one line (:mod:`cl_lightning.cli.parse_errors`). A trainer command stopped by SIGTERM
     exits 143 (``fit`` stops with a checkpoint, ``signals.py``), one out of the device's memory says
     what a population costs."""
     argv = sys.argv[1:] if args is None else list(args)

@@ -12,11 +12,11 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sequence_runs import CrashAtStep
 
+from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import ContinualDataModule
 from cl_lightning.evaluation.accuracy_matrix import AccuracyMatrix
 from cl_lightning.models.module import ContinualModule
 from cl_lightning.models.nets import MLP
-from cl_lightning.progress import TaskProgressBar
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 These answers, and the refusal of an unknown command, import neither torch nor Lightning (seconds on
 a busy machine, for a line of text). A command imports what it needs only: an extra command (grid,
 report, path, sweep) its own module, which parses its arguments before loading torch or matplotlib;
-a trainer command :func:`cl_lightning.cli.run`, with torch and Lightning.
+a trainer command :func:`cl_lightning.cli.lightning_cli.run`, with torch and Lightning.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ TRAINER_COMMANDS = {
 
 #: Commands beside LightningCLI's: name -> (module with ``main(argv)``, what it does).
 EXTRA_COMMANDS = {
-    "grid": ("cl_lightning.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
+    "grid": ("cl_lightning.launch.grid", "run methods x benchmarks x seeds into <root>/<benchmark>/<method>/seed_<n>/"),
     "report": ("cl_lightning.analysis.report", "the paper's table (mean ± std, 95 % interval) over seeds, methods against MC-SGD, plots"),
     "path": ("cl_lightning.analysis.linear_path", "loss and accuracy along the line between two solutions"),
     "sweep": ("cl_lightning.sweep.run", "a grid of settings x seeds on Ray Tune, selected on validation, best config on test seeds"),
@@ -58,13 +58,13 @@ COMMANDS = (*TRAINER_COMMANDS, *EXTRA_COMMANDS)
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point of ``cl-lightning`` (and the in-process one of tests and scripts):
     ``--help``, ``--version``, a missing and an unknown command are answered here, an extra command
-    by :func:`run_extra_command`, the trainer commands by :func:`cl_lightning.cli.run`."""
+    by :func:`run_extra_command`, the trainer commands by :func:`cl_lightning.cli.lightning_cli.run`."""
     argv = sys.argv[1:] if args is None else list(args)
     answer_without_torch(argv)
     if argv[0] in EXTRA_COMMANDS:
         run_extra_command(argv[0], argv[1:])
         return
-    from cl_lightning.cli import run  # torch and Lightning: only for a trainer command
+    from cl_lightning.cli.lightning_cli import run  # torch and Lightning: only for a trainer command
 
     run(args)
 
@@ -98,7 +98,7 @@ def answer_without_torch(argv: list[str]) -> None:
 
 def unknown_command(name: str) -> str:
     """The refusal of command ``name``, with the closest command if one is near enough to be a typo
-    (:mod:`cl_lightning.cli_errors` words LightningCLI's refusal of one the same)."""
+    (:mod:`cl_lightning.cli.parse_errors` words LightningCLI's refusal of one the same)."""
     closest = difflib.get_close_matches(name.lower(), COMMANDS, n=1)
     return f"unknown command '{name}'{f' (did you mean {closest[0]}?)' if closest else ''}; commands: {', '.join(COMMANDS)}"
 

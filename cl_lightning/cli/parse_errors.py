@@ -19,8 +19,8 @@ from jsonargparse import ActionSubCommands
 from lightning.pytorch.cli import LightningArgumentParser
 from typing_extensions import override
 
-from cl_lightning.console import COMMANDS
-from cl_lightning.console import unknown_command as unknown_command_refusal
+from cl_lightning.cli.console import COMMANDS
+from cl_lightning.cli.console import unknown_command as unknown_command_refusal
 from cl_lightning.methods.registry import registered_methods
 
 #: The method callbacks' short names, which ``--trainer.callbacks+=<name>`` and a config's ``class_path`` accept
