@@ -24,7 +24,11 @@ from torch import Tensor, nn
 
 from cl_lightning.errors import ConfigError
 
-__all__ = ["MLP", "ResNet18", "BNStats", "is_plain_mlp"]
+__all__ = ["MLP", "ResNet18", "BNStats", "Init", "is_plain_mlp"]
+
+#: How an :class:`MLP`'s layers start: PyTorch's default (``nn.Linear.reset_parameters``), or the
+#: A-GEM TensorFlow code's (:class:`TruncatedNormalLinear`), where the EWC, A-GEM and ER baselines come from.
+Init = Literal["pytorch", "truncated_normal"]
 
 
 def _require_positive(**values: int) -> None:
@@ -36,6 +40,19 @@ def _require_positive(**values: int) -> None:
 def _require_probability(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+class TruncatedNormalLinear(nn.Linear):
+    """``nn.Linear`` initialised as the A-GEM TensorFlow code's fully connected layers
+    (facebookresearch/agem 4542149, ``model/model.py`` lines 24-53, ``weight_variable`` and
+    ``bias_variable``; the same in the MC-SGD authors' fork of it): weights from
+    ``tf.truncated_normal_initializer(stddev=0.1)``, a normal of std 0.1 redrawn beyond two std, and
+    biases 0.1. The initialisation lives in ``reset_parameters`` so that a population's members, drawn
+    by re-initialising a copy of the network (``models/population.py``), get it too."""
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.1, a=-0.2, b=0.2)
+        nn.init.constant_(self.bias, 0.1)
 
 
 class MLP(nn.Module):
@@ -54,6 +71,9 @@ class MLP(nn.Module):
         num_classes: Number of output logits.
         dropout: Dropout probability after each hidden ReLU, in ``[0, 1)``. The paper uses
             0.2 on rotated MNIST and 0.25 on permuted MNIST.
+        init: The layers' initial weights: ``pytorch`` (PyTorch's default, as the MC-SGD research
+            code) or ``truncated_normal`` (std 0.1, biases 0.1: the A-GEM TensorFlow code that the
+            EWC, A-GEM and ER baselines come from).
     """
 
     def __init__(
@@ -62,8 +82,12 @@ class MLP(nn.Module):
         hidden_sizes: Sequence[int] = (256, 256),
         num_classes: int = 10,
         dropout: float = 0.0,
+        init: Init = "pytorch",
     ) -> None:
         super().__init__()
+        if init not in get_args(Init):
+            raise ConfigError(f"init must be one of {get_args(Init)}, got {init!r}")
+        linear = TruncatedNormalLinear if init == "truncated_normal" else nn.Linear
         _require_positive(input_size=input_size, num_classes=num_classes)
         hidden_sizes = list(hidden_sizes)
         for i, size in enumerate(hidden_sizes):
@@ -73,9 +97,9 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = input_size
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
             width = size
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

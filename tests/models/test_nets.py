@@ -7,7 +7,7 @@ from torch import nn
 
 from cl_lightning.methods.line_gradient import LineGradient
 from cl_lightning.models.nets import MLP, ResNet18
-from cl_lightning.models.population import Population
+from cl_lightning.models.population import Population, fresh_copy, init_member
 
 
 def num_params(net: nn.Module) -> int:
@@ -194,3 +194,19 @@ def test_networks_build_from_a_class_path_config() -> None:
     assert isinstance(net, MLP)
     assert [tuple(p.shape) for p in net.parameters()][::2] == [(100, 784), (50, 100), (10, 50)]
     assert net.layers[2].p == 0.25
+
+
+def test_mlp_truncated_normal_init_is_the_tf_codes_and_reaches_every_member() -> None:
+    net = MLP(784, [256, 256], 10, init="truncated_normal")
+    weights = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, nn.Linear)])
+    biases = torch.cat([m.bias for m in net.modules() if isinstance(m, nn.Linear)])
+    assert weights.abs().max() <= 0.2 and abs(weights.std().item() - 0.088) < 0.002  # N(0, 0.1) cut at 2 std
+    assert torch.equal(biases, torch.full_like(biases, 0.1))
+    # members are drawn by re-initialising a copy: they get the same initialisation, from their seed
+    member = init_member(lambda: fresh_copy(net), seed=3)
+    again = init_member(lambda: MLP(784, [256, 256], 10, init="truncated_normal"), seed=3)
+    for a, b in zip(member.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(member.layers[0].bias, torch.full((256,), 0.1))
+    default = MLP(784, [256, 256], 10)
+    assert default.layers[0].weight.abs().max() <= 1 / 28  # PyTorch's U(-1/sqrt(784), 1/sqrt(784))
