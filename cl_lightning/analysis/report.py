@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report, files = write_report(args.folder, args.out, args.plots, args.baseline)
     print("Final average accuracy A_T (%) ± std [95 % interval of the mean] / forgetting F_T ± std [95 % interval]\n")
     print(report.table())
+    if report.expected_lines():
+        print("\nAgainst the expected values of the configs (OUTSIDE: the mean is outside the expected 95 % interval):")
+        print("\n".join(report.expected_lines()))
     if report.few_seeds():
         print(f"\n{report.few_seeds()}")
     print(f"\nA_T against {report.baseline} over the same seeds (separated: the 95 % interval of the difference excludes 0)"

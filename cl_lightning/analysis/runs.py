@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 from torch import Tensor
 
+from cl_lightning.analysis.expected import ExpectedResult
 from cl_lightning.cli.hparams import differing, method_columns, science
 from cl_lightning.errors import UserError
 from cl_lightning.rundir import (
@@ -77,6 +78,8 @@ class Run:
     matrix: Tensor | None = None
     problem: str = ""
     named_by: Naming = "layout"
+    #: The expected result its config carries (``expected:``), if any.
+    expected: ExpectedResult | None = None
 
     @property
     def name(self) -> str:
@@ -109,7 +112,7 @@ class Run:
 
 def inspect_run(folder: Path, benchmark: str, method: str, seed: int, named_by: Naming = "layout") -> Run:
     """The state of the run in ``folder``, with its matrix when one is readable."""
-    run = Run(benchmark, method, seed, "failed", folder, named_by=named_by)
+    run = Run(benchmark, method, seed, "failed", folder, named_by=named_by, expected=ExpectedResult.of(read_config(folder)))
     marker = folder / FAILED_MARKER
     if marker.exists():
         first_line = (marker.read_text().splitlines() or ["(empty marker)"])[0]

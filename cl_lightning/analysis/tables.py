@@ -38,6 +38,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from cl_lightning.analysis import plots
+from cl_lightning.analysis.expected import BOUNDED, ExpectedResult
 from cl_lightning.analysis.report import BASELINE
 from cl_lightning.analysis.runs import Ignored, NoRunsError, Run, benchmark_order, find_runs, method_order
 from cl_lightning.metrics.continual import average_accuracy, summary
@@ -115,6 +116,23 @@ class Cell:
     @property
     def num_tasks(self) -> list[int]:
         return sorted({run.matrix.shape[0] for run in self.runs})
+
+    @property
+    def expected(self) -> ExpectedResult | None:
+        """The expected result the cell's configs carry (the first finished run's: they share a config)."""
+        return next((run.expected for run in self.runs if run.expected is not None), None)
+
+    def expected_line(self) -> str:
+        """``<benchmark>/<method>: A_T 85.31 / F_T 0.052 against expected A_T [..] / F_T [..] (10 seeds): ok``,
+        or ``... OUTSIDE (A_T)``; empty without finished runs or an expected result."""
+        if not self.runs or self.expected is None:
+            return ""
+        means = {metric: self.estimate(metric).mean for metric in BOUNDED}
+        outside = self.expected.outside(means)
+        got = " / ".join(f"{label} {means[metric]:.{digits}f}" for metric, (label, digits) in BOUNDED.items())
+        verdict = f"OUTSIDE ({', '.join(outside)})" if outside else "ok"
+        return (f"{self.benchmark}/{self.method}: {got} over {len(self.runs)} seed(s) against expected "
+                f"{self.expected.text()}: {verdict}")
 
     def text(self) -> str:
         """``A ± std [interval] / F ± std [interval]``, with the number of seeds when some are not finished."""
@@ -232,6 +250,10 @@ class Report:
                 "intervals (2 seeds: ±9 std; 1 seed: none) cannot rank methods: train at least 3 seeds, e.g. "
                 "--seeds [0,1,2].")
 
+    def expected_lines(self) -> list[str]:
+        """Each cell that carries an expected result, beside it (:meth:`Cell.expected_line`)."""
+        return [line for line in (cell.expected_line() for cell in self.cells) if line]
+
     def wall_time_table(self) -> str:
         """Mean wall time per run of each cell, in seconds (— where no finished run logged one, ≥ where
         it is a lower bound)."""
@@ -306,6 +328,8 @@ class Report:
             "",
             self.table(),
             *(["", self.few_seeds()] if self.few_seeds() else []),
+            *(["", "Against the expected values of the configs (OUTSIDE: the mean is outside the expected 95 % "
+                   "interval):", "", *[f"- {line}" for line in self.expected_lines()]] if self.expected_lines() else []),
             "",
             "Wall time per run (s), mean over the finished seeds: each run's whole `cl-lightning fit` command, "
             "start-up included, from its run.log (summed over the attempts of a resumed run); a member of a "

@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from cl_lightning.analysis.expected import ExpectedResult
 from cl_lightning.callbacks.guards import FiniteGuard
 from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.callbacks.saving import AtomicCheckpointIO, TaskCheckpoint
@@ -286,6 +287,11 @@ class ContinualCLI(LightningCLI):
         )
         set_help(parser, "data.member_dirs", "Set by --member_dirs.")
         parser.link_arguments("member_dirs", "data.member_dirs")
+        parser.add_argument(
+            "--expected", type=Optional[ExpectedResult], default=None,
+            help="What this config gave over many seeds (a paper-row config records its table's result): kept in "
+            "the run's config.yaml; report flags a cell whose mean falls outside. Training ignores it.",
+        )
         parser.add_lightning_class_args(AccuracyMatrix, "accuracy_matrix")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskProgressBar, "progress_bar")
