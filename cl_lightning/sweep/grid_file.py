@@ -5,11 +5,16 @@ A grid file is YAML::
     params:                      # dotted LightningCLI keys -> the values to try
       model.lr: [0.1, 0.01]
       trainer.callbacks.init_args.alpha0: [0.1, 0.25]
+    samples: 16                  # optional: this many settings drawn from the product (default: all of it)
+    sample_seed: 0               # the draw's seed (default 0)
     seeds: [0]                   # search: each setting runs once per seed, scored by the mean over them
     final_seeds: [0, 1, 2, 3, 4] # the best setting is rerun on these (default: seeds)
     val_fraction: 0.1            # share of the training data held out to score the search (default 0.1)
 
-The settings are the product of the ``params`` lists, in file order. A key is what follows
+The settings are the product of the ``params`` lists, in file order; with ``samples``, a uniform draw
+of that many of them without replacement (a random search on a grid), so that methods whose spaces
+differ in size get the same budget. The draw depends on the file alone (``sample_seed``), so a rerun
+of the sweep tries, and resumes, the same settings. A key is what follows
 ``--`` on the ``cl-lightning fit`` command line; ``trainer.callbacks.init_args.<arg>`` sets an
 argument of the config's last callback (the method), as on the command line.
 """
@@ -17,8 +22,8 @@ argument of the config's last callback (the method), as on the command line.
 from __future__ import annotations
 
 import difflib
-import itertools
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ import yaml
 from cl_lightning.errors import UserError
 
 #: The keys a grid file may hold at its top level.
-TOP_LEVEL = ("params", "seeds", "final_seeds", "val_fraction")
+TOP_LEVEL = ("params", "samples", "sample_seed", "seeds", "final_seeds", "val_fraction")
 DEFAULT_VAL_FRACTION = 0.1
 
 #: One point of the grid: (dotted key, value) pairs in the file's key order.
@@ -48,11 +53,33 @@ class Grid:
     seeds: list[int]
     final_seeds: list[int]
     val_fraction: float
+    samples: int | None = None
+    sample_seed: int = 0
+
+    @property
+    def size(self) -> int:
+        """The number of settings of the full product."""
+        return math.prod(len(values) for values in self.params.values())
 
     def settings(self) -> list[Setting]:
-        """The product of the value lists, first key slowest."""
+        """The product of the value lists, first key slowest; with ``samples``, that many of them drawn
+        uniformly without replacement from ``sample_seed``, kept in product order."""
         keys = list(self.params)
-        return [tuple(zip(keys, values)) for values in itertools.product(*self.params.values())]
+        if self.samples is None or self.samples >= self.size:
+            chosen = range(self.size)
+        else:
+            chosen = sorted(random.Random(self.sample_seed).sample(range(self.size), self.samples))
+        lists = list(self.params.values())
+        return [tuple(zip(keys, self._values(lists, i))) for i in chosen]
+
+    @staticmethod
+    def _values(lists: list[list[Any]], index: int) -> list[Any]:
+        """The ``index``-th element of the product of ``lists`` (first list slowest), without building it."""
+        values = []
+        for values_of in reversed(lists):
+            index, position = divmod(index, len(values_of))
+            values.append(values_of[position])
+        return values[::-1]
 
 
 def _seed_list(raw: Any, name: str, path: Path) -> list[int]:
@@ -95,7 +122,12 @@ def load_grid(path: str | Path) -> Grid:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise GridFileError(f"{path}: val_fraction must be a number in (0, 1) (selection needs a validation split), "
                             f"got {val_fraction!r}")
-    return Grid(path, {str(k): list(v) for k, v in params.items()}, seeds, final_seeds, float(val_fraction))
+    samples, sample_seed = raw.get("samples"), raw.get("sample_seed", 0)
+    for name, value, low in (("samples", samples, 1), ("sample_seed", sample_seed, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise GridFileError(f"{path}: {name} must be an integer of at least {low}, got {value!r}")
+    return Grid(path, {str(k): list(v) for k, v in params.items()}, seeds, final_seeds, float(val_fraction),
+                samples, sample_seed)
 
 
 def check_keys(grid: Grid, config: dict[str, Any], config_path: Path) -> None:

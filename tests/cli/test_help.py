@@ -156,7 +156,7 @@ def test_path_still_takes_model_and_data_overrides(capsys):
 def test_every_shipped_network_is_one_the_model_offers(capsys):
     """``net`` is typed with our networks only: every shipped config's network must be one of them."""
     nets = {yaml.safe_load(path.read_text())["model"]["net"]["class_path"] for path in CONFIGS.glob("*/*.yaml")
-            if path.parent.name != "grids"}
+            if path.parent.name not in ("grids", "protocol")}
     assert nets == {"cl_lightning.models.nets.MLP", "cl_lightning.models.nets.ResNet18"}
     for config in ("naive/permuted_digits.yaml", "mcsgd/split_cifar100.yaml"):
         out = help_text(cli_main, ["fit", "--config", str(CONFIGS / config), "--print_config"], capsys)

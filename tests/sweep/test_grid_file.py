@@ -32,7 +32,21 @@ def test_grid_expands_the_product_in_file_order_with_cli_overrides(tmp_path):
     assert setting_label(settings[1], names) == "model.lr=0.1,init_args.lr=0.005,shuffle=false"
 
 
+def test_samples_draw_an_equal_budget_from_the_product_the_same_on_every_read(tmp_path):
+    text = "params:\n  model.lr: [0.25, 0.1, 0.01, 0.001]\n  data.batch_size: [10, 64]\n  model.dropout: [0.0, 0.25, 0.5]\n"
+    full = load_grid(write(tmp_path, text + "seeds: [0]\n")).settings()
+    drawn = load_grid(write(tmp_path, text + "samples: 16\nsample_seed: 3\nseeds: [0, 1]\n"))
+    assert drawn.size == len(full) == 24 and len(drawn.settings()) == len(set(drawn.settings())) == 16
+    assert drawn.settings() == [s for s in full if s in drawn.settings()]  # a subset, in product order
+    assert drawn.settings() == load_grid(drawn.path).settings()  # the file decides the draw: reruns resume it
+    other = load_grid(write(tmp_path, text + "samples: 16\nsample_seed: 4\nseeds: [0]\n")).settings()
+    assert other != drawn.settings()
+    assert load_grid(write(tmp_path, text + "samples: 30\nseeds: [0]\n")).settings() == full  # at most all of it
+
+
 @pytest.mark.parametrize("text, message", [
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nsamples: 0\n", "samples must be an integer of at least 1"),
+    ("params: {model.lr: [0.1]}\nseeds: [0]\nsample_seed: -1\n", "sample_seed must be an integer of at least 0"),
     ("params: {model.lr: [0.1]}\nseeds: [0]\nseed: 3\n", "unknown key(s) 'seed'"),
     ("params: {model.lr: []}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
     ("params: {model.lr: 0.1}\nseeds: [0]\n", "params.model.lr must be a non-empty list"),
@@ -96,7 +110,8 @@ def test_without_ray_the_message_says_how_to_install_it(tmp_path, monkeypatch):
 
 def shipped_grids() -> list[tuple[Path, Path]]:
     """Every grid file of configs/grids with the config it is for (``<method>_<benchmark>.yaml``)."""
-    methods = sorted((p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "grids"), key=len, reverse=True)
+    methods = sorted((p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("grids", "protocol")), key=len,
+                     reverse=True)
     pairs = [(CONFIGS / "grids" / "demo_digits.yaml", CONFIGS / "naive" / "permuted_digits.yaml")]
     for grid in sorted((CONFIGS / "grids").glob("*.yaml")):
         method = next((m for m in methods if grid.stem.startswith(m + "_")), None)
@@ -107,7 +122,7 @@ def shipped_grids() -> list[tuple[Path, Path]]:
 
 def test_shipped_grid_files_parse_and_name_settings_of_their_configs():
     pairs = shipped_grids()
-    methods = [p for p in CONFIGS.iterdir() if p.is_dir() and p.name != "grids"]
+    methods = [p for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("grids", "protocol")]
     assert len(pairs) == 1 + 5 * len(methods)  # the demo + every method's grid for each of the 5 benchmarks
     for grid_path, config in pairs:
         grid = load_grid(grid_path)
@@ -117,6 +132,27 @@ def test_shipped_grid_files_parse_and_name_settings_of_their_configs():
     rot_fashion = load_grid(CONFIGS / "grids" / "mcsgd_rotated_fashion_mnist.yaml")
     assert list(rot_fashion.params) == ["trainer.callbacks.init_args.lr", "trainer.callbacks.init_args.alpha0"]
     assert rot_fashion.seeds == rot_fashion.final_seeds == [0, 1, 2]
+
+
+@pytest.mark.slow  # resolves a config of every method (LightningCLI, in-process)
+def test_the_protocol_gives_every_method_the_same_budget_on_keys_of_its_config(capsys):
+    """configs/protocol/: every method on every benchmark, 16 settings (all of a smaller space) on 2 validation
+    seeds, 10 test seeds; every key a setting of the method's resolved config (checked as the sweep checks it)."""
+    protocol = sorted((CONFIGS / "protocol").glob("*.yaml"))
+    methods = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("grids", "protocol"))
+    benchmarks = {p.stem for p in (CONFIGS / "naive").glob("*.yaml")} - {"permuted_digits"}
+    assert {p.stem for p in protocol} == {f"{m}_{b}" for m in methods for b in benchmarks}
+    resolved = {}
+    for method in methods:
+        with pytest.raises(SystemExit):
+            cl_main(["fit", "--config", str(CONFIGS / method / "permuted_mnist.yaml"), "--print_config"])
+        resolved[method] = yaml.safe_load(capsys.readouterr().out)
+    for path in protocol:
+        grid = load_grid(path)
+        method = next(m for m in sorted(methods, key=len, reverse=True) if path.stem.startswith(m + "_"))
+        assert len(grid.settings()) == min(16, grid.size) and len(set(grid.settings())) == len(grid.settings())
+        assert len(grid.seeds) >= 2 and grid.final_seeds == list(range(10)) and grid.val_fraction == 0.1
+        check_keys(grid, resolved[method], path)
 
 
 def test_the_rotated_fashion_mnist_grid_sets_the_mcsgd_callback(tmp_path, capsys):
