@@ -54,9 +54,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data.members import Batch
-from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import Method
-from cl_lightning.methods.reservoir import ReservoirBuffer, step_examples
+from cl_lightning.methods.reservoir import ReservoirBuffer, replay_sizes, step_examples
 from cl_lightning.models.member_random import member_keys
 from cl_lightning.models.member_settings import PerMember
 from cl_lightning.models.module import total
@@ -87,13 +86,7 @@ class DERPP(Method):
         memory_batch_size: PositiveInt = 64,
     ) -> None:
         super().__init__(alpha=alpha, beta=beta)
-        if memory_size is None or memory_size < 1:
-            raise ConfigError(f"DERPP needs a memory: memory_size must be at least 1, got {memory_size!r}")
-        if memory_batch_size is None or memory_batch_size < 1:
-            raise ConfigError(f"DERPP replays at least one example per draw: memory_batch_size must be at least 1, "
-                              f"got {memory_batch_size!r}")
-        self.memory_size = int(memory_size)
-        self.memory_batch_size = int(memory_batch_size)
+        self.memory_size, self.memory_batch_size = replay_sizes("DERPP", memory_size, memory_batch_size)
         self.buffer: ReservoirBuffer | None = None
         #: ``[N]`` each member's keys of the two draws of a step.
         self.draw_keys: dict[str, Tensor] = {}

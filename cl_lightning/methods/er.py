@@ -54,9 +54,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data.members import Batch
-from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import Method
-from cl_lightning.methods.reservoir import ReservoirBuffer, step_examples
+from cl_lightning.methods.reservoir import ReservoirBuffer, replay_sizes, step_examples
 from cl_lightning.models.member_random import member_keys
 from cl_lightning.models.module import total
 
@@ -105,13 +104,7 @@ class ER(Method):
 
     def __init__(self, memory_size: PositiveInt = 200, memory_batch_size: PositiveInt = 64) -> None:
         super().__init__()
-        if memory_size is None or memory_size < 1:
-            raise ConfigError(f"ER needs a memory: memory_size must be at least 1, got {memory_size!r}")
-        if memory_batch_size is None or memory_batch_size < 1:
-            raise ConfigError(f"ER replays at least one example per step: memory_batch_size must be at least 1, "
-                              f"got {memory_batch_size!r}")
-        self.memory_size = int(memory_size)
-        self.memory_batch_size = int(memory_batch_size)
+        self.memory_size, self.memory_batch_size = replay_sizes("ER", memory_size, memory_batch_size)
         self.buffer: ReservoirBuffer | None = None
         #: ``[N]`` each member's key of the replay draws (``generator(seed_k, "er_sample")``).
         self.sample_keys: Tensor | None = None

@@ -39,7 +39,7 @@ from cl_lightning.data.members import Batch, MemberSet
 from cl_lightning.errors import ConfigError
 from cl_lightning.models.member_random import keyed_subsets, member_keys, mix64, stream_bits
 
-__all__ = ["ReservoirBuffer", "step_examples"]
+__all__ = ["ReservoirBuffer", "replay_sizes", "step_examples"]
 
 class ReservoirBuffer:
     """Every member's fixed-capacity uniform sample (algorithm R) of its stream of examples.
@@ -180,6 +180,16 @@ class ReservoirBuffer:
         self.seen = int(state["seen"])
         self.index, self.task = (state[name].to(self.keys.device) for name in ("index", "task"))
         self.values = {name: t.to(self.keys.device) for name, t in state.get("values", {}).items()}
+
+
+def replay_sizes(method: str, memory_size: int | None, memory_batch_size: int | None) -> tuple[int, int]:
+    """A replay method's memory size and per-draw batch as ints, refused below 1 with the method's name."""
+    if memory_size is None or memory_size < 1:
+        raise ConfigError(f"{method} needs a memory: memory_size must be at least 1, got {memory_size!r}")
+    if memory_batch_size is None or memory_batch_size < 1:
+        raise ConfigError(f"{method} replays at least one example per draw: memory_batch_size must be at least 1, "
+                          f"got {memory_batch_size!r}")
+    return int(memory_size), int(memory_batch_size)
 
 
 def step_examples(trainer: Trainer, batch: Batch, batch_idx: int, *values: Tensor) -> tuple[Tensor, ...]:
