@@ -106,7 +106,7 @@ def mcsgd_digits_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 # The fast tier (`pytest -m "not slow"`, `make test-fast`) takes seconds only while no test in it starts
-# processes: a `cl-lightning` child, a grid or a sweep, Ray, a ddp_spawn worker, a fault injection (a killed
+# processes: a `cl-lightning` child, a grid or a sweep, Ray, a DDP worker, a fault injection (a killed
 # child). Such a test must be marked slow; the guard below fails a test that is not, in the full run as in the
 # fast one, at whatever phase it starts one (a module fixture's run counts for the test that set it up). It
 # watches rather than refuses: the test runs as it would, then fails naming what it started. Helpers that
@@ -131,7 +131,7 @@ _start_process = multiprocessing.process.BaseProcess.start
 
 
 def _start_watched(self: multiprocessing.process.BaseProcess) -> None:
-    """A multiprocessing start (ddp_spawn's workers) raises no audit event in "spawn" mode."""
+    """A multiprocessing start (DDP workers, the warm children of tests/processes.py) raises no audit event."""
     if _started is not None:
         _started.append(f"multiprocessing {self.name}")
     _start_process(self)

@@ -1,4 +1,4 @@
-"""Callbacks that check multi-process runs from inside the child processes.
+"""Callbacks that check multi-process runs from inside the child processes, and the strategy those runs use.
 
 They live in a plain module on ``pythonpath`` (not in a test file) so that ``ddp_spawn`` children
 can unpickle them by module name.
@@ -14,6 +14,13 @@ from cl_lightning.evaluation.evaluate import task_accuracies
 from cl_lightning.methods.base import TaskAwareCallback
 from cl_lightning.methods.mcsgd import MCSGD
 from cl_lightning.metrics.task_accuracy import accuracy_key
+
+
+def two_process_strategy() -> str:
+    """DDP on two CPU processes, forked from the test's process (``ddp_fork``: no second import of torch and
+    Lightning, seconds each); ``ddp_spawn`` where a test before initialised CUDA in this process, which a fork
+    cannot inherit. Both run the same DDP strategy and collectives; only how the processes start differs."""
+    return "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
 
 
 class StateAgreement(TaskAwareCallback):

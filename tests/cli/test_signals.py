@@ -11,10 +11,9 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from signal_probes import is_paused, wait_until
@@ -24,7 +23,7 @@ from cl_lightning.cli.lightning_cli import main
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "configs" / "mcsgd" / "permuted_digits.yaml"
 STEPS_PER_TASK = 90  # 1438 training digits in batches of 16
-pytestmark = pytest.mark.slow  # real `cl-lightning fit` processes
+pytestmark = pytest.mark.slow  # real `cl-lightning fit` processes (warm: tests/processes.py)
 
 
 def fit_args(out: Path, *extra: str) -> list[str]:
@@ -59,9 +58,7 @@ def test_signal_stops_with_a_checkpoint_that_resumes_exactly(where, step, signum
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     probe = ["--trainer.callbacks+=signal_probes.PauseAt", "--trainer.callbacks.where", where,
              "--trainer.callbacks.step", str(step)]
-    with open(tmp_path / "fit.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "cl_lightning", *fit_args(tmp_path, *probe)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    process = processes.start(fit_args(tmp_path, *probe), tmp_path / "fit.log", env=env, cwd=tmp_path)
     try:
         wait_until(lambda: is_paused(process.pid) or process.poll() is not None, "the pause point")
         assert process.poll() is None, "the run ended before its pause point"

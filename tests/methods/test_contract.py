@@ -19,14 +19,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 import yaml
-from ddp_probes import MethodStateAgreement, state_tensors
+from ddp_probes import MethodStateAgreement, state_tensors, two_process_strategy
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import fit_permuted_digits
 
@@ -139,10 +138,9 @@ def test_a_sigkill_mid_task_then_resume_ends_as_the_uninterrupted_run(method, tm
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cli_main(["fit", *run_args, "--trainer.logger.init_args.save_dir", str(straight)])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")])}
-    faulted = subprocess.run(
-        [sys.executable, "-m", "cl_lightning", "fit", *run_args, "--trainer.logger.init_args.save_dir", str(killed),
-         "--trainer.callbacks+=injector.FaultInjector", "--trainer.callbacks.point", "mid_task",
-         "--trainer.callbacks.task", "1"], env=env, capture_output=True, text=True, timeout=600)
+    faulted = processes.run(
+        ["fit", *run_args, "--trainer.logger.init_args.save_dir", str(killed), "--trainer.callbacks+=injector.FaultInjector",
+         "--trainer.callbacks.point", "mid_task", "--trainer.callbacks.task", "1"], env=env)
     assert faulted.returncode == -9, faulted.stderr[-3000:]
     run = killed / "lightning_logs" / "version_0"
     cli_main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
@@ -157,11 +155,11 @@ def test_a_sigkill_mid_task_then_resume_ends_as_the_uninterrupted_run(method, tm
 def test_two_processes_hold_the_same_state_after_every_task(method, tmp_path):
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=NUM_TASKS, batch_size=16, seeds=[0, 3])
-    # the seeds here too: ddp_spawn loads the children's weights back into this (never set up) module
+    # the seeds here too: the strategy loads the children's weights back into this (never set up) module
     module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1, seeds=[0, 3])
     instance, out = make(method), tmp_path / "agreement.jsonl"
     trainer = Trainer(
-        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
+        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy=two_process_strategy(),
         callbacks=[instance, MethodStateAgreement(instance, str(out)), AccuracyMatrix(print_table=False),
                    FiniteGuard(check_every_n_batches=7)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

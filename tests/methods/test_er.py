@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from ddp_probes import MemoryAgreement
+from ddp_probes import MemoryAgreement, two_process_strategy
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 
@@ -391,12 +391,12 @@ def test_resume_gives_the_same_run(tmp_path, crash_step):
 def test_processes_keep_identical_memories_under_ddp(tmp_path):
     seed_everything(0)
     dm = ContinualDataModule(source="digits", benchmark="permuted", num_tasks=2, batch_size=16, seeds=[0, 5])
-    # the seeds here too: ddp_spawn loads the children's weights back into this (never set up) module
+    # the seeds here too: the strategy loads the children's weights back into this (never set up) module
     module = ContinualModule(MLP(64, [32], 10, dropout=0.25), lr=0.1, seeds=[0, 5])
     er = ER(memory_size=30, memory_batch_size=8)
     out = tmp_path / "agreement.jsonl"
     trainer = Trainer(
-        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
+        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy=two_process_strategy(),
         callbacks=[er, MemoryAgreement(er, str(out))], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from ddp_probes import FisherAgreement
+from ddp_probes import FisherAgreement, two_process_strategy
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sequence_runs import assert_same_run, fit_permuted_digits, straight_and_resumed
 
@@ -265,7 +265,7 @@ def test_agem_processes_agree_under_ddp(tmp_path):
     ewc = EWC(lam=AGEM_LAM, variant="agem")
     out = tmp_path / "agreement.jsonl"
     trainer = Trainer(
-        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
+        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy=two_process_strategy(),
         callbacks=[ewc, FisherAgreement(ewc, str(out))], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )

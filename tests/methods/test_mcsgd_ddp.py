@@ -5,7 +5,7 @@ of a one-process evaluation of the same weights; a population's members likewise
 import json
 
 import pytest
-from ddp_probes import EvalAgreement, RankAgreement
+from ddp_probes import EvalAgreement, RankAgreement, two_process_strategy
 from lightning.pytorch import Trainer, seed_everything
 
 from cl_lightning.callbacks.guards import FiniteGuard
@@ -30,7 +30,7 @@ def test_processes_agree_after_each_consolidation_and_metrics_are_exact(tmp_path
     # the logged accuracies of a population go to its members' loggers: compared for a population of one
     probes = [EvalAgreement(str(evaluations))] if len(seeds) == 1 else []
     trainer = Trainer(
-        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy="ddp_spawn",
+        **dm.trainer_settings(), accelerator="cpu", devices=2, strategy=two_process_strategy(),
         callbacks=[mcsgd, RankAgreement(mcsgd, str(out)), *probes, AccuracyMatrix(print_table=False),
                    FiniteGuard(check_every_n_batches=7)],  # its checks are collectives: they must not hang
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

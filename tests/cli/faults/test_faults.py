@@ -18,9 +18,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -35,10 +35,9 @@ SETTINGS = ("--data.num_tasks", "3", "--trainer.deterministic", "true", "--train
 
 
 def cl_lightning(*args: str) -> subprocess.CompletedProcess:
-    """``cl-lightning <args>`` in a child process that can import the injector."""
+    """``cl-lightning <args>`` in a child process (warm: ``tests/processes.py``) that can import the injector."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "cl_lightning", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return processes.run(args, env=env)
 
 
 def fit(out: Path, *extra: str, config: Path = CONFIG) -> subprocess.CompletedProcess:
