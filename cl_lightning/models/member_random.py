@@ -121,3 +121,27 @@ def keep_mask(key: Tensor, step: int, shape: Sequence[int], threshold: Tensor) -
     index = torch.arange(1, torch.Size(shape).numel() + 1, device=key.device, dtype=torch.int64)
     bits = mix64(stream + index.view(shape) * _GOLDEN)
     return _shift_right(bits, 64 - UNIFORM_BITS) >= threshold
+
+
+def keep_masks(keys: Tensor, step: int, shapes: Sequence[Sequence[int]], thresholds: Tensor) -> list[Tensor]:
+    """The :func:`keep_mask` of every member at several dropout sites of one step, in one pass.
+
+    Bitwise what ``keep_mask(keys[s, k], step, shapes[s], thresholds[s, k])`` gives for site s and member k,
+    but the hash runs once, on ``[S, N, L]`` with L the largest site's size (element i's bits depend on its
+    stream and i alone, so a smaller site takes its first elements): about 30 tensor operations for all
+    sites, not 30 per site. At a small MLP's batch sizes their per-call overhead is the masks' cost on a CPU.
+
+    Args:
+        keys: int64 ``[S, N]``: each site's key of each member (:func:`dropout_keys`).
+        step: The stream counter, as in :func:`keep_mask`.
+        shapes: The shape of one member's activation at each of the S sites.
+        thresholds: int64 ``[S, N]``: :func:`drop_threshold` of each site's rate for each member.
+
+    Returns:
+        One bool ``[N, *shapes[s]]`` mask per site: True where the element is kept.
+    """
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    index = torch.arange(1, max(sizes) + 1, device=keys.device, dtype=torch.int64)
+    bits = mix64(mix64(keys ^ step).unsqueeze(2) + index * _GOLDEN)  # [S, N, L]
+    keep = _shift_right(bits, 64 - UNIFORM_BITS) >= thresholds.unsqueeze(2)
+    return [keep[s, :, :size].view(-1, *shape) for s, (size, shape) in enumerate(zip(sizes, shapes))]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from cl_lightning.errors import CheckpointError
-from cl_lightning.models.member_random import UNIFORM_BITS, drop_threshold, dropout_keys, keep_mask
+from cl_lightning.models.member_random import UNIFORM_BITS, drop_threshold, dropout_keys, keep_mask, keep_masks
 from cl_lightning.models.nets import is_plain_mlp
 from cl_lightning.seeding import generator
 
@@ -110,11 +110,12 @@ class _CounterDropout(nn.Module):
         """One member's forward (inside the population's ``vmap``: ``key`` and ``threshold`` are its scalars)."""
         return self._drop(x, self.key, self.threshold, x.shape)
 
-    def stacked_forward(self, x: Tensor) -> Tensor:
-        """The forward of every member at once on ``x`` ``[N, ...]`` outside ``vmap`` (the batched-matmul
-        MLP path): member k's rows get exactly the mask its vmapped forward would."""
+    def apply_mask(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x`` ``[N, ...]`` of every member at once, outside ``vmap`` (the batched-matmul MLP path), with
+        the members' masks ``keep`` from :func:`keep_masks`: member k's rows get exactly what its vmapped
+        forward would."""
         per_member = (x.shape[0], *([1] * (x.dim() - 1)))
-        return self._drop(x, self.key.view(per_member), self.threshold.view(per_member), x.shape[1:])
+        return x * (keep * self._scale(self.threshold.view(per_member), x.dtype))
 
     def _drop(self, x: Tensor, key: Tensor, threshold: Tensor, shape: Sequence[int]) -> Tensor:
         """``x`` with the :func:`keep_mask` of ``shape`` (one member's activation) applied and rescaled;
@@ -122,7 +123,7 @@ class _CounterDropout(nn.Module):
         if not self.training:
             return x
         keep = keep_mask(key, self.step, shape, threshold)
-        return x * (keep.to(x.dtype) * self._scale(threshold, x.dtype))
+        return x * (keep * self._scale(threshold, x.dtype))
 
     @staticmethod
     def _scale(threshold: Tensor, dtype: torch.dtype) -> Tensor:
@@ -139,16 +140,16 @@ class _StackedLinear(torch.autograd.Function):
     parameter's contiguous ``[N, out, in]`` layout, and that strided copy costs about ten times the
     matmul itself on a CPU (the paper's MLP, N = 10, batch 10: 12.5 ms against 0.7 ms). Here the
     gradient is ``grad^T @ x``, the same products of the same numbers, already laid out as ``weight``.
+
+    ``forward`` takes ``ctx`` itself rather than a separate ``setup_context``: with one, every ``apply`` binds
+    its arguments through ``inspect.signature`` (about 0.1 ms on a CPU, three times a step). The layer runs
+    outside ``torch.func`` transforms only (the vmapped members use ``nn.Linear``), which need ``setup_context``.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        x, weight, _ = inputs
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -250,16 +251,33 @@ class Population(nn.Module):
     def _mlp_forward(self, x: Tensor) -> Tensor:
         """The paper's MLP for every member with one batched matmul per layer: the same function as
         the vmapped forward (member k's rows depend on member k's weights and masks only), with a
-        fraction of its per-call overhead, which dominates small batches (``benchmarks/population.py``)."""
+        fraction of its per-call overhead, which dominates small batches (``benchmarks/population.py``).
+        The dropout masks of all sites are drawn in one pass (:func:`keep_masks`)."""
         h = x.flatten(2)
+        masks = iter(self._mlp_masks(h.shape[1]))
         for layer in self.stacked.layers:
             if isinstance(layer, nn.Linear):
                 h = _StackedLinear.apply(h, layer.weight, layer.bias)
             elif isinstance(layer, nn.ReLU):
                 h = torch.relu(h)
-            elif isinstance(layer, _CounterDropout):
-                h = layer.stacked_forward(h)
+            elif isinstance(layer, _CounterDropout) and layer.training:
+                h = layer.apply_mask(h, next(masks))
         return h
+
+    def _mlp_masks(self, batch_size: int) -> list[Tensor]:
+        """The MLP's keep-masks for a batch of ``batch_size`` per member, one ``[N, B, width]`` per active
+        dropout site in order (none in eval mode): a site's width is that of the Linear before it."""
+        sites, widths, width = [], [], None
+        for layer in self.stacked.layers:
+            if isinstance(layer, nn.Linear):
+                width = layer.out_features
+            elif isinstance(layer, _CounterDropout) and layer.training:
+                sites.append(layer)
+                widths.append((batch_size, width))
+        if not sites:
+            return []
+        keys, thresholds = torch.stack([s.key for s in sites]), torch.stack([s.threshold for s in sites])
+        return keep_masks(keys, sites[0].step, widths, thresholds)
 
     def _member_forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.stacked, (params, buffers), (x,))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.utils import parameters_to_vector
 
-from cl_lightning.models.member_random import drop_threshold, dropout_keys, keep_mask, mix64
+from cl_lightning.models.member_random import drop_threshold, dropout_keys, keep_mask, keep_masks, mix64
 from cl_lightning.models.nets import MLP, ResNet18
 from cl_lightning.models.params import load_flat
 from cl_lightning.models.population import Population, _StackedLinear, init_member
@@ -186,6 +186,19 @@ def test_dropout_masks_keep_the_right_share_and_differ_between_members_steps_and
         # independent masks agree on (1-p)^2 + p^2 of the elements
         assert abs((mask == other).float().mean().item() - ((1 - p) ** 2 + p**2)) < 0.006
     assert torch.equal(mask, keep_mask(keys[0], 0, shape, threshold))
+
+
+def test_the_masks_of_all_sites_in_one_pass_are_each_sites_own_masks_bitwise() -> None:
+    """The batched MLP draws every site's masks at once (the smaller site takes the first elements of a
+    hash over the largest): the same bits as one :func:`keep_mask` per site and member, rates differing."""
+    keys = torch.stack([dropout_keys([0, 5, 9], site) for site in range(2)])  # [S, N]
+    thresholds = torch.tensor([[drop_threshold(p) for p in rates] for rates in ([0.25, 0.1, 0.5], [0.3, 0.0, 0.7])])
+    shapes = [(7, 16), (7, 12, 2)]
+    masks = keep_masks(keys, 41, shapes, thresholds)
+    for site, shape in enumerate(shapes):
+        assert masks[site].shape == (3, *shape)
+        for k in range(3):
+            assert torch.equal(masks[site][k], keep_mask(keys[site, k], 41, shape, thresholds[site, k]))
 
 
 def test_dropout_scales_the_kept_elements_by_one_over_keep_probability() -> None:
