@@ -15,6 +15,7 @@ import multiprocessing.process
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,16 @@ def mcsgd_digits_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("mcsgd_digits")
     cli = cli_main(mcsgd_digits_args(out))
     return out / "lightning_logs" / "version_0", cli
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray (2 CPUs) for the tests of the group "ray" (its start costs seconds, each sweep's own would
+    too): they pass its address to ``sweep --address``. Started by the first of them, stopped with the session."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 # The fast tier (`pytest -m "not slow"`, `make test-fast`) takes seconds only while no test in it starts

@@ -222,6 +222,7 @@ def test_a_local_ray_that_does_not_start_is_an_error_with_the_way_out(tmp_path, 
         raise Exception("The current node timed out during startup.")
 
     monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whether or not this process joined a Ray before
     grid = write(tmp_path, "params: {model.lr: [0.1]}\nseeds: [0]\n")
     with pytest.raises(SystemExit, match="error: the local Ray did not start: The current node timed out.*--address auto"):
         cl_main(["sweep", "--config", str(CONFIGS / "naive" / "permuted_digits.yaml"), "--grid", str(grid),

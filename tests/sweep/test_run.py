@@ -25,20 +25,12 @@ from cl_lightning.rundir import is_finished
 from cl_lightning.sweep.run import main
 
 ray = pytest.importorskip("ray")
-# One local Ray for the module; the other tests that start a Ray (a sweep of the fault table, the
-# unreachable-cluster check, which needs none running) join its group, so pytest -n 2 runs them one after another.
+# One local Ray (conftest's `ray_address`) for these tests and the fault table's sweep; the unreachable-cluster
+# check, which needs none running, joins their group, so pytest -n 2 runs them one after another, that check first.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 TINY = ["--", "--data.num_tasks", "2", "--data.train_examples_per_task", "200", "--trainer.enable_model_summary", "false"]
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """One local Ray for the module (its start costs seconds); the sweeps run here use it as it is."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.5) -> None:

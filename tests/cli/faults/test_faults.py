@@ -141,12 +141,11 @@ def test_grid_child_interrupted_then_grid_rerun_gives_the_same_result(signal_nam
 
 
 @pytest.mark.xdist_group("ray")  # one Ray at a time on this machine (see tests/sweep/test_run.py)
-def test_sweep_trial_killed_then_sweep_rerun_gives_the_same_result(straight, tmp_path, fault_table):
-    pytest.importorskip("ray")
+def test_sweep_trial_killed_then_sweep_rerun_gives_the_same_result(straight, tmp_path, fault_table, ray_address):
     grid_file = tmp_path / "one.yaml"
     grid_file.write_text("params:\n  model.lr: [0.1]\nseeds: [0]\nfinal_seeds: [0]\n")
     sweep = ("sweep", "--config", str(CONFIG), "--grid", str(grid_file), "--root", str(tmp_path / "sweeps"),
-             "--max_concurrent", "1", "--no-plots", "--", *SETTINGS,
+             "--max_concurrent", "1", "--address", ray_address, "--no-plots", "--", *SETTINGS,
              *inject("mid_task", "SIGKILL", "--trainer.callbacks.once_file", str(tmp_path / "fired")))
     interrupted = cl_lightning(*sweep)
     assert (tmp_path / "fired").exists(), interrupted.stdout + interrupted.stderr
