@@ -105,6 +105,7 @@ class _CounterDropout(nn.Module):
         self.register_buffer("key", keys)
         self.register_buffer("threshold", thresholds)
         self.step = 0
+        self._scales: tuple[tuple[int, int, torch.device, torch.dtype], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """One member's forward (inside the population's ``vmap``: ``key`` and ``threshold`` are its scalars)."""
@@ -113,9 +114,12 @@ class _CounterDropout(nn.Module):
     def apply_mask(self, x: Tensor, keep: Tensor) -> Tensor:
         """``x`` ``[N, ...]`` of every member at once, outside ``vmap`` (the batched-matmul MLP path), with
         the members' masks ``keep`` from :func:`keep_masks`: member k's rows get exactly what its vmapped
-        forward would."""
+        forward would. The members' scales are computed once per threshold tensor and dtype, not per step."""
+        cached = (id(self.threshold), self.threshold._version, self.threshold.device, x.dtype)
+        if self._scales is None or self._scales[0] != cached:
+            self._scales = (cached, self._scale(self.threshold, x.dtype))
         per_member = (x.shape[0], *([1] * (x.dim() - 1)))
-        return x * (keep * self._scale(self.threshold.view(per_member), x.dtype))
+        return x * (keep * self._scales[1].view(per_member))
 
     def _drop(self, x: Tensor, key: Tensor, threshold: Tensor, shape: Sequence[int]) -> Tensor:
         """``x`` with the :func:`keep_mask` of ``shape`` (one member's activation) applied and rescaled;
