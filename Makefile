@@ -1,7 +1,7 @@
 # Entry points for a fresh machine; each creates .venv and installs what it needs once.
 #   make demo       the main job: MC-SGD vs the offline 8x8-digits task sequence (a few minutes on CPU)
 #   make test       lint and the whole test suite, as CI runs it (with the `sweep` extra, Ray Tune, which
-#                   `make demo` does not need); about 25 minutes on 2 shared cores from a fresh clone (docs/speed.md)
+#                   `make demo` does not need); about 17 minutes on 2 cores from a fresh clone (docs/speed.md)
 #   make test-fast  the fast tier for the inner loop: every test not marked slow (no processes, no Ray, no
 #                   whole training runs), about a minute
 VENV ?= .venv
