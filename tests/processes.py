@@ -7,7 +7,7 @@ child instead from a server process (multiprocessing's ``forkserver``) that has 
 (its own pid, signals, exit status, files), runs the console entry point with the test's arguments,
 environment and working folder, and writes its console output to files, as a launched command
 would. The console script itself (``python -m cl_lightning``, the import-time answers) is tested
-cold in ``tests/cli/test_startup.py``, ``test_exit_status.py`` and ``test_cli_face.py``.
+cold in ``tests/cli/test_startup.py`` and ``test_cli_face.py``.
 
 The server is a fresh Python that never ran a torch op (no thread pool, no CUDA context), so its
 forks are safe where a fork of the pytest process itself would not be.
@@ -61,7 +61,7 @@ class WarmProcess:
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, cwd: Path | None, stdout: Path,
                  stderr: Path) -> None:
-        self.args, self.stdout_path, self.stderr_path = list(argv), stdout, stderr
+        self.args = list(argv)
         self._process = _context.Process(target=_child, name="cl-lightning", args=(
             self.args, dict(os.environ if env is None else env), str(cwd or Path.cwd()), str(stdout), str(stderr)))
         self._process.start()
@@ -80,9 +80,6 @@ class WarmProcess:
         if self.returncode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
 
     def kill(self) -> None:
         if self.returncode is None:
