@@ -39,21 +39,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         "as <folder>/<benchmark>/<method>/seed_<n>/ (the layout `cl-lightning grid` writes) and, elsewhere, wherever an "
         "accuracy_matrix.json lies beside its run's config.yaml (fit's run folders and population members, named by "
         "that config: method, benchmark, seed, and the settings that differ between runs of one method); the grid expected is "
-        "every method x benchmark x seed seen, and its missing, failed and incomplete runs are listed. Writes "
+        "every method x benchmark x seed seen, and its missing, failed and incomplete runs are listed. Several "
+        "folders make one table (e.g. the final folders of several sweeps: lightning_logs/protocol/*/final). Writes "
         "report.md, report.csv (one row per method and benchmark), report_runs.csv (one row per run), "
         "report_paired.csv (one row per method and benchmark against the baseline) and plots/*.png.",
     )
-    parser.add_argument("folder", type=Path, help="folder holding the runs, e.g. lightning_logs")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the folder itself)")
+    parser.add_argument("folders", nargs="+", type=Path, metavar="folder",
+                        help="folder(s) holding the runs, e.g. lightning_logs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: the folder itself; needed with several folders)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the PNG figures (average accuracy per benchmark, task accuracy per method, "
                         "heatmap per run)")
     parser.add_argument("--baseline", default=BASELINE,
                         help="the method every other one is compared with, seed by seed (default: %(default)s)")
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+    if len(args.folders) > 1 and args.out is None:
+        parser.error(f"{len(args.folders)} folders make one report: say where it goes with --out")
     from cl_lightning.analysis.tables import write_report  # numpy, scipy, matplotlib and torch: after the arguments
 
-    report, files = write_report(args.folder, args.out, args.plots, args.baseline)
+    report, files = write_report(args.folders, args.out, args.plots, args.baseline)
     print("Final average accuracy A_T (%) ± std [95 % interval of the mean] / forgetting F_T ± std [95 % interval]\n")
     print(report.table())
     if report.expected_lines():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -146,10 +147,24 @@ class Ignored:
 Key = tuple[str, str, int]
 
 
-def find_runs(root: Path) -> tuple[list[Run], list[Ignored]]:
-    """All runs of the grid spanned by the runs below ``root``, missing ones included, in a stable
-    order; plus the folders holding an accuracy matrix that are not counted, with the reason."""
-    root = Path(root).resolve()
+def find_runs(roots: Path | Sequence[Path]) -> tuple[list[Run], list[Ignored]]:
+    """All runs of the grids spanned by the runs below each of ``roots`` (one folder or several: the
+    ``final`` folders of several sweeps make one table), missing ones included, in a stable order; plus
+    the folders holding an accuracy matrix that are not counted, with the reason. Each root spans its
+    own grid, and a run found below two roots counts once."""
+    found: dict[Key, Run] = {}
+    ignored: list[Ignored] = []
+    for root in [roots] if isinstance(roots, (str, Path)) else roots:
+        runs, skipped = find_runs_below(Path(root).resolve())
+        ignored += skipped
+        for run in runs:
+            add_run(found, ignored, run, Path(root))
+    ordered = sorted(found, key=lambda k: (benchmark_order(k[0]), method_order(k[1]), k[2]))
+    return [found[key] for key in ordered], sorted(ignored, key=lambda i: i.folder)
+
+
+def find_runs_below(root: Path) -> tuple[list[Run], list[Ignored]]:
+    """:func:`find_runs` of one folder."""
     if not root.is_dir():
         raise NoRunsError(f"{root} is not a folder: pass the folder holding the runs (<benchmark>/<method>/seed_<n>/ "
                           "run folders, or fit's run folders with their config.yaml)")
@@ -168,7 +183,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[Ignored]]:
                                            "accuracy matrix names its method, benchmark and seed"))
     for folder, key in settings_keys(configs).items():
         add_run(found, ignored, inspect_run(folder, *key, named_by="config"), root)
-    return span(found, root), sorted(ignored, key=lambda i: i.folder)
+    return span(found, root), ignored
 
 
 def candidate_folders(root: Path) -> list[Path]:

@@ -210,7 +210,7 @@ def seconds_text(time: WallTime, spec: str) -> str:
 class Report:
     """Everything ``cl-lightning report`` writes, computed once from the runs found."""
 
-    root: Path
+    roots: list[Path]
     runs: list[Run]
     ignored: list[Ignored]
     baseline: str = BASELINE
@@ -317,7 +317,7 @@ class Report:
     def markdown(self, figures: list[Path], out: Path) -> str:
         finished = len(self.runs) - len(self.not_finished)
         text = [
-            f"# Continual-learning report: {self.root}",
+            f"# Continual-learning report: {', '.join(str(root) for root in self.roots)}",
             "",
             f"{finished} of {len(self.runs)} runs finished ({len(self.methods)} methods x {len(self.benchmarks)} "
             f"benchmarks x {len({r.seed for r in self.runs})} seeds).",
@@ -431,18 +431,23 @@ def number(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def write_report(root: Path, out: Path | None = None, draw: bool = True, baseline: str = BASELINE) -> tuple[Report, list[Path]]:
-    """Find the runs below ``root``; write ``report.md``, ``report.csv``, ``report_runs.csv``,
-    ``report_paired.csv`` (each method against ``baseline``) and the PNGs (under ``plots/``) into
-    ``out`` (default: ``root``). Returns the report and the files."""
-    runs, ignored = find_runs(root)
+def write_report(roots: Path | Sequence[Path], out: Path | None = None, draw: bool = True,
+                 baseline: str = BASELINE) -> tuple[Report, list[Path]]:
+    """Find the runs below ``roots`` (a folder, or several making one table); write ``report.md``,
+    ``report.csv``, ``report_runs.csv``, ``report_paired.csv`` (each method against ``baseline``) and the
+    PNGs (under ``plots/``) into ``out`` (default: the one folder; required for several). Returns the report
+    and the files."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(root) for root in roots]
+    if out is None and len(roots) != 1:
+        raise ValueError(f"{len(roots)} folders given: say where their report goes (out)")
+    runs, ignored = find_runs(roots)
     if not runs:
         hint = (f" ({len(ignored)} folder(s) with an accuracy matrix not counted, e.g. {ignored[0].folder}: "
                 f"{ignored[0].reason})" if ignored else "")
         raise NoRunsError(f"no run folders <benchmark>/<method>/seed_<n>/, nor accuracy matrices beside their run's "
-                          f"config.yaml, below {Path(root).resolve()}{hint}")
-    report = Report(Path(root).resolve(), runs, ignored, baseline)
-    out = Path(out or root)
+                          f"config.yaml, below {', '.join(str(root.resolve()) for root in roots)}{hint}")
+    report = Report([root.resolve() for root in roots], runs, ignored, baseline)
+    out = Path(out or roots[0])
     out.mkdir(parents=True, exist_ok=True)
     figures = report.draw(out / "plots") if draw else []
     files = [out / "report.md", out / "report.csv", out / "report_runs.csv", out / "report_paired.csv"]

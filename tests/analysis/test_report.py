@@ -330,6 +330,28 @@ def test_a_seed_found_twice_is_counted_once(tmp_path, capsys):
             "is counted): a seed enters a cell once") in printed
 
 
+def test_the_final_folders_of_several_sweeps_make_one_table(tmp_path, capsys):
+    """The paper protocol's table: each sweep's final runs in a folder of their own, one report over all."""
+    for seed, accuracy in enumerate((40, 42, 44)):
+        put_final(tmp_path, f"mcsgd_permuted_digits/final/permuted_digits/mcsgd/seed_{seed}", accuracy)
+    for seed, accuracy in enumerate((30, 33, 33)):
+        put_final(tmp_path, f"naive_permuted_digits/final/permuted_digits/naive/seed_{seed}", accuracy)
+    put_final(tmp_path, "naive_permuted_digits/search/permuted_digits/naive[lr=0.1]/seed_0", 99)  # not given
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "mcsgd_permuted_digits/final"), str(tmp_path / "naive_permuted_digits/final")])
+    assert "2 folders make one report: say where it goes with --out" in capsys.readouterr().err
+    # the same final folder twice: its runs count once
+    finals = [str(tmp_path / name / "final") for name in ("mcsgd_permuted_digits", "naive_permuted_digits", "naive_permuted_digits")]
+    main([*finals, "--out", str(tmp_path / "table"), "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "| permuted_digits | naive | 3 | -10.00 | [-12.48, -7.52] | separated |" in printed
+    assert "naive[lr=0.1]" not in printed and "again" in printed
+    rows = {r["method"]: r for r in read_csv(tmp_path / "table" / "report.csv")}
+    assert list(rows) == ["naive", "mcsgd"] and rows["naive"]["seeds_finished"] == "3"
+    assert f"{tmp_path / 'mcsgd_permuted_digits' / 'final'}, {tmp_path / 'naive_permuted_digits' / 'final'}" in (
+        tmp_path / "table" / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_report_of_a_population_that_fit_trained(tmp_path, monkeypatch, capsys):
     """The README's population, `fit --seeds [0,1,2]` (2 tasks), then `report lightning_logs`."""
