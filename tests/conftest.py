@@ -116,6 +116,17 @@ def ray_address() -> Iterator[str]:
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _warm_launched_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fits that a grid or a sweep trial running in the test's own process launches start warm, as the
+    tests' own children do (tests/processes.py): each is still a process of its own, in a session of its
+    own, with its log, signals and exit status, but forked with its imports done. A grid or sweep the test
+    starts as a command (``python -m cl_lightning grid``, Ray's trial workers) launches its fits cold."""
+    from processes import start_launched_fit
+
+    monkeypatch.setattr("cl_lightning.launch.process.start_fit", start_launched_fit)
+
+
 # The fast tier (`pytest -m "not slow"`, `make test-fast`) takes seconds only while no test in it starts
 # processes: a `cl-lightning` child, a grid or a sweep, Ray, a DDP worker, a fault injection (a killed
 # child). Such a test must be marked slow; the guard below fails a test that is not, in the full run as in the

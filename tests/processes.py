@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 #: What the server imports once; everything a `fit`, `validate`, `grid` or `sweep` child needs at start.
 PRELOAD = ["cl_lightning.cli.lightning_cli", "cl_lightning.cli.console"]
@@ -40,8 +41,10 @@ def command_lines() -> dict[int, str]:
     return found
 
 
-def _child(argv: list[str], environ: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+def _child(argv: list[str], environ: dict[str, str], cwd: str, stdout: str, stderr: str, new_session: bool) -> None:
     """In the forked child: the test's environment, folder and output files, then ``cl-lightning <argv>``."""
+    if new_session:
+        os.setsid()
     os.environ.clear()
     os.environ.update(environ)
     sys.path[:0] = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # as Python would at start
@@ -60,10 +63,11 @@ class WarmProcess:
     """A started ``cl-lightning`` child, with the part of ``subprocess.Popen``'s interface the tests use."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, cwd: Path | None, stdout: Path,
-                 stderr: Path) -> None:
+                 stderr: Path, new_session: bool = False) -> None:
         self.args = list(argv)
         self._process = _context.Process(target=_child, name="cl-lightning", args=(
-            self.args, dict(os.environ if env is None else env), str(cwd or Path.cwd()), str(stdout), str(stderr)))
+            self.args, dict(os.environ if env is None else env), str(cwd or Path.cwd()), str(stdout), str(stderr),
+            new_session))
         self._process.start()
         self.pid = self._process.pid
 
@@ -81,6 +85,10 @@ class WarmProcess:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
     def kill(self) -> None:
         if self.returncode is None:
             self._process.kill()
@@ -90,6 +98,18 @@ class WarmProcess:
 def start(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> WarmProcess:
     """``cl-lightning <argv>`` in a warm child, its stdout and stderr both appended to ``log``."""
     return WarmProcess(argv, env, cwd, log, log)
+
+
+def start_launched_fit(argv: Sequence[str], log_path: Path, log: IO[str], cwd: Path | None) -> WarmProcess | subprocess.Popen:
+    """:func:`cl_lightning.launch.process.start_fit` with the fit warm: what ``grid`` and the sweep's trials
+    launch in this process (``python -m cl_lightning fit ...``) starts as :func:`start` does, in a session
+    of its own; any other command (the sweep's child wrapper) as the package starts it."""
+    from cl_lightning.launch import process
+
+    entry = list(process.FIT_ENTRY)
+    if list(argv[: len(entry)]) != entry:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+    return WarmProcess(argv[len(entry):], None, cwd, log_path, log_path, new_session=True)
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from cl_lightning.rundir import LOG_FILE, attempt_line, is_finished, mark_failed, read_result, wall_time_line
 
@@ -129,6 +130,13 @@ def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None]
     return code
 
 
+def start_fit(argv: Sequence[str], log_path: Path, log: IO[str], cwd: Path | None) -> subprocess.Popen:
+    """Start ``argv`` in a session of its own, its stdout and stderr appended to ``log`` (open on
+    ``log_path``). The one place :func:`launch` starts a process: a caller with another way to start
+    the same command (the tests' warm children) replaces this function."""
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a launched fit ended: its exit code, wall time, and why it failed (None: finished or stopped)."""
@@ -156,8 +164,7 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
     with open(folder / LOG_FILE, "a") as log:
         log.write(attempt_line([*fit_args, *resume], resumed=bool(resume)))
         log.flush()
-        child = subprocess.Popen([*entry, *fit_args, *resume], stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                 start_new_session=True)
+        child = start_fit([*entry, *fit_args, *resume], folder / LOG_FILE, log, cwd)
         with _running_lock:
             _running.add(child)
         try:
