@@ -43,14 +43,15 @@ test-fast: install-test
 	$(BIN)/pytest -q -m "not slow" $(PARALLEL)
 
 # The paper protocol, one `sweep` per method and benchmark (each resumes where it stopped), then the table of
-# the selected settings' test runs and what the search cost.
+# the selected settings' test runs and what the search cost. Populations of up to 10: the 10 test seeds train as one.
 PROTOCOL_BENCHMARKS ?= rotated_fashion_mnist permuted_fashion_mnist
 PROTOCOL_METHODS ?= mcsgd naive er agem ewc stable_sgd derpp multitask
 PROTOCOL_ROOT ?= lightning_logs/protocol
 protocol: install-test
 	set -e; for benchmark in $(PROTOCOL_BENCHMARKS); do for method in $(PROTOCOL_METHODS); do \
 	  $(BIN)/cl-lightning sweep --config configs/$$method/$$benchmark.yaml \
-	    --grid configs/protocol/$${method}_$$benchmark.yaml --root $(PROTOCOL_ROOT) -- $(PROTOCOL_ARGS); \
+	    --grid configs/protocol/$${method}_$$benchmark.yaml --root $(PROTOCOL_ROOT) --members_per_trial 10 \
+	    -- $(PROTOCOL_ARGS); \
 	done; done
 	$(BIN)/cl-lightning report $(PROTOCOL_ROOT)/*/final --out $(PROTOCOL_ROOT)/table
 	$(BIN)/cl-lightning report $(PROTOCOL_ROOT)/*/search --out $(PROTOCOL_ROOT)/search_cost --no-plots > /dev/null
