@@ -93,6 +93,15 @@ def drop_threshold(p: float) -> int:
     return round(p * 2**UNIFORM_BITS)
 
 
+def _kept(streams: Tensor, count: int, thresholds: Tensor) -> Tensor:
+    """bool ``[*streams.shape, count]``: element i (0-based) of each stream is kept iff the top 53 bits of
+    output i + 1 of the splitmix64 generator seeded with the stream are at least its ``thresholds`` (same
+    shape as ``streams``). The one formula of :func:`keep_mask` and :func:`keep_masks`."""
+    index = torch.arange(1, count + 1, device=streams.device, dtype=torch.int64)
+    bits = mix64(streams.unsqueeze(-1) + index * _GOLDEN)
+    return _shift_right(bits, 64 - UNIFORM_BITS) >= thresholds.unsqueeze(-1)
+
+
 def keep_mask(key: Tensor, step: int, shape: Sequence[int], threshold: Tensor) -> Tensor:
     """Dropout keep-mask of one member and site at ``step``: True where the element is kept.
 
@@ -117,10 +126,7 @@ def keep_mask(key: Tensor, step: int, shape: Sequence[int], threshold: Tensor) -
         threshold: :func:`drop_threshold` of the drop probability, an int64 scalar tensor
             (batched under ``vmap``).
     """
-    stream = mix64(key ^ step)
-    index = torch.arange(1, torch.Size(shape).numel() + 1, device=key.device, dtype=torch.int64)
-    bits = mix64(stream + index.view(shape) * _GOLDEN)
-    return _shift_right(bits, 64 - UNIFORM_BITS) >= threshold
+    return _kept(mix64(key ^ step), torch.Size(shape).numel(), threshold).view(shape)
 
 
 def keep_masks(keys: Tensor, step: int, shapes: Sequence[Sequence[int]], thresholds: Tensor) -> list[Tensor]:
@@ -141,7 +147,5 @@ def keep_masks(keys: Tensor, step: int, shapes: Sequence[Sequence[int]], thresho
         One bool ``[N, *shapes[s]]`` mask per site: True where the element is kept.
     """
     sizes = [torch.Size(shape).numel() for shape in shapes]
-    index = torch.arange(1, max(sizes) + 1, device=keys.device, dtype=torch.int64)
-    bits = mix64(mix64(keys ^ step).unsqueeze(2) + index * _GOLDEN)  # [S, N, L]
-    keep = _shift_right(bits, 64 - UNIFORM_BITS) >= thresholds.unsqueeze(2)
+    keep = _kept(mix64(keys ^ step), max(sizes), thresholds)  # [S, N, L]
     return [keep[s, :, :size].view(-1, *shape) for s, (size, shape) in enumerate(zip(sizes, shapes))]
