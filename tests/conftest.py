@@ -11,6 +11,7 @@ tests that start processes out of the fast tier, and how tests are handed to ``p
 
 from __future__ import annotations
 
+import functools
 import multiprocessing.process
 import sys
 import warnings
@@ -124,7 +125,9 @@ def _warm_launched_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     starts as a command (``python -m cl_lightning grid``, Ray's trial workers) launches its fits cold."""
     from processes import start_launched_fit
 
-    monkeypatch.setattr("cl_lightning.launch.process.start_fit", start_launched_fit)
+    from cl_lightning.launch import process
+
+    monkeypatch.setattr(process, "start_fit", functools.partial(start_launched_fit, cold=process.start_fit))
 
 
 # The fast tier (`pytest -m "not slow"`, `make test-fast`) takes seconds only while no test in it starts

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -100,16 +100,17 @@ def start(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None, 
     return WarmProcess(argv, env, cwd, log, log)
 
 
-def start_launched_fit(argv: Sequence[str], log_path: Path, log: IO[str], cwd: Path | None) -> WarmProcess | subprocess.Popen:
-    """:func:`cl_lightning.launch.process.start_fit` with the fit warm: what ``grid`` and the sweep's trials
-    launch in this process (``python -m cl_lightning fit ...``) starts as :func:`start` does, in a session
-    of its own; any other command (the sweep's child wrapper) as the package starts it."""
-    from cl_lightning.launch import process
+def start_launched_fit(argv: Sequence[str], log: IO[str], cwd: Path | None,
+                       cold: Callable[[Sequence[str], IO[str], Path | None], subprocess.Popen]) -> WarmProcess | subprocess.Popen:
+    """:func:`cl_lightning.launch.process.start_fit` with the fit warm: what a ``grid`` running in this
+    process launches (``python -m cl_lightning fit ...``) starts as :func:`start` does, in a session of its
+    own, its output appended to ``log``'s file; any other command by ``cold``, the package's own ``start_fit``."""
+    from cl_lightning.launch.process import FIT_ENTRY  # imports torch: not at the controller's collection
 
-    entry = list(process.FIT_ENTRY)
+    entry = list(FIT_ENTRY)
     if list(argv[: len(entry)]) != entry:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-    return WarmProcess(argv[len(entry):], None, cwd, log_path, log_path, new_session=True)
+        return cold(argv, log, cwd)
+    return WarmProcess(argv[len(entry):], None, cwd, Path(log.name), Path(log.name), new_session=True)
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None,

@@ -130,10 +130,10 @@ def wait_passing_on_signals(child: subprocess.Popen, on_poll: Callable[[], None]
     return code
 
 
-def start_fit(argv: Sequence[str], log_path: Path, log: IO[str], cwd: Path | None) -> subprocess.Popen:
-    """Start ``argv`` in a session of its own, its stdout and stderr appended to ``log`` (open on
-    ``log_path``). The one place :func:`launch` starts a process: a caller with another way to start
-    the same command (the tests' warm children) replaces this function."""
+def start_fit(argv: Sequence[str], log: IO[str], cwd: Path | None) -> subprocess.Popen:
+    """Start ``argv`` in a session of its own, its stdout and stderr appended to ``log`` (a file open for
+    appending). The one place :func:`launch` starts a process: a caller with another way to start the
+    same command (the tests' warm children) replaces this function."""
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
 
 
@@ -164,7 +164,7 @@ def launch(folder: Path, fit_args: Sequence[str], resume: Sequence[str] = (), en
     with open(folder / LOG_FILE, "a") as log:
         log.write(attempt_line([*fit_args, *resume], resumed=bool(resume)))
         log.flush()
-        child = start_fit([*entry, *fit_args, *resume], folder / LOG_FILE, log, cwd)
+        child = start_fit([*entry, *fit_args, *resume], log, cwd)
         with _running_lock:
             _running.add(child)
         try:
